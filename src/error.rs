@@ -1,0 +1,99 @@
+//! The one error type of the crate. Variants are nouns naming what was wrong with the input.
+
+use std::fmt;
+
+/// Input formats, named in errors and on [`crate::Document`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Plain UTF-8 text.
+    Text,
+    /// CommonMark / GitHub-flavoured Markdown.
+    Markdown,
+    /// HTML5.
+    Html,
+    /// PDF (text layer).
+    Pdf,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Text => "text",
+            Format::Markdown => "markdown",
+            Format::Html => "html",
+            Format::Pdf => "pdf",
+        })
+    }
+}
+
+/// Everything that can go wrong in lorag. Untrusted input never panics: it ends up here.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A size or count is over a configured cap (see [`crate::Limits`]); checked before the work starts.
+    #[error("{what} is {size} but the limit is {limit}")]
+    ResourceLimit {
+        /// What was measured ("document bytes", "pdf pages", …).
+        what: &'static str,
+        /// The measured size.
+        size: u64,
+        /// The configured cap.
+        limit: u64,
+    },
+    /// The document has no bytes at all.
+    #[error("the document is empty")]
+    EmptyDocument,
+    /// Text that must be UTF-8 is not.
+    #[error(
+        "invalid UTF-8 at byte offset {offset} (ask for lossy decoding to replace it with U+FFFD)"
+    )]
+    InvalidUtf8 {
+        /// Byte offset of the first invalid sequence.
+        offset: usize,
+    },
+    /// The bytes do not parse as the stated format.
+    #[error("malformed {format}: {detail}")]
+    Malformed {
+        /// The format being parsed.
+        format: Format,
+        /// What the parser said.
+        detail: String,
+    },
+    /// The PDF is encrypted with a password we do not have.
+    #[error("the PDF is encrypted and cannot be opened without its password")]
+    Encrypted,
+    /// The format could not be told from the name or the bytes.
+    #[error("cannot tell the document format from {0:?}; name it explicitly")]
+    UnknownFormat(String),
+    /// A feature that was not compiled in.
+    #[error("{0} support is not compiled into this build (cargo feature `{1}`)")]
+    FeatureDisabled(&'static str, &'static str),
+    /// The tokenizer file could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// A stable name for the variant, for callers that branch on the kind of failure (the JS side gets it as
+    /// `error.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::ResourceLimit { .. } => "ResourceLimit",
+            Error::EmptyDocument => "EmptyDocument",
+            Error::InvalidUtf8 { .. } => "InvalidUtf8",
+            Error::Malformed { .. } => "Malformed",
+            Error::Encrypted => "Encrypted",
+            Error::UnknownFormat(_) => "UnknownFormat",
+            Error::FeatureDisabled(..) => "FeatureDisabled",
+            Error::Tokenizer(_) => "Tokenizer",
+            Error::Config(_) => "Config",
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,34 @@
+//! # lorag
+//!
+//! Client-side retrieval-augmented generation: ingest documents, chunk them, embed, index, retrieve and
+//! answer with a small quantized model shaped by LoRA adapters, in WebAssembly or natively.
+//!
+//! This is the facade: the public API is what is re-exported here. The pipeline so far:
+//!
+//! - [`ingest`]: bytes of a text, Markdown, HTML or PDF file → [`Document`] (text, [`Block`]s with
+//!   heading paths, spans and pages, metadata).
+//! - [`Chunker`]: [`Document`] → [`Chunk`]s sized in tokens of the embedder's tokenizer
+//!   ([`TokenCounter`]) or in characters, with overlap, spans and content hashes.
+//!
+//! Untrusted input never panics: every failure is an [`Error`], and sizes are checked against
+//! [`Limits`] before work starts.
+
+pub mod chunk;
+mod error;
+pub mod ingest;
+mod limits;
+#[cfg(feature = "tokenizer")]
+mod wordpiece;
+
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
+
+#[cfg(feature = "tokenizer")]
+pub use chunk::TokenCounter;
+pub use chunk::{Chunk, ChunkConfig, Chunker, Unit};
+pub use error::{Error, Format, Result};
+pub use ingest::{detect_format, ingest, Block, BlockKind, Document, IngestOptions, Warning};
+pub use limits::Limits;
+
+/// The crate version, for the CLI and the JS side.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

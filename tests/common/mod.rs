@@ -1,0 +1,104 @@
+//! Shared test helpers: the real MiniLM tokenizer, a seeded random generator and a tiny PDF writer.
+#![allow(dead_code)]
+
+/// all-MiniLM-L6-v2's tokenizer.json and sentence_bert_config.json, from `scripts/fetch-models`.
+pub const TOKENIZER_JSON: &[u8] =
+    include_bytes!("../../models/all-MiniLM-L6-v2-int8/tokenizer.json");
+pub const SBERT_CONFIG: &[u8] =
+    include_bytes!("../../models/all-MiniLM-L6-v2-int8/sentence_bert_config.json");
+
+pub fn token_counter() -> lorag::TokenCounter {
+    lorag::TokenCounter::from_bytes(TOKENIZER_JSON, Some(SBERT_CONFIG)).expect("tokenizer loads")
+}
+
+/// xorshift64*: deterministic, dependency-free, identical natively and in wasm.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// Writes a minimal, valid PDF: one Helvetica (WinAnsi) font `/F1`, one page per content stream, an Info
+/// dictionary with `title`, and a correct cross-reference table. `compress` deflates the content streams.
+pub fn make_pdf(pages: &[&[u8]], title: Option<&str>, compress: bool) -> Vec<u8> {
+    let mut objects: Vec<Vec<u8>> = Vec::new();
+    let n_pages = pages.len();
+    // 1 catalog, 2 pages, 3 font, 4 info, then (page, content) pairs.
+    objects.push(b"<< /Type /Catalog /Pages 2 0 R >>".to_vec());
+    let kids: Vec<String> = (0..n_pages).map(|i| format!("{} 0 R", 5 + 2 * i)).collect();
+    objects.push(
+        format!(
+            "<< /Type /Pages /Kids [{}] /Count {} >>",
+            kids.join(" "),
+            n_pages
+        )
+        .into_bytes(),
+    );
+    objects.push(
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+            .to_vec(),
+    );
+    objects.push(
+        format!(
+            "<< /Title ({}) /Producer (lorag tests) >>",
+            title.unwrap_or("")
+        )
+        .into_bytes(),
+    );
+    for (i, content) in pages.iter().enumerate() {
+        objects.push(
+            format!(
+                "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
+                6 + 2 * i
+            )
+            .into_bytes(),
+        );
+        let (data, filter) = if compress {
+            use std::io::Write;
+            let mut enc =
+                flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(content).unwrap();
+            (enc.finish().unwrap(), " /Filter /FlateDecode")
+        } else {
+            (content.to_vec(), "")
+        };
+        let mut obj = format!("<< /Length {}{} >>\nstream\n", data.len(), filter).into_bytes();
+        obj.extend_from_slice(&data);
+        obj.extend_from_slice(b"\nendstream");
+        objects.push(obj);
+    }
+    let mut out = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, obj) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend_from_slice(obj);
+        out.extend_from_slice(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for off in offsets {
+        out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R /Info 4 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
