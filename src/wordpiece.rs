@@ -48,9 +48,7 @@ impl FastWordPiece {
     pub(crate) fn from_tokenizer_json(json: &[u8]) -> Option<Self> {
         let v: serde_json::Value = serde_json::from_slice(json).ok()?;
         let norm = v.get("normalizer")?;
-        if norm.get("type")?.as_str()? != "BertNormalizer"
-            || norm.get("clean_text")?.as_bool()? != true
-        {
+        if norm.get("type")?.as_str()? != "BertNormalizer" || !norm.get("clean_text")?.as_bool()? {
             return None;
         }
         let lowercase = norm.get("lowercase")?.as_bool()?;
