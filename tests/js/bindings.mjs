@@ -1,0 +1,93 @@
+// The generated JS bindings (pkg/node, from scripts/build-wasm) used the way a Node user would:
+// bytes in, plain objects out, typed errors. Run by scripts/test.
+import { createRequire } from "node:module";
+import { readFileSync } from "node:fs";
+import assert from "node:assert/strict";
+
+const require = createRequire(import.meta.url);
+const root = new URL("../../", import.meta.url);
+const lorag = require(new URL("pkg/node/lorag.js", root).pathname);
+const read = (p) => readFileSync(new URL(p, root));
+
+let passed = 0;
+const test = (name, fn) => {
+  fn();
+  passed++;
+  console.log(`ok - ${name}`);
+};
+
+test("version", () => assert.equal(lorag.version(), JSON.parse(JSON.stringify(lorag.version()))));
+
+test("ingest markdown returns a plain Document", () => {
+  const src = read("examples/docs/handbook.md");
+  const doc = lorag.ingest("handbook.md", src, undefined);
+  assert.equal(doc.format, "markdown");
+  assert.equal(doc.title, "Harbor Lane Makerspace Member Handbook");
+  assert.equal(doc.metadata.author, "Harbor Lane Makerspace board");
+  assert.ok(doc.text_is_source);
+  const text = new TextDecoder().decode(src);
+  const enc = new TextEncoder();
+  for (const b of doc.blocks) {
+    // Spans are byte offsets into the UTF-8 source.
+    const bytes = enc.encode(doc.text).slice(b.range.start, b.range.end);
+    assert.deepEqual(Buffer.from(bytes), Buffer.from(src.subarray(b.source.start, b.source.end)));
+  }
+  assert.ok(text.length > 0);
+});
+
+test("token chunker over every example format", () => {
+  const chunker = new lorag.Chunker(
+    read("models/all-MiniLM-L6-v2-int8/tokenizer.json"),
+    read("models/all-MiniLM-L6-v2-int8/sentence_bert_config.json"),
+    { size: 64, overlap: 8 },
+  );
+  assert.equal(chunker.unit, "tokens");
+  assert.equal(chunker.size, 64);
+  for (const [name, needle] of [
+    ["handbook.md", "Builder"],
+    ["safety.html", "Safety glasses"],
+    ["faq.txt", "Quay Street"],
+    ["courses.pdf", "MIG welding"],
+  ]) {
+    const chunks = chunker.chunkBytes(name, read(`examples/docs/${name}`), {});
+    assert.ok(chunks.length >= 2, name);
+    assert.ok(chunks.every((c) => c.size <= 64), name);
+    assert.ok(chunks.some((c) => c.text.includes(needle)), `${name}: ${needle}`);
+    assert.match(chunks[0].hash, /^[0-9a-f]{32}$/);
+    assert.equal(chunks[0].id, `${name}#0`);
+  }
+  const pdf = chunker.chunkBytes("courses.pdf", read("examples/docs/courses.pdf"), {});
+  assert.deepEqual(pdf[0].pages, [1, 1]);
+  assert.equal(pdf.at(-1).pages[1], 2);
+});
+
+test("chunk() takes the Document object back", () => {
+  const chunker = new lorag.Chunker(undefined, undefined, { size: 200, overlap: 20 });
+  assert.equal(chunker.unit, "chars");
+  const doc = lorag.ingest("faq.txt", read("examples/docs/faq.txt"), null);
+  const chunks = chunker.chunk(doc);
+  assert.ok(chunks.every((c) => [...c.text].length <= 200));
+});
+
+test("errors are typed", () => {
+  const expectCode = (fn, code) => {
+    try {
+      fn();
+    } catch (e) {
+      assert.equal(e.name, "LoragError");
+      assert.equal(e.code, code, e.message);
+      return;
+    }
+    assert.fail(`expected ${code}`);
+  };
+  expectCode(() => lorag.ingest("a.txt", new Uint8Array([0x61, 0xff]), {}), "InvalidUtf8");
+  expectCode(() => lorag.ingest("a.txt", new Uint8Array(0), {}), "EmptyDocument");
+  expectCode(() => lorag.ingest("a.txt", new Uint8Array(2048), { limits: { max_doc_bytes: 1024 } }), "ResourceLimit");
+  expectCode(() => lorag.ingest("a.pdf", read("tests/fixtures/encrypted-aes256.pdf"), {}), "Encrypted");
+  expectCode(() => lorag.ingest("a.pdf", new TextEncoder().encode("%PDF-1.7 garbage"), {}), "Malformed");
+  expectCode(() => new lorag.Chunker(new TextEncoder().encode("{"), undefined, {}), "Tokenizer");
+  expectCode(() => new lorag.Chunker(undefined, undefined, { size: 100, overlap: 90 }), "Config");
+  expectCode(() => lorag.ingest("a.txt", new TextEncoder().encode("x"), { lossy_utf8: "yes" }), "Config");
+});
+
+console.log(`${passed} JS binding tests passed`);
