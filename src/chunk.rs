@@ -370,6 +370,7 @@ impl Chunker {
 
     /// Cut `doc` into chunks.
     pub fn chunk(&self, doc: &Document) -> Result<Vec<Chunk>> {
+        doc.validate()?;
         let atoms = self.atoms(doc)?;
         let n = atoms.len();
         let mut chunks = Vec::new();

@@ -72,6 +72,9 @@ pub enum Error {
     /// The tokenizer file could not be loaded or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A `Document` handed in from outside (JS, a hand-built value) breaks its invariants.
+    #[error("invalid document: {0}")]
+    InvalidDocument(String),
     /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -90,6 +93,7 @@ impl Error {
             Error::UnknownFormat(_) => "UnknownFormat",
             Error::FeatureDisabled(..) => "FeatureDisabled",
             Error::Tokenizer(_) => "Tokenizer",
+            Error::InvalidDocument(_) => "InvalidDocument",
             Error::Config(_) => "Config",
         }
     }

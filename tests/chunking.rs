@@ -388,3 +388,24 @@ fn control_only_blocks_are_still_covered() {
         check(&d, &chunks, &chunker, true);
     }
 }
+
+#[test]
+fn a_lying_document_is_refused_not_sliced() {
+    let chunker = Chunker::chars(cfg(100, 10)).unwrap();
+    let good = doc("g.txt", "héllo wörld\n\nsecond");
+    let mut d = good.clone();
+    d.blocks[0].range = 0..2; // inside "é"
+    assert!(matches!(chunker.chunk(&d), Err(Error::InvalidDocument(_))));
+    let mut d = good.clone();
+    d.blocks[1].range = 5..500;
+    assert!(matches!(chunker.chunk(&d), Err(Error::InvalidDocument(_))));
+    let mut d = good.clone();
+    d.blocks.swap(0, 1);
+    assert!(matches!(chunker.chunk(&d), Err(Error::InvalidDocument(_))));
+    let mut d = good.clone();
+    d.blocks[0].source = Some(0..10_000);
+    assert!(matches!(chunker.chunk(&d), Err(Error::InvalidDocument(_))));
+    let mut d = good;
+    d.source_len = 3;
+    assert!(matches!(chunker.chunk(&d), Err(Error::InvalidDocument(_))));
+}

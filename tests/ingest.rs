@@ -477,3 +477,31 @@ fn pdf_truncated_and_corrupted_never_panic() {
         })
     ));
 }
+
+#[test]
+fn pdf_deeply_nested_objects_do_not_overflow_the_stack() {
+    // Nested arrays and dictionaries in a content stream and in the object graph (lopdf caps nesting at 100).
+    let nested_content = format!(
+        "{}{} BT /F1 12 Tf 72 720 Td (after) Tj ET",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let pdf = make_pdf(&[nested_content.as_bytes()], None, true);
+    let _ = ingest("n.pdf", &pdf, &opts());
+    let mut pdf = make_pdf(&[b"BT /F1 12 Tf 72 720 Td (x) Tj ET"], None, false);
+    let deep = format!(
+        "99 0 obj\n{}{}\nendobj\n",
+        "<< /A [".repeat(50_000),
+        "] >>".repeat(50_000)
+    );
+    let at = pdf.len() - 60;
+    pdf.splice(at..at, deep.bytes());
+    let _ = ingest("n.pdf", &pdf, &opts());
+    let strings = format!(
+        "BT /F1 12 Tf 72 720 Td {}x{} Tj ET",
+        "(".repeat(100_000),
+        ")".repeat(100_000)
+    );
+    let pdf = make_pdf(&[strings.as_bytes()], None, false);
+    let _ = ingest("n.pdf", &pdf, &opts());
+}

@@ -111,6 +111,51 @@ impl Document {
         &self.text[block.range.clone()]
     }
 
+    /// Check the invariants the chunker relies on: block ranges inside the text, on character boundaries,
+    /// increasing and non-overlapping; source spans inside the original; `text_is_source` only with a source
+    /// as long as the text. [`ingest`] always produces valid documents; this guards documents that come back
+    /// from JS or are built by hand.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidDocument(what));
+        let mut prev_end = 0;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let r = &b.range;
+            if r.start > r.end || r.end > self.text.len() {
+                return bad(format!(
+                    "block {i} range {}..{} is outside the text ({} bytes)",
+                    r.start,
+                    r.end,
+                    self.text.len()
+                ));
+            }
+            if !self.text.is_char_boundary(r.start) || !self.text.is_char_boundary(r.end) {
+                return bad(format!(
+                    "block {i} range {}..{} splits a UTF-8 character",
+                    r.start, r.end
+                ));
+            }
+            if r.start < prev_end {
+                return bad(format!(
+                    "block {i} overlaps or precedes block {}",
+                    i.saturating_sub(1)
+                ));
+            }
+            if let Some(s) = &b.source {
+                if s.start > s.end || s.end > self.source_len {
+                    return bad(format!(
+                        "block {i} source span {}..{} is outside the source ({} bytes)",
+                        s.start, s.end, self.source_len
+                    ));
+                }
+            }
+            prev_end = r.end;
+        }
+        if self.text_is_source && self.source_len != self.text.len() {
+            return bad("text_is_source but the source length differs from the text".into());
+        }
+        Ok(())
+    }
+
     /// Map a byte range of [`Document::text`] to the byte range of the original it came from, when known.
     ///
     /// Exact for plain text and Markdown. For HTML, a range inside one block maps to that block's source

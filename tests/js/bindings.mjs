@@ -88,6 +88,10 @@ test("errors are typed", () => {
   expectCode(() => new lorag.Chunker(new TextEncoder().encode("{"), undefined, {}), "Tokenizer");
   expectCode(() => new lorag.Chunker(undefined, undefined, { size: 100, overlap: 90 }), "Config");
   expectCode(() => lorag.ingest("a.txt", new TextEncoder().encode("x"), { lossy_utf8: "yes" }), "Config");
+  // A Document edited on the JS side is validated before use, never sliced blindly.
+  const doc = lorag.ingest("faq.txt", read("examples/docs/faq.txt"), {});
+  doc.blocks[0].range.end = 1e6;
+  expectCode(() => new lorag.Chunker(undefined, undefined, {}).chunk(doc), "InvalidDocument");
 });
 
 console.log(`${passed} JS binding tests passed`);
