@@ -72,6 +72,14 @@ pub enum Error {
     /// The tokenizer file could not be loaded or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A model file (ONNX, GGUF, tokenizer or config) is malformed or does not fit the rest of the model.
+    #[error("{file}: {detail}")]
+    Model {
+        /// Which file (`model.onnx`, `config.json`, …).
+        file: &'static str,
+        /// What is wrong, naming the tensor, input or field.
+        detail: String,
+    },
     /// A `Document` handed in from outside (JS, a hand-built value) breaks its invariants.
     #[error("invalid document: {0}")]
     InvalidDocument(String),
@@ -93,6 +101,7 @@ impl Error {
             Error::UnknownFormat(_) => "UnknownFormat",
             Error::FeatureDisabled(..) => "FeatureDisabled",
             Error::Tokenizer(_) => "Tokenizer",
+            Error::Model { .. } => "Model",
             Error::InvalidDocument(_) => "InvalidDocument",
             Error::Config(_) => "Config",
         }

@@ -14,7 +14,10 @@
 //! [`Limits`] before work starts.
 
 pub mod chunk;
+#[cfg(feature = "onnx")]
+pub mod embed;
 mod error;
+pub mod eval;
 pub mod ingest;
 mod limits;
 #[cfg(feature = "tokenizer")]
@@ -26,6 +29,8 @@ pub mod wasm;
 #[cfg(feature = "tokenizer")]
 pub use chunk::TokenCounter;
 pub use chunk::{Chunk, ChunkConfig, Chunker, Unit};
+#[cfg(feature = "onnx")]
+pub use embed::{Embedder, EmbedderConfig, EmbedderFiles, Embedding, Pooling, TextKind};
 pub use error::{Error, Format, Result};
 pub use ingest::{detect_format, ingest, Block, BlockKind, Document, IngestOptions, Warning};
 pub use limits::Limits;

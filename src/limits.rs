@@ -10,6 +10,8 @@ pub struct Limits {
     pub max_pdf_pages: usize,
     /// Most bytes one PDF page's content streams (or a font's ToUnicode map) may inflate to.
     pub max_pdf_stream_bytes: usize,
+    /// Largest model file accepted (and largest single tensor inside one), in bytes.
+    pub max_model_bytes: usize,
     /// Most characters of extracted text per document (HTML and PDF can expand; text never does).
     pub max_text_bytes: usize,
 }
@@ -21,6 +23,7 @@ impl Default for Limits {
             max_pdf_pages: 5_000,
             max_pdf_stream_bytes: 32 << 20,
             max_text_bytes: 64 << 20,
+            max_model_bytes: 1 << 30,
         }
     }
 }

