@@ -45,8 +45,14 @@ fn check_tensor(t: &TensorProto, max_bytes: usize) -> Result<()> {
     }
     let mut numel: usize = 1;
     for &d in &t.dims {
-        let d = usize::try_from(d)
-            .map_err(|_| bad(format!("tensor {name} has a negative dimension {d}")))?;
+        if d < 0 {
+            return Err(bad(format!("tensor {name} has a negative dimension {d}")));
+        }
+        let d = usize::try_from(d).map_err(|_| {
+            bad(format!(
+                "tensor {name}: dimension {d} overflows the address space"
+            ))
+        })?;
         numel = numel
             .checked_mul(d)
             .ok_or_else(|| bad(format!("tensor {name}: element count overflows")))?;
