@@ -116,3 +116,125 @@ impl JsChunker {
         to_js(&self.inner.chunk(&doc).map_err(js_error)?)
     }
 }
+
+/// A sentence embedder built from model files passed in as bytes (fetched, cached and read by the JS side).
+#[cfg(feature = "onnx")]
+#[wasm_bindgen(js_name = Embedder)]
+pub struct JsEmbedder {
+    inner: crate::Embedder,
+}
+
+#[cfg(feature = "onnx")]
+#[wasm_bindgen(js_class = Embedder)]
+impl JsEmbedder {
+    /// `new Embedder({ model_onnx, tokenizer_json, config_json?, pooling_config_json?, sentence_bert_config_json?,
+    /// modules_json? }, config?: { normalize, query_prefix, passage_prefix, batch_size, max_seq_length })`.
+    /// Each file is a `Uint8Array`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(files: JsValue, config: JsValue) -> Result<JsEmbedder, JsValue> {
+        let get = |name: &str| -> Result<Option<Vec<u8>>, JsValue> {
+            let v = js_sys::Reflect::get(&files, &name.into()).unwrap_or(JsValue::UNDEFINED);
+            if v.is_undefined() || v.is_null() {
+                return Ok(None);
+            }
+            if !v.is_instance_of::<js_sys::Uint8Array>() {
+                return Err(js_error(Error::Config(format!(
+                    "files.{name} must be a Uint8Array"
+                ))));
+            }
+            Ok(Some(js_sys::Uint8Array::new(&v).to_vec()))
+        };
+        let required = |name: &str| {
+            get(name)?.ok_or_else(|| js_error(Error::Config(format!("files.{name} is required"))))
+        };
+        let (onnx, tok) = (required("model_onnx")?, required("tokenizer_json")?);
+        let (cfg, pooling, sbert, modules) = (
+            get("config_json")?,
+            get("pooling_config_json")?,
+            get("sentence_bert_config_json")?,
+            get("modules_json")?,
+        );
+        let files = crate::EmbedderFiles {
+            model_onnx: &onnx,
+            tokenizer_json: &tok,
+            config_json: cfg.as_deref(),
+            pooling_config_json: pooling.as_deref(),
+            sentence_bert_config_json: sbert.as_deref(),
+            modules_json: modules.as_deref(),
+        };
+        let config: crate::EmbedderConfig = from_js(config)?;
+        let inner = crate::Embedder::from_bytes(files, config, &crate::Limits::default())
+            .map_err(js_error)?;
+        Ok(JsEmbedder { inner })
+    }
+
+    /// Vector dimension.
+    #[wasm_bindgen(getter)]
+    pub fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    /// Hex SHA-256 prefix of model.onnx.
+    #[wasm_bindgen(getter)]
+    pub fn identity(&self) -> String {
+        self.inner.identity().to_string()
+    }
+
+    /// Embed texts; returns one `Float32Array` per text, concatenated into one array of `texts.length * dim`.
+    /// `kind` is `"query"` or `"passage"` (default).
+    pub fn embed(
+        &self,
+        texts: Vec<String>,
+        kind: Option<String>,
+    ) -> Result<js_sys::Float32Array, JsValue> {
+        let kind = match kind.as_deref() {
+            Some("query") => crate::TextKind::Query,
+            None | Some("passage") => crate::TextKind::Passage,
+            Some(other) => {
+                return Err(js_error(Error::Config(format!(
+                    "kind must be \"query\" or \"passage\", not {other:?}"
+                ))))
+            }
+        };
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let out = self.inner.embed(&refs, kind).map_err(js_error)?;
+        let flat: Vec<f32> = out.into_iter().flat_map(|e| e.vector).collect();
+        Ok(js_sys::Float32Array::from(flat.as_slice()))
+    }
+
+    /// Embed pre-tokenized inputs (special tokens included): `ids` holds all sequences back to back and
+    /// `lengths` their lengths. For benchmarks against runtimes that take token ids.
+    #[wasm_bindgen(js_name = embedIds)]
+    pub fn embed_ids(
+        &self,
+        ids: Vec<u32>,
+        lengths: Vec<u32>,
+    ) -> Result<js_sys::Float32Array, JsValue> {
+        let total: u64 = lengths.iter().map(|&l| l as u64).sum();
+        if total != ids.len() as u64 {
+            return Err(js_error(Error::Config(format!(
+                "lengths add up to {total} but {} ids were given",
+                ids.len()
+            ))));
+        }
+        let mut seqs = Vec::with_capacity(lengths.len());
+        let mut at = 0usize;
+        for &l in &lengths {
+            seqs.push(ids[at..at + l as usize].to_vec());
+            at += l as usize;
+        }
+        let out = self.inner.embed_ids(&seqs).map_err(js_error)?;
+        let flat: Vec<f32> = out.into_iter().flatten().collect();
+        Ok(js_sys::Float32Array::from(flat.as_slice()))
+    }
+
+    /// Token ids the model reads for `text` (special tokens included, truncated).
+    #[wasm_bindgen(js_name = tokenIds)]
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, JsValue> {
+        Ok(self
+            .inner
+            .token_ids(text, crate::TextKind::Passage)
+            .map_err(js_error)?
+            .0)
+    }
+}

