@@ -70,6 +70,12 @@ for (const bs of arg("batches", "16,32").split(",").map(Number)) {
     max_abs_diff_vs_ort_python: +diff.toExponential(2),
   });
 }
+// Where the time goes: one batch of 16 passages, per tract operator.
+const batch = pass.ids.slice(0, 16);
+embedder.profileIds(new Uint32Array(batch.flat()), new Uint32Array(batch.map((x) => x.length)));
+const prof = embedder.profileIds(new Uint32Array(batch.flat()), new Uint32Array(batch.map((x) => x.length)));
+const totalMs = prof.reduce((a, [, ms]) => a + ms, 0);
+const profile = prof.slice(0, 12).map(([op, ms, nodes]) => ({ op, ms: +ms.toFixed(1), share: +(ms / totalMs).toFixed(3), nodes }));
 console.log(
   JSON.stringify(
     {
@@ -78,6 +84,8 @@ console.log(
       load_ms: +loadMs.toFixed(1),
       short: { batch: 1, n: short.ids.length, emb_per_s: +(short.ids.length / shortSec).toFixed(1), p50_ms: +p50(lat).toFixed(2) },
       passages,
+      profile_batch16_total_ms: +totalMs.toFixed(1),
+      profile_batch16: profile,
     },
     null,
     1,

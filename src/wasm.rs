@@ -228,6 +228,22 @@ impl JsEmbedder {
         Ok(js_sys::Float32Array::from(flat.as_slice()))
     }
 
+    /// Per-operator milliseconds of one forward pass over the given batch (same arguments as `embedIds`):
+    /// `[[op, ms, nodes], …]`, most expensive first. For profiles.
+    #[wasm_bindgen(js_name = profileIds)]
+    pub fn profile_ids(&self, ids: Vec<u32>, lengths: Vec<u32>) -> Result<JsValue, JsValue> {
+        let mut seqs = Vec::with_capacity(lengths.len());
+        let mut at = 0usize;
+        for &l in &lengths {
+            let end = at.checked_add(l as usize).filter(|&e| e <= ids.len());
+            let end =
+                end.ok_or_else(|| js_error(Error::Config("lengths exceed the ids given".into())))?;
+            seqs.push(ids[at..end].to_vec());
+            at = end;
+        }
+        to_js(&self.inner.profile_ids(&seqs).map_err(js_error)?)
+    }
+
     /// Token ids the model reads for `text` (special tokens included, truncated).
     #[wasm_bindgen(js_name = tokenIds)]
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, JsValue> {

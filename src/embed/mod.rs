@@ -14,6 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen::JsCast;
 
 use crate::{Error, Limits, Result};
 
@@ -444,8 +446,37 @@ impl Embedder {
         Ok(out)
     }
 
-    /// One forward pass over `seqs`, padded to the longest, then pooled.
-    fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    /// Where the time of one forward pass over `ids` (one batch) goes: milliseconds and node count per tract
+    /// operator, most expensive first. For benchmarks and profiles; not part of the stable API.
+    #[doc(hidden)]
+    pub fn profile_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<(String, f64, usize)>> {
+        let seqs: Vec<&[u32]> = ids.iter().map(|q| q.as_slice()).collect();
+        let feeds = self.feeds(&seqs)?;
+        let tract_err = |e: TractError| Error::Model {
+            file: "model.onnx",
+            detail: format!("{e:#}"),
+        };
+        let mut state =
+            tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(tract_err)?;
+        let mut per_op: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        state
+            .run_plan_with_eval(feeds, |ctx, op_state, node, inputs| {
+                let t = now_ms();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                let e = per_op.entry(node.op().name().to_string()).or_default();
+                e.0 += now_ms() - t;
+                e.1 += 1;
+                out
+            })
+            .map_err(tract_err)?;
+        let mut rows: Vec<(String, f64, usize)> =
+            per_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(rows)
+    }
+
+    /// The padded input tensors for one batch, in the graph's input order.
+    fn feeds(&self, seqs: &[&[u32]]) -> Result<TVec<TValue>> {
         let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
         let mut input_ids = vec![self.pad_id as i64; b * s];
         let mut mask = vec![0i64; b * s];
@@ -466,15 +497,24 @@ impl Embedder {
             Ok(t.cast_to_dt(dt).map_err(tract_err)?.into_owned().into())
         };
         let zeros = vec![0i64; b * s];
-        let feeds = self
-            .inputs
+        self.inputs
             .iter()
             .map(|(role, dt)| match role {
                 Role::InputIds => make(&input_ids, *dt),
                 Role::AttentionMask => make(&mask, *dt),
                 Role::TokenTypeIds => make(&zeros, *dt),
             })
-            .collect::<Result<TVec<TValue>>>()?;
+            .collect()
+    }
+
+    /// One forward pass over `seqs`, padded to the longest, then pooled.
+    fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
+        let tract_err = |e: TractError| Error::Model {
+            file: "model.onnx",
+            detail: format!("{e:#}"),
+        };
+        let feeds = self.feeds(seqs)?;
         let outputs = self.plan.run(feeds).map_err(tract_err)?;
         let states = outputs[0].to_plain_array_view::<f32>().map_err(tract_err)?;
         let shape = states.shape();
@@ -520,5 +560,33 @@ impl Embedder {
             result.push(v);
         }
         Ok(result)
+    }
+}
+
+/// Milliseconds from a monotonic clock (performance.now() in wasm, where `Instant` is unavailable).
+fn now_ms() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let perf = js_sys::Reflect::get(&js_sys::global(), &"performance".into()).ok();
+        let now = perf
+            .as_ref()
+            .and_then(|p| js_sys::Reflect::get(p, &"now".into()).ok());
+        match (
+            perf,
+            now.and_then(|f| f.dyn_into::<js_sys::Function>().ok()),
+        ) {
+            (Some(p), Some(f)) => f.call0(&p).ok().and_then(|v| v.as_f64()).unwrap_or(0.0),
+            _ => js_sys::Date::now(),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1000.0
     }
 }
