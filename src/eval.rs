@@ -54,40 +54,38 @@ impl Beir {
                 .or_default()
                 .insert(f[1].to_string(), score);
         }
-        for (i, line) in text(corpus, "corpus.jsonl")?
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad("corpus.jsonl", i + 1, e))?;
-            let id = v
-                .get("_id")
-                .and_then(|x| x.as_str())
-                .ok_or_else(|| bad("corpus.jsonl", i + 1, "no _id"))?;
-            let title = v.get("title").and_then(|x| x.as_str()).unwrap_or("");
-            let body = v.get("text").and_then(|x| x.as_str()).unwrap_or("");
-            out.corpus
-                .push((id.to_string(), format!("{title} {body}").trim().to_string()));
+        let field = |v: &serde_json::Value, k: &str| {
+            v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
+        };
+        for (id, v) in jsonl_records(text(corpus, "corpus.jsonl")?, "corpus.jsonl")? {
+            let joined = format!("{} {}", field(&v, "title"), field(&v, "text"));
+            out.corpus.push((id, joined.trim().to_string()));
         }
-        for (i, line) in text(queries, "queries.jsonl")?
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad("queries.jsonl", i + 1, e))?;
-            let id = v
-                .get("_id")
-                .and_then(|x| x.as_str())
-                .ok_or_else(|| bad("queries.jsonl", i + 1, "no _id"))?;
-            if out.qrels.contains_key(id) {
-                let q = v.get("text").and_then(|x| x.as_str()).unwrap_or("");
-                out.queries.push((id.to_string(), q.to_string()));
+        for (id, v) in jsonl_records(text(queries, "queries.jsonl")?, "queries.jsonl")? {
+            if out.qrels.contains_key(&id) {
+                out.queries.push((id, field(&v, "text")));
             }
         }
         Ok(out)
     }
+}
+
+/// The non-empty lines of a BEIR `.jsonl` file as `(_id, record)`.
+fn jsonl_records(text: &str, file: &'static str) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(file, i + 1, e))?;
+        let id = v
+            .get("_id")
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| bad(file, i + 1, "no _id"))?;
+        out.push((id.to_string(), v));
+    }
+    Ok(out)
 }
 
 /// Mean retrieval metrics over queries.
@@ -182,4 +180,87 @@ pub fn exact_top_k(base: &[Vec<f32>], query: &[f32], k: usize) -> Vec<(usize, f3
     scored.truncate(k);
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     scored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, i32)]) -> HashMap<String, i32> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn metrics_by_hand() {
+        // q1: relevant a (1) and b (1); ranked [x, a, y, b]. DCG = 1/log2(3) + 1/log2(5); IDCG = 1 + 1/log2(3).
+        // q2: relevant c; ranked [q2 (its own id, ignored), c] → c is first → nDCG 1, MRR 1.
+        let qrels: HashMap<String, HashMap<String, i32>> = [
+            ("q1".to_string(), map(&[("a", 1), ("b", 1)])),
+            ("q2".to_string(), map(&[("c", 2)])),
+        ]
+        .into();
+        let results: HashMap<String, Vec<String>> = [
+            (
+                "q1".to_string(),
+                ["x", "a", "y", "b"].map(String::from).to_vec(),
+            ),
+            ("q2".to_string(), ["q2", "c"].map(String::from).to_vec()),
+        ]
+        .into();
+        let m = evaluate(&results, &qrels);
+        let ndcg_q1 = (1.0 / 3f64.log2() + 1.0 / 5f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!(
+            (m.ndcg_at_10 - (ndcg_q1 + 1.0) / 2.0).abs() < 1e-12,
+            "{m:?}"
+        );
+        assert!((m.mrr_at_10 - (0.5 + 1.0) / 2.0).abs() < 1e-12);
+        assert!((m.recall_at_10 - 1.0).abs() < 1e-12);
+        // AP(q1) = (1/2 + 2/4) / 2 = 0.5; AP(q2) = 1.
+        assert!((m.map_at_100 - 0.75).abs() < 1e-12);
+        assert_eq!(m.queries, 2);
+    }
+
+    #[test]
+    fn exact_top_k_is_a_full_sort() {
+        let base: Vec<Vec<f32>> = (0..50).map(|i| vec![((i * 37) % 50) as f32, 1.0]).collect();
+        let q = [1.0, 0.0];
+        let top = exact_top_k(&base, &q, 5);
+        let mut all: Vec<(usize, f32)> = base.iter().enumerate().map(|(i, v)| (i, v[0])).collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1));
+        assert_eq!(top, all[..5].to_vec());
+        assert!(exact_top_k(&base, &q, 0).is_empty());
+        assert_eq!(exact_top_k(&base, &q, 500).len(), 50);
+    }
+
+    #[test]
+    fn beir_parsing_and_errors() {
+        let corpus = br#"{"_id": "d1", "title": "T", "text": "body"}
+{"_id": "d2", "text": "only body"}"#;
+        let queries = br#"{"_id": "q1", "text": "question"}
+{"_id": "q9", "text": "no judgments"}"#;
+        let b =
+            Beir::from_bytes(corpus, queries, b"query-id\tcorpus-id\tscore\nq1\td1\t1\n").unwrap();
+        assert_eq!(
+            b.corpus,
+            [
+                ("d1".into(), "T body".into()),
+                ("d2".into(), "only body".into())
+            ]
+        );
+        assert_eq!(b.queries, [("q1".to_string(), "question".to_string())]);
+        assert!(matches!(
+            Beir::from_bytes(b"{not json", b"", b""),
+            Err(Error::Model {
+                file: "corpus.jsonl",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Beir::from_bytes(b"", b"", b"h\nq1\td1\tx\n"),
+            Err(Error::Model {
+                file: "qrels/test.tsv",
+                ..
+            })
+        ));
+    }
 }

@@ -267,18 +267,21 @@ fn load_edited(edit: impl FnOnce(&mut tract_onnx::pb::ModelProto)) -> Error {
         .expect("the edited model must be refused")
 }
 
+/// The first initializer large enough to hold weights.
+fn big_initializer(p: &mut tract_onnx::pb::ModelProto) -> &mut tract_onnx::pb::TensorProto {
+    let graph = p.graph.as_mut().unwrap();
+    graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.raw_data.len() > 1000)
+        .unwrap()
+}
+
 #[test]
 fn lying_tensors_and_missing_inputs_are_refused_before_tract() {
     // Raw data shorter than dims × dtype: named, and refused before anything is allocated from the dims.
     let err = load_edited(|p| {
-        let t = p
-            .graph
-            .as_mut()
-            .unwrap()
-            .initializer
-            .iter_mut()
-            .find(|t| t.raw_data.len() > 1000)
-            .unwrap();
+        let t = big_initializer(p);
         t.dims[0] += 1;
     });
     assert!(
@@ -287,14 +290,7 @@ fn lying_tensors_and_missing_inputs_are_refused_before_tract() {
     );
     // Dims whose product overflows.
     let err = load_edited(|p| {
-        let t = p
-            .graph
-            .as_mut()
-            .unwrap()
-            .initializer
-            .iter_mut()
-            .find(|t| t.raw_data.len() > 1000)
-            .unwrap();
+        let t = big_initializer(p);
         t.dims = vec![i64::MAX, i64::MAX];
     });
     assert!(
