@@ -249,7 +249,9 @@ pub struct Chunker {
 const SEGMENT_BYTES: usize = 16 * 1024;
 
 /// Tokens longer than this (in bytes) are split into pieces of [`LONG_TOKEN_CHARS`] characters.
+#[cfg(feature = "tokenizer")]
 const LONG_TOKEN_BYTES: usize = 400;
+#[cfg(feature = "tokenizer")]
 const LONG_TOKEN_CHARS: usize = 100;
 
 /// Gap levels: what separates atom `i - 1` from atom `i`.

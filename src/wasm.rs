@@ -63,11 +63,17 @@ impl JsChunker {
     ) -> Result<JsChunker, JsValue> {
         let config: ChunkConfig = from_js(config)?;
         let inner = match tokenizer_json {
+            #[cfg(feature = "tokenizer")]
             Some(json) => {
                 let counter =
                     crate::TokenCounter::from_bytes(&json, sentence_bert_config.as_deref())
                         .map_err(js_error)?;
                 Chunker::new(counter, config)
+            }
+            #[cfg(not(feature = "tokenizer"))]
+            Some(_) => {
+                let _ = sentence_bert_config;
+                Err(Error::FeatureDisabled("tokenizer.json", "tokenizer"))
             }
             None => Chunker::chars(config),
         }
