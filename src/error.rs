@@ -86,6 +86,57 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A knowledge pack (index snapshot) is malformed: bad magic, inconsistent counts, ids out of range…
+    #[error("knowledge pack: {0}")]
+    Snapshot(String),
+    /// A knowledge pack ends before a structure it declares.
+    #[error(
+        "knowledge pack truncated: {what} needs {needed} bytes but only {available} are there"
+    )]
+    Truncated {
+        /// The structure being read.
+        what: &'static str,
+        /// Bytes it needs (from its declared offset).
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A checksum in a knowledge pack does not match its bytes.
+    #[error("knowledge pack: checksum mismatch in the {section} section (the file is corrupt)")]
+    Checksum {
+        /// The section whose bytes changed.
+        section: &'static str,
+    },
+    /// A knowledge pack written by a format version this build cannot read.
+    #[error("knowledge pack format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// A knowledge pack built with another embedding model than the one in use.
+    #[error(
+        "the knowledge pack was built with embedder {pack}, but the loaded embedder is {model}"
+    )]
+    EmbedderMismatch {
+        /// The pack's embedder (name, dimension, hash).
+        pack: String,
+        /// The embedder in use.
+        model: String,
+    },
+    /// A vector handed to the index is unusable (wrong dimension, NaN, infinite, zero norm).
+    #[error("invalid vector: {0}")]
+    InvalidVector(String),
+    /// A search request is inconsistent (k = 0, no query vector for a vector search, …).
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// An id that must be unique is already taken.
+    #[error("duplicate id: {0}")]
+    DuplicateId(String),
+    /// No document or chunk has this id.
+    #[error("not found: {0}")]
+    NotFound(String),
 }
 
 impl Error {
@@ -104,6 +155,15 @@ impl Error {
             Error::Model { .. } => "Model",
             Error::InvalidDocument(_) => "InvalidDocument",
             Error::Config(_) => "Config",
+            Error::Snapshot(_) => "Snapshot",
+            Error::Truncated { .. } => "Truncated",
+            Error::Checksum { .. } => "Checksum",
+            Error::UnsupportedVersion { .. } => "UnsupportedVersion",
+            Error::EmbedderMismatch { .. } => "EmbedderMismatch",
+            Error::InvalidVector(_) => "InvalidVector",
+            Error::InvalidQuery(_) => "InvalidQuery",
+            Error::DuplicateId(_) => "DuplicateId",
+            Error::NotFound(_) => "NotFound",
         }
     }
 }

@@ -93,6 +93,8 @@ fn jsonl_records(text: &str, file: &'static str) -> Result<Vec<(String, serde_js
 pub struct RetrievalMetrics {
     /// nDCG@10.
     pub ndcg_at_10: f64,
+    /// Recall@1.
+    pub recall_at_1: f64,
     /// Recall@10.
     pub recall_at_10: f64,
     /// Recall@100.
@@ -138,6 +140,7 @@ pub fn evaluate(
             .sum();
         m.ndcg_at_10 += if idcg > 0.0 { dcg / idcg } else { 0.0 };
         let hits = |k: usize| ranked.iter().take(k).filter(|d| gain(d) > 0.0).count() as f64;
+        m.recall_at_1 += hits(1) / relevant;
         m.recall_at_10 += hits(10) / relevant;
         m.recall_at_100 += hits(100) / relevant;
         m.mrr_at_10 += ranked
@@ -158,6 +161,7 @@ pub fn evaluate(
     }
     let n = m.queries.max(1) as f64;
     m.ndcg_at_10 /= n;
+    m.recall_at_1 /= n;
     m.recall_at_10 /= n;
     m.recall_at_100 /= n;
     m.mrr_at_10 /= n;
@@ -215,6 +219,8 @@ mod tests {
         );
         assert!((m.mrr_at_10 - (0.5 + 1.0) / 2.0).abs() < 1e-12);
         assert!((m.recall_at_10 - 1.0).abs() < 1e-12);
+        // recall@1: q1 ranks x first (0 of 2), q2 ranks c first (1 of 1).
+        assert!((m.recall_at_1 - 0.5).abs() < 1e-12);
         // AP(q1) = (1/2 + 2/4) / 2 = 0.5; AP(q2) = 1.
         assert!((m.map_at_100 - 0.75).abs() < 1e-12);
         assert_eq!(m.queries, 2);

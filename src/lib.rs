@@ -9,6 +9,9 @@
 //!   heading paths, spans and pages, metadata).
 //! - [`Chunker`]: [`Document`] → [`Chunk`]s sized in tokens of the embedder's tokenizer
 //!   ([`TokenCounter`]) or in characters, with overlap, spans and content hashes.
+//! - [`Embedder`]: texts → unit vectors (a sentence-transformers ONNX model run by tract).
+//! - [`KnowledgeBase`]: chunks + vectors → an updatable hybrid index (HNSW segments + exact tail + BM25),
+//!   searched with filters, fusion and MMR, saved as one validated knowledge pack.
 //!
 //! Untrusted input never panics: every failure is an [`Error`], and sizes are checked against
 //! [`Limits`] before work starts.
@@ -18,6 +21,8 @@ pub mod chunk;
 pub mod embed;
 mod error;
 pub mod eval;
+#[cfg(feature = "index")]
+pub mod index;
 pub mod ingest;
 mod limits;
 #[cfg(feature = "tokenizer")]
@@ -32,6 +37,10 @@ pub use chunk::{Chunk, ChunkConfig, Chunker, Unit};
 #[cfg(feature = "onnx")]
 pub use embed::{Embedder, EmbedderConfig, EmbedderFiles, Embedding, Pooling, TextKind};
 pub use error::{Error, Format, Result};
+#[cfg(feature = "index")]
+pub use index::{
+    DocInfo, EmbedderId, Filter, Fusion, Hit, IndexConfig, KnowledgeBase, SearchMode, SearchOptions,
+};
 pub use ingest::{detect_format, ingest, Block, BlockKind, Document, IngestOptions, Warning};
 pub use limits::Limits;
 

@@ -14,6 +14,8 @@ pub struct Limits {
     pub max_model_bytes: usize,
     /// Most characters of extracted text per document (HTML and PDF can expand; text never does).
     pub max_text_bytes: usize,
+    /// Largest knowledge pack (index snapshot) accepted, in bytes.
+    pub max_pack_bytes: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +26,7 @@ impl Default for Limits {
             max_pdf_stream_bytes: 32 << 20,
             max_text_bytes: 64 << 20,
             max_model_bytes: 1 << 30,
+            max_pack_bytes: 1 << 30,
         }
     }
 }

@@ -77,6 +77,65 @@ enum Command {
         #[arg(required = true)]
         texts: Vec<String>,
     },
+    /// Build or update a knowledge pack from files and folders (.txt, .md, .html, .pdf): ingest, chunk,
+    /// embed, index, save atomically. An existing pack is updated: unchanged chunks are not re-embedded.
+    Index {
+        /// Files or folders (walked recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The knowledge pack to write (updated in place when it exists).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Embedder model folder.
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Chunk size in tokens (default: the model's max_seq_length minus special tokens).
+        #[arg(long, value_name = "N")]
+        size: Option<usize>,
+        /// Overlap in tokens (default 15 % of the size).
+        #[arg(long, value_name = "N")]
+        overlap: Option<usize>,
+        /// Prefix each chunk's embedding text with its heading path.
+        #[arg(long)]
+        prefix_headings: bool,
+        /// Delete documents from the pack that are not among the inputs.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Search a knowledge pack.
+    Search {
+        /// The knowledge pack.
+        pack: PathBuf,
+        /// The question or keywords.
+        query: String,
+        /// Embedder model folder (must be the one the pack was built with).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Results.
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+        /// exact, hnsw, bm25 or hybrid.
+        #[arg(long, default_value = "hybrid")]
+        mode: String,
+        /// HNSW candidate list size for this query.
+        #[arg(long)]
+        ef: Option<usize>,
+        /// Metadata filter as JSON, e.g. '{"eq": {"key": "format", "value": "pdf"}}'.
+        #[arg(long, value_name = "JSON")]
+        filter: Option<String>,
+        /// Hybrid fusion: rrf (default) or weighted:ALPHA (weight of the vector score).
+        #[arg(long, default_value = "rrf")]
+        fusion: String,
+        /// MMR diversity re-ranking with this lambda (1 = plain relevance).
+        #[arg(long, value_name = "LAMBDA")]
+        mmr: Option<f32>,
+        /// Drop results scoring below this.
+        #[arg(long)]
+        min_score: Option<f32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate retrieval.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -91,9 +150,16 @@ enum EvalCommand {
         /// Model folder.
         #[arg(long, value_name = "DIR")]
         model: PathBuf,
-        /// Search mode (exact: brute-force cosine; the index issue adds hnsw, bm25, hybrid).
+        /// Search modes, comma-separated: exact (brute-force cosine), hnsw, bm25, hybrid; or all.
         #[arg(long, default_value = "exact")]
         search: String,
+        /// Cache the embedded corpus as a knowledge pack in FILE: reused when it exists and was built
+        /// with the same model from the same corpus, written otherwise.
+        #[arg(long, value_name = "FILE")]
+        pack: Option<PathBuf>,
+        /// HNSW candidate list size.
+        #[arg(long)]
+        ef: Option<usize>,
         /// Texts per forward pass.
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
@@ -173,67 +239,151 @@ fn run_eval_beir(
     dir: &Path,
     model: &Path,
     search: &str,
+    pack: Option<&Path>,
+    ef: Option<usize>,
     batch_size: usize,
     json: bool,
 ) -> Result<(), String> {
-    if search != "exact" {
-        return Err(format!(
-            "search mode {search:?} is not available yet (exact only)"
-        ));
+    let modes: Vec<lorag::SearchMode> = if search == "all" {
+        "exact,hnsw,bm25,hybrid"
+    } else {
+        search
     }
+    .split(',')
+    .map(|m| m.trim().parse().map_err(|e: lorag::Error| e.to_string()))
+    .collect::<Result<_, _>>()?;
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| format!("{}/{name}: {e}", dir.display()))
     };
+    let corpus_bytes = read("corpus.jsonl")?;
     let beir = lorag::eval::Beir::from_bytes(
-        &read("corpus.jsonl")?,
+        &corpus_bytes,
         &read("queries.jsonl")?,
         &read("qrels/test.tsv")?,
     )
     .map_err(|e| e.to_string())?;
     let embedder = load_embedder(model, Some(batch_size))?;
-    let t0 = std::time::Instant::now();
-    let mut base = Vec::with_capacity(beir.corpus.len());
-    let step = 256;
-    for (i, part) in beir.corpus.chunks(step).enumerate() {
-        let texts: Vec<&str> = part.iter().map(|(_, t)| t.as_str()).collect();
-        base.extend(
-            embedder
-                .embed(&texts, lorag::TextKind::Passage)
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|e| e.vector),
-        );
-        eprint!(
-            "\rembedding corpus: {}/{} ({:.1} docs/s)",
-            (i * step + part.len()),
-            beir.corpus.len(),
-            base.len() as f64 / t0.elapsed().as_secs_f64()
-        );
-    }
-    eprintln!();
-    let corpus_secs = t0.elapsed().as_secs_f64();
+    let id = lorag::EmbedderId::of(&embedder, model_name(model));
+    // The corpus's identity: a cached pack is reused only for the same corpus and model.
+    let corpus_hash = hex16(&corpus_bytes);
+    let mut corpus_secs = None;
+    let cached = pack.filter(|p| p.exists()).and_then(|p| {
+        let kb = std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| {
+            lorag::KnowledgeBase::from_bytes(&b, Some(&id)).map_err(|e| e.to_string())
+        });
+        match kb {
+            Ok(kb)
+                if kb
+                    .document("__corpus__")
+                    .is_some_and(|d| d.metadata.get("sha256") == Some(&corpus_hash)) =>
+            {
+                eprintln!("using the embedded corpus in {}", p.display());
+                Some(kb)
+            }
+            Ok(_) => {
+                eprintln!("{}: built from another corpus; rebuilding", p.display());
+                None
+            }
+            Err(e) => {
+                eprintln!("{}: {e}; rebuilding", p.display());
+                None
+            }
+        }
+    });
+    let kb = match cached {
+        Some(kb) => kb,
+        None => {
+            let t0 = std::time::Instant::now();
+            let mut kb = lorag::KnowledgeBase::new(id.clone(), lorag::IndexConfig::default())
+                .map_err(|e| e.to_string())?;
+            let step = 256;
+            let mut done = 0;
+            for part in beir.corpus.chunks(step) {
+                let texts: Vec<&str> = part.iter().map(|(_, t)| t.as_str()).collect();
+                let vectors = embedder
+                    .embed(&texts, lorag::TextKind::Passage)
+                    .map_err(|e| e.to_string())?;
+                for ((doc_id, text), e) in part.iter().zip(vectors) {
+                    kb.add_document(
+                        lorag::DocInfo {
+                            id: doc_id.clone(),
+                            ..Default::default()
+                        },
+                        vec![whole_chunk(doc_id, text)],
+                        vec![e.vector],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                done += part.len();
+                eprint!(
+                    "\rembedding corpus: {done}/{} ({:.1} docs/s)",
+                    beir.corpus.len(),
+                    done as f64 / t0.elapsed().as_secs_f64()
+                );
+            }
+            eprintln!();
+            corpus_secs = Some(t0.elapsed().as_secs_f64());
+            // A marker document records which corpus the pack holds (for --pack reuse).
+            let marker = lorag::DocInfo {
+                id: "__corpus__".into(),
+                title: None,
+                metadata: [("sha256".to_string(), corpus_hash.clone())].into(),
+            };
+            kb.add_document(marker, Vec::new(), Vec::new())
+                .map_err(|e| e.to_string())?;
+            let t1 = std::time::Instant::now();
+            kb.compact();
+            eprintln!(
+                "indexed {} chunks (HNSW + BM25) in {:.1} s",
+                kb.len(),
+                t1.elapsed().as_secs_f64()
+            );
+            if let Some(p) = pack {
+                kb.save(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                eprintln!("saved {}", p.display());
+            }
+            kb
+        }
+    };
     let texts: Vec<&str> = beir.queries.iter().map(|(_, t)| t.as_str()).collect();
     let t1 = std::time::Instant::now();
     let queries = embedder
         .embed(&texts, lorag::TextKind::Query)
         .map_err(|e| e.to_string())?;
     let query_secs = t1.elapsed().as_secs_f64();
-    let mut results = std::collections::HashMap::new();
-    for ((qid, _), q) in beir.queries.iter().zip(&queries) {
-        let top = lorag::eval::exact_top_k(&base, &q.vector, 101);
-        results.insert(
-            qid.clone(),
-            top.into_iter()
-                .map(|(i, _)| beir.corpus[i].0.clone())
-                .collect::<Vec<_>>(),
-        );
+    let mut rows = Vec::new();
+    for mode in modes {
+        let opts = lorag::SearchOptions {
+            k: 101,
+            mode,
+            ef,
+            ..Default::default()
+        };
+        let mut results = std::collections::HashMap::new();
+        let t = std::time::Instant::now();
+        for ((qid, text), q) in beir.queries.iter().zip(&queries) {
+            let hits = kb
+                .search(Some(&q.vector), Some(text), &opts)
+                .map_err(|e| e.to_string())?;
+            results.insert(
+                qid.clone(),
+                hits.iter()
+                    .map(|h| h.chunk.doc_id.clone())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let search_qps = beir.queries.len() as f64 / t.elapsed().as_secs_f64();
+        let m = lorag::eval::evaluate(&results, &beir.qrels);
+        rows.push((mode, m, search_qps));
     }
-    let m = lorag::eval::evaluate(&results, &beir.qrels);
+    let mem = kb.memory();
     if json {
         let doc = serde_json::json!({
             "dataset": dir.display().to_string(), "model": model.display().to_string(), "identity": embedder.identity(),
-            "search": search, "documents": beir.corpus.len(), "metrics": m,
-            "corpus_docs_per_s": beir.corpus.len() as f64 / corpus_secs, "queries_per_s": queries.len() as f64 / query_secs,
+            "documents": beir.corpus.len(), "queries": beir.queries.len(),
+            "results": rows.iter().map(|(mode, m, qps)| serde_json::json!({"search": mode, "metrics": m, "search_qps_k100": qps})).collect::<Vec<_>>(),
+            "corpus_docs_per_s": corpus_secs.map(|s| beir.corpus.len() as f64 / s), "queries_per_s": queries.len() as f64 / query_secs,
+            "memory": mem,
         });
         println!(
             "{}",
@@ -241,9 +391,342 @@ fn run_eval_beir(
         );
     } else {
         println!(
-            "{}: {} documents, {} queries, search {search}\n  nDCG@10 {:.4}  recall@10 {:.4}  recall@100 {:.4}  MRR@10 {:.4}  MAP@100 {:.4}\n  corpus {:.1} docs/s, queries {:.1}/s",
-            dir.display(), beir.corpus.len(), m.queries, m.ndcg_at_10, m.recall_at_10, m.recall_at_100, m.mrr_at_10, m.map_at_100,
-            beir.corpus.len() as f64 / corpus_secs, queries.len() as f64 / query_secs
+            "{}: {} documents, {} queries",
+            dir.display(),
+            beir.corpus.len(),
+            beir.queries.len()
+        );
+        println!(
+            "  {:<7} {:>8} {:>9} {:>10} {:>11} {:>7} {:>8} {:>9}",
+            "search",
+            "nDCG@10",
+            "recall@1",
+            "recall@10",
+            "recall@100",
+            "MRR@10",
+            "MAP@100",
+            "q/s k=100"
+        );
+        for (mode, m, qps) in &rows {
+            println!(
+                "  {:<7} {:>8.4} {:>9.4} {:>10.4} {:>11.4} {:>7.4} {:>8.4} {:>9.0}",
+                format!("{mode:?}").to_lowercase(),
+                m.ndcg_at_10,
+                m.recall_at_1,
+                m.recall_at_10,
+                m.recall_at_100,
+                m.mrr_at_10,
+                m.map_at_100,
+                qps
+            );
+        }
+        if let Some(s) = corpus_secs {
+            println!(
+                "  corpus embedded at {:.1} docs/s",
+                beir.corpus.len() as f64 / s
+            );
+        }
+        println!(
+            "  queries embedded at {:.1}/s",
+            queries.len() as f64 / query_secs
+        );
+    }
+    Ok(())
+}
+
+fn model_name(model: &Path) -> String {
+    model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Hex SHA-256 (first 128 bits).
+fn hex16(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A whole BEIR document as one chunk (BEIR's convention: the embedder truncates long ones).
+fn whole_chunk(doc_id: &str, text: &str) -> Chunk {
+    Chunk {
+        id: format!("{doc_id}#0"),
+        doc_id: doc_id.to_string(),
+        index: 0,
+        span: 0..text.len(),
+        source_span: None,
+        pages: None,
+        heading_path: Vec::new(),
+        size: text.chars().count() as u32,
+        text: text.to_string(),
+        hash: hex16(text.as_bytes()),
+        prefix_headings: false,
+    }
+}
+
+/// The embedder used when none is named: `models/all-MiniLM-L6-v2-int8` here, else beside the sources.
+fn default_model() -> PathBuf {
+    let here = PathBuf::from("models/all-MiniLM-L6-v2-int8");
+    if here.join("model.onnx").exists() {
+        here
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2-int8")
+    }
+}
+
+fn parse_fusion(s: &str) -> Result<lorag::Fusion, String> {
+    match s.split_once(':') {
+        None if s == "rrf" => Ok(lorag::Fusion::Rrf { k: 60.0 }),
+        Some(("rrf", k)) => Ok(lorag::Fusion::Rrf {
+            k: k.parse().map_err(|e| format!("--fusion: {e}"))?,
+        }),
+        Some(("weighted", a)) => Ok(lorag::Fusion::Weighted {
+            alpha: a.parse().map_err(|e| format!("--fusion: {e}"))?,
+        }),
+        None if s == "weighted" => Ok(lorag::Fusion::Weighted { alpha: 0.5 }),
+        _ => Err(format!(
+            "--fusion: expected rrf, rrf:K, weighted or weighted:ALPHA, not {s:?}"
+        )),
+    }
+}
+
+/// Documents under `paths`: files as given, folders walked (sorted) for known extensions.
+fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|e| {
+                    !e.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect();
+            entries.sort();
+            for e in entries.into_iter().rev() {
+                let known = e.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                    matches!(
+                        x.to_ascii_lowercase().as_str(),
+                        "txt" | "md" | "markdown" | "html" | "htm" | "pdf"
+                    )
+                });
+                if e.is_dir() || known {
+                    stack.push(e);
+                }
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn run_index(
+    paths: &[PathBuf],
+    output: &Path,
+    model: &Path,
+    config: ChunkConfig,
+    prune: bool,
+) -> Result<(), String> {
+    let embedder = load_embedder(model, None)?;
+    let id = lorag::EmbedderId::of(&embedder, model_name(model));
+    let mut kb = if output.exists() {
+        let bytes = std::fs::read(output).map_err(|e| format!("{}: {e}", output.display()))?;
+        let kb = lorag::KnowledgeBase::from_bytes(&bytes, Some(&id))
+            .map_err(|e| format!("{}: {e}", output.display()))?;
+        eprintln!(
+            "updating {} ({} documents, {} chunks)",
+            output.display(),
+            kb.documents().count(),
+            kb.len()
+        );
+        kb
+    } else {
+        lorag::KnowledgeBase::new(id, lorag::IndexConfig::default()).map_err(|e| e.to_string())?
+    };
+    let tok = std::fs::read(model.join("tokenizer.json"))
+        .map_err(|e| format!("{}/tokenizer.json: {e}", model.display()))?;
+    let sbert = std::fs::read(model.join("sentence_bert_config.json")).ok();
+    let counter = TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
+    let chunker = Chunker::new(counter, config).map_err(|e| e.to_string())?;
+    let files = collect_files(paths)?;
+    let inputs: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|p| {
+            Ok((
+                p.display().to_string(),
+                std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let t0 = std::time::Instant::now();
+    let (stats, failed) = index_inputs(&mut kb, &inputs, &chunker, &embedder)?;
+    let mut pruned = 0;
+    if prune {
+        let keep: std::collections::HashSet<&str> =
+            inputs.iter().map(|(n, _)| n.as_str()).collect();
+        let gone: Vec<String> = kb
+            .documents()
+            .map(|d| d.id.clone())
+            .filter(|d| !keep.contains(d.as_str()))
+            .collect();
+        for d in gone {
+            kb.delete_document(&d).map_err(|e| e.to_string())?;
+            pruned += 1;
+        }
+    }
+    kb.compact();
+    kb.save(output)
+        .map_err(|e| format!("{}: {e}", output.display()))?;
+    let mem = kb.memory();
+    eprintln!(
+        "{}: {} documents, {} chunks ({} embedded, {} unchanged, {} removed, {pruned} documents pruned) in {:.1} s; {:.1} KiB per chunk in memory",
+        output.display(), kb.documents().count(), kb.len(), stats.embedded, stats.kept, stats.removed,
+        t0.elapsed().as_secs_f64(),
+        (mem.vector_bytes + mem.graph_bytes + mem.text_bytes + mem.postings_bytes) as f64 / 1024.0 / kb.len().max(1) as f64
+    );
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} documents could not be read",
+            inputs.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Ingest, chunk and upsert every input; returns the summed stats and the number of unreadable inputs.
+fn index_inputs(
+    kb: &mut lorag::KnowledgeBase,
+    inputs: &[(String, Vec<u8>)],
+    chunker: &Chunker,
+    embedder: &lorag::Embedder,
+) -> Result<(lorag::index::UpsertStats, usize), String> {
+    let mut total = lorag::index::UpsertStats::default();
+    let mut failed = 0;
+    for (name, bytes) in inputs {
+        let doc = match ingest(name, bytes, &IngestOptions::default()) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let chunks = chunker.chunk(&doc).map_err(|e| format!("{name}: {e}"))?;
+        let n = chunks.len();
+        let stats = kb
+            .upsert_document(lorag::DocInfo::from(&doc), chunks, &mut |fresh| {
+                let texts: Vec<String> = fresh.iter().map(|c| c.embed_text()).collect();
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                Ok(embedder
+                    .embed(&refs, lorag::TextKind::Passage)?
+                    .into_iter()
+                    .map(|e| e.vector)
+                    .collect())
+            })
+            .map_err(|e| format!("{name}: {e}"))?;
+        eprintln!(
+            "  {name}: {n} chunks ({} embedded, {} unchanged)",
+            stats.embedded, stats.kept
+        );
+        total.kept += stats.kept;
+        total.embedded += stats.embedded;
+        total.removed += stats.removed;
+    }
+    Ok((total, failed))
+}
+
+fn run_search(
+    pack: &Path,
+    query: &str,
+    model: &Path,
+    opts: &lorag::SearchOptions,
+    json: bool,
+) -> Result<(), String> {
+    let bytes = std::fs::read(pack).map_err(|e| format!("{}: {e}", pack.display()))?;
+    // Validate the pack before loading the model: a corrupt pack is reported at once.
+    let kb = lorag::KnowledgeBase::from_bytes(&bytes, None)
+        .map_err(|e| format!("{}: {e}", pack.display()))?;
+    let vector = if opts.mode == lorag::SearchMode::Bm25 {
+        None
+    } else {
+        let embedder = load_embedder(model, None)?;
+        let id = lorag::EmbedderId::of(&embedder, model_name(model));
+        if !kb.embedder().matches(&id) {
+            return Err(lorag::Error::EmbedderMismatch {
+                pack: kb.embedder().to_string(),
+                model: id.to_string(),
+            }
+            .to_string());
+        }
+        Some(
+            embedder
+                .embed(&[query], lorag::TextKind::Query)
+                .map_err(|e| e.to_string())?
+                .remove(0)
+                .vector,
+        )
+    };
+    let t = std::time::Instant::now();
+    let hits = kb
+        .search(vector.as_deref(), Some(query), opts)
+        .map_err(|e| e.to_string())?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"query": query, "search_ms": ms, "hits": hits})
+            )
+            .map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} results for {query:?} ({:?}, {ms:.2} ms over {} chunks)",
+        hits.len(),
+        opts.mode,
+        kb.len()
+    );
+    for (i, h) in hits.iter().enumerate() {
+        let c = h.chunk;
+        let page = c
+            .pages
+            .map(|(a, b)| {
+                if a == b {
+                    format!(" p.{a}")
+                } else {
+                    format!(" pp.{a}-{b}")
+                }
+            })
+            .unwrap_or_default();
+        let heading = if c.heading_path.is_empty() {
+            String::new()
+        } else {
+            format!(" › {}", c.heading_path.join(" › "))
+        };
+        println!(
+            "[{}] {:.4}  {}{page}{heading}  (bytes {}..{}; vector {}, bm25 {})",
+            i + 1,
+            h.score,
+            c.doc_id,
+            c.span.start,
+            c.span.end,
+            h.vector_score.map_or("-".into(), |x| format!("{x:.3}")),
+            h.keyword_score.map_or("-".into(), |x| format!("{x:.2}"))
+        );
+        println!(
+            "    {}",
+            truncate(
+                &c.text.split_whitespace().collect::<Vec<_>>().join(" "),
+                160
+            )
         );
     }
     Ok(())
@@ -326,9 +809,63 @@ fn main() -> ExitCode {
             dir,
             model,
             search,
+            pack,
+            ef,
             batch_size,
             json,
-        }) => run_eval_beir(&dir, &model, &search, batch_size, json),
+        }) => run_eval_beir(&dir, &model, &search, pack.as_deref(), ef, batch_size, json),
+        Command::Index {
+            paths,
+            output,
+            model,
+            size,
+            overlap,
+            prefix_headings,
+            prune,
+        } => run_index(
+            &paths,
+            &output,
+            &model.unwrap_or_else(default_model),
+            ChunkConfig {
+                size,
+                overlap,
+                prefix_headings,
+            },
+            prune,
+        ),
+        Command::Search {
+            pack,
+            query,
+            model,
+            k,
+            mode,
+            ef,
+            filter,
+            fusion,
+            mmr,
+            min_score,
+            json,
+        } => (|| {
+            let opts = lorag::SearchOptions {
+                k,
+                mode: mode.parse().map_err(|e: lorag::Error| e.to_string())?,
+                ef,
+                min_score,
+                filter: filter
+                    .map(|f| serde_json::from_str(&f).map_err(|e| format!("--filter: {e}")))
+                    .transpose()?,
+                fusion: parse_fusion(&fusion)?,
+                candidates: None,
+                mmr_lambda: mmr,
+            };
+            run_search(
+                &pack,
+                &query,
+                &model.unwrap_or_else(default_model),
+                &opts,
+                json,
+            )
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
