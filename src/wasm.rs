@@ -260,3 +260,217 @@ impl JsEmbedder {
             .0)
     }
 }
+
+/// A knowledge base (HNSW + BM25 over chunks), built from chunks and their vectors, saved and loaded as
+/// knowledge-pack bytes (`toBytes` / `KnowledgeBase.fromBytes`; where the bytes go — OPFS, IndexedDB, a
+/// file — is the caller's choice).
+#[cfg(feature = "index")]
+#[wasm_bindgen(js_name = KnowledgeBase)]
+pub struct JsKnowledgeBase {
+    inner: crate::KnowledgeBase,
+}
+
+#[cfg(feature = "index")]
+fn vectors_from(flat: &[f32], n: usize, dim: usize) -> Result<Vec<Vec<f32>>, JsValue> {
+    if Some(flat.len()) != n.checked_mul(dim) {
+        return Err(js_error(Error::InvalidVector(format!(
+            "{} floats for {n} chunks of dimension {dim}",
+            flat.len()
+        ))));
+    }
+    Ok(flat.chunks(dim.max(1)).map(<[f32]>::to_vec).collect())
+}
+
+#[cfg(feature = "index")]
+#[wasm_bindgen(js_class = KnowledgeBase)]
+impl JsKnowledgeBase {
+    /// `new KnowledgeBase({ name, dim, hash }, config?)`: `hash` is the embedder's `identity`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(embedder: JsValue, config: JsValue) -> Result<JsKnowledgeBase, JsValue> {
+        let id: crate::EmbedderId = serde_wasm_bindgen::from_value(embedder)
+            .map_err(|e| js_error(Error::Config(format!("embedder: {e}"))))?;
+        let config: crate::IndexConfig = from_js(config)?;
+        Ok(JsKnowledgeBase {
+            inner: crate::KnowledgeBase::new(id, config).map_err(js_error)?,
+        })
+    }
+
+    /// Load and validate a knowledge pack; with `expect` (`{ name, dim, hash }`) it must come from that
+    /// embedder.
+    #[wasm_bindgen(js_name = fromBytes)]
+    pub fn from_bytes(bytes: &[u8], expect: JsValue) -> Result<JsKnowledgeBase, JsValue> {
+        let expect: Option<crate::EmbedderId> = if expect.is_undefined() || expect.is_null() {
+            None
+        } else {
+            Some(
+                serde_wasm_bindgen::from_value(expect)
+                    .map_err(|e| js_error(Error::Config(format!("expect: {e}"))))?,
+            )
+        };
+        Ok(JsKnowledgeBase {
+            inner: crate::KnowledgeBase::from_bytes(bytes, expect.as_ref()).map_err(js_error)?,
+        })
+    }
+
+    /// The knowledge pack bytes.
+    #[wasm_bindgen(js_name = toBytes)]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.inner.to_bytes()
+    }
+
+    /// Live chunks.
+    #[wasm_bindgen(getter)]
+    pub fn length(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// The embedder identity `{ name, dim, hash }`.
+    #[wasm_bindgen(getter)]
+    pub fn embedder(&self) -> Result<JsValue, JsValue> {
+        to_js(self.inner.embedder())
+    }
+
+    /// Add a new document: `doc` (`{ id, title, metadata }`, or a whole ingested `Document`), its chunks
+    /// (from `Chunker.chunk`) and their vectors back to back in one `Float32Array`.
+    #[wasm_bindgen(js_name = addDocument)]
+    pub fn add_document(
+        &mut self,
+        doc: JsValue,
+        chunks: JsValue,
+        vectors: &[f32],
+    ) -> Result<(), JsValue> {
+        let info: crate::DocInfo = doc_info(doc)?;
+        let chunks: Vec<crate::Chunk> = serde_wasm_bindgen::from_value(chunks)
+            .map_err(|e| js_error(Error::InvalidDocument(format!("chunks: {e}"))))?;
+        let vectors = vectors_from(vectors, chunks.len(), self.inner.dim())?;
+        self.inner
+            .add_document(info, chunks, vectors)
+            .map_err(js_error)
+    }
+
+    /// Add or replace a document; `embed(texts: string[]) → Float32Array` is called once with the texts of
+    /// the chunks that are new or changed (unchanged chunks keep their vectors). Returns
+    /// `{ kept, embedded, removed }`.
+    #[wasm_bindgen(js_name = upsertDocument)]
+    pub fn upsert_document(
+        &mut self,
+        doc: JsValue,
+        chunks: JsValue,
+        embed: &js_sys::Function,
+    ) -> Result<JsValue, JsValue> {
+        let info: crate::DocInfo = doc_info(doc)?;
+        let chunks: Vec<crate::Chunk> = serde_wasm_bindgen::from_value(chunks)
+            .map_err(|e| js_error(Error::InvalidDocument(format!("chunks: {e}"))))?;
+        let dim = self.inner.dim();
+        let stats = self
+            .inner
+            .upsert_document(info, chunks, &mut |fresh| {
+                let texts = js_sys::Array::new();
+                for c in fresh {
+                    texts.push(&JsValue::from_str(&c.embed_text()));
+                }
+                let out = embed.call1(&JsValue::NULL, &texts).map_err(|e| {
+                    Error::Config(format!(
+                        "the embed callback threw: {}",
+                        e.as_string()
+                            .or_else(|| js_sys::Error::from(e).message().as_string())
+                            .unwrap_or_default()
+                    ))
+                })?;
+                if !out.is_instance_of::<js_sys::Float32Array>() {
+                    return Err(Error::InvalidVector(
+                        "the embed callback must return a Float32Array".into(),
+                    ));
+                }
+                let flat = js_sys::Float32Array::new(&out).to_vec();
+                if Some(flat.len()) != fresh.len().checked_mul(dim) {
+                    return Err(Error::InvalidVector(format!(
+                        "the embed callback returned {} floats for {} chunks of dimension {dim}",
+                        flat.len(),
+                        fresh.len()
+                    )));
+                }
+                Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+            })
+            .map_err(js_error)?;
+        to_js(&stats)
+    }
+
+    /// Delete a document; returns how many chunks went.
+    #[wasm_bindgen(js_name = deleteDocument)]
+    pub fn delete_document(&mut self, id: &str) -> Result<usize, JsValue> {
+        self.inner.delete_document(id).map_err(js_error)
+    }
+
+    /// Delete one chunk.
+    #[wasm_bindgen(js_name = deleteChunk)]
+    pub fn delete_chunk(&mut self, id: &str) -> Result<(), JsValue> {
+        self.inner.delete_chunk(id).map_err(js_error)
+    }
+
+    /// Drop deleted chunks and rebuild one HNSW segment and BM25.
+    pub fn compact(&mut self) {
+        self.inner.compact()
+    }
+
+    /// Search: `vector` (the query's embedding; not needed for `mode: "bm25"`), `text` (needed for bm25
+    /// and hybrid) and options `{ k, mode, ef, min_score, filter, fusion, candidates, mmr_lambda }`.
+    /// Returns `[{ chunk, score, vector_score, keyword_score }]`, best first.
+    pub fn search(
+        &self,
+        vector: Option<Vec<f32>>,
+        text: Option<String>,
+        options: JsValue,
+    ) -> Result<JsValue, JsValue> {
+        let opts: crate::SearchOptions = from_js(options)?;
+        let hits = self
+            .inner
+            .search(vector.as_deref(), text.as_deref(), &opts)
+            .map_err(js_error)?;
+        to_js(&hits)
+    }
+
+    /// Like `search`, returning only the chunk ids (for benchmarks and callers that keep their own text).
+    #[wasm_bindgen(js_name = searchIds)]
+    pub fn search_ids(
+        &self,
+        vector: Option<Vec<f32>>,
+        text: Option<String>,
+        options: JsValue,
+    ) -> Result<Vec<String>, JsValue> {
+        let opts: crate::SearchOptions = from_js(options)?;
+        let hits = self
+            .inner
+            .search(vector.as_deref(), text.as_deref(), &opts)
+            .map_err(js_error)?;
+        Ok(hits.into_iter().map(|h| h.chunk.id.clone()).collect())
+    }
+
+    /// A chunk by id, or `undefined`.
+    pub fn chunk(&self, id: &str) -> Result<JsValue, JsValue> {
+        match self.inner.chunk(id) {
+            Some(c) => to_js(c),
+            None => Ok(JsValue::UNDEFINED),
+        }
+    }
+
+    /// The documents: `[{ id, title, metadata }]`.
+    pub fn documents(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.inner.documents().collect::<Vec<_>>())
+    }
+
+    /// Bytes held by vectors, graph, text and postings.
+    pub fn memory(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.inner.memory())
+    }
+}
+
+/// `{ id, title, metadata }` or a whole `Document` (its format joins the metadata).
+#[cfg(feature = "index")]
+fn doc_info(doc: JsValue) -> Result<crate::DocInfo, JsValue> {
+    if let Ok(d) = serde_wasm_bindgen::from_value::<Document>(doc.clone()) {
+        return Ok(crate::DocInfo::from(&d));
+    }
+    serde_wasm_bindgen::from_value(doc)
+        .map_err(|e| js_error(Error::InvalidDocument(format!("document: {e}"))))
+}

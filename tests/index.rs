@@ -163,7 +163,7 @@ fn deletes_updates_and_compaction() {
     kb.delete_chunk("doc1#3").unwrap();
     all.retain(|(id, _)| {
         let d: usize = id[3..id.find('#').unwrap()].parse().unwrap();
-        d % 3 != 0 && id != "doc1#3"
+        !d.is_multiple_of(3) && id != "doc1#3"
     });
     assert_eq!(kb.len(), all.len());
     let mut rng = Rng(8);
@@ -315,7 +315,8 @@ fn filters_keep_recall_and_only_pass_matches() {
         31,
     );
     let doc_of = |id: &str| id[3..id.find('#').unwrap()].parse::<usize>().unwrap();
-    let filters: Vec<(Filter, Box<dyn Fn(usize) -> bool>)> = vec![
+    type Pass = Box<dyn Fn(usize) -> bool>;
+    let filters: Vec<(Filter, Pass)> = vec![
         (
             serde_json::from_str(r#"{"eq": {"key": "lang", "value": "fr"}}"#).unwrap(),
             Box::new(|d| d % 3 == 1),

@@ -142,6 +142,7 @@ impl IndexConfig {
 
 /// What the index keeps of a document: id, title and metadata (for filters and citations).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DocInfo {
     /// The document id (chunks refer to it).
     pub id: String,

@@ -126,4 +126,61 @@ test("embedder from bytes matches the onnxruntime reference", () => {
   }
 });
 
+test("knowledge base: index the examples, search, update, save and reload, refuse a flipped byte", () => {
+  const dir = "models/all-MiniLM-L6-v2-int8/";
+  const embedder = new lorag.Embedder({
+    model_onnx: read(dir + "model.onnx"),
+    tokenizer_json: read(dir + "tokenizer.json"),
+    sentence_bert_config_json: read(dir + "sentence_bert_config.json"),
+    modules_json: read(dir + "modules.json"),
+  });
+  const chunker = new lorag.Chunker(read(dir + "tokenizer.json"), read(dir + "sentence_bert_config.json"), { size: 128, overlap: 16 });
+  const id = { name: "all-MiniLM-L6-v2-int8", dim: embedder.dim, hash: embedder.identity };
+  const kb = new lorag.KnowledgeBase(id, { tail_threshold: 16 });
+  let embeddedTexts = 0;
+  const embed = (texts) => {
+    embeddedTexts += texts.length;
+    return embedder.embed(texts, "passage");
+  };
+  let total = 0;
+  for (const name of ["handbook.md", "safety.html", "faq.txt", "courses.pdf"]) {
+    const doc = lorag.ingest(name, read("examples/docs/" + name), undefined);
+    const chunks = chunker.chunk(doc);
+    const stats = kb.upsertDocument(doc, chunks, embed);
+    assert.deepEqual(stats, { kept: 0, embedded: chunks.length, removed: 0 });
+    total += chunks.length;
+  }
+  assert.equal(kb.length, total);
+  assert.equal(embeddedTexts, total);
+  // Exact search agrees with brute force over the stored vectors' source: the embedder itself.
+  const question = "What must I do before using the laser cutter?";
+  const q = embedder.embed([question], "query");
+  const exact = kb.search(q, undefined, { k: 3, mode: "exact" });
+  assert.equal(exact.length, 3);
+  for (const h of exact) {
+    const v = embedder.embed([h.chunk.text], "passage");
+    const dot = v.reduce((s, x, d) => s + x * q[d], 0);
+    assert.ok(Math.abs(dot - h.score) < 1e-4, `${h.score} vs ${dot}`);
+  }
+  const hybrid = kb.search(q, question, { k: 5 });
+  assert.ok(hybrid.some((h) => /laser/i.test(h.chunk.text)), JSON.stringify(hybrid.map((h) => h.chunk.text.slice(0, 60))));
+  const onlyPdf = kb.search(q, question, { k: 5, filter: { eq: { key: "format", value: "pdf" } } });
+  assert.ok(onlyPdf.length > 0 && onlyPdf.every((h) => h.chunk.doc_id === "courses.pdf"));
+  // Re-upserting an unchanged document embeds nothing.
+  const faq = lorag.ingest("faq.txt", read("examples/docs/faq.txt"), undefined);
+  const again = kb.upsertDocument(faq, chunker.chunk(faq), () => assert.fail("nothing to embed"));
+  assert.equal(again.embedded, 0);
+  // Save, reload (checked against the embedder), same results.
+  const bytes = kb.toBytes();
+  const back = lorag.KnowledgeBase.fromBytes(bytes, id);
+  assert.deepEqual(back.search(q, question, { k: 5 }), hybrid);
+  const bad = bytes.slice();
+  bad[bad.length - 10] ^= 0xff;
+  assert.throws(() => lorag.KnowledgeBase.fromBytes(bad, id), (e) => e.name === "LoragError" && e.code === "Checksum");
+  assert.throws(() => lorag.KnowledgeBase.fromBytes(bytes, { ...id, dim: 768 }), (e) => e.code === "EmbedderMismatch");
+  assert.throws(() => kb.search(q, undefined, { k: 0, mode: "exact" }), (e) => e.code === "InvalidQuery");
+  assert.equal(kb.deleteDocument("faq.txt") > 0, true);
+  assert.ok(kb.search(q, question, { k: 50 }).every((h) => h.chunk.doc_id !== "faq.txt"));
+});
+
 console.log(`${passed} JS binding tests passed`);
