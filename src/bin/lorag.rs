@@ -57,10 +57,21 @@ enum Command {
         #[command(flatten)]
         args: ChunkArgs,
     },
-    /// The main job on the bundled example documents (an in-memory knowledge base).
+    /// The main job on the bundled example documents: an in-memory knowledge base (ingest, chunk, embed,
+    /// index), then each question answered with its numbered sources (the generator that writes the answer
+    /// text is the next stage; until it lands the sources are the answer).
     Demo {
         #[command(flatten)]
         args: ChunkArgs,
+        /// Questions to ask (default: three about the example documents).
+        #[arg(short, long = "question", value_name = "TEXT")]
+        questions: Vec<String>,
+        /// Sources per question.
+        #[arg(short, long, default_value_t = 3)]
+        k: usize,
+        /// Print the chunk table instead.
+        #[arg(long)]
+        chunks: bool,
     },
     /// Embed texts with a sentence-transformers model folder; print token ids and vectors.
     Embed {
@@ -434,6 +445,114 @@ fn run_eval_beir(
     Ok(())
 }
 
+/// Questions the bundled example documents answer.
+const DEMO_QUESTIONS: &[&str] = &[
+    "What do I need before I can use the laser cutter?",
+    "Can I bring a guest to the makerspace?",
+    "What should I do if there is a fire?",
+];
+
+fn run_demo(
+    inputs: &[(String, Vec<u8>)],
+    model: &Path,
+    args: &ChunkArgs,
+    questions: &[String],
+    k: usize,
+) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    let embedder = load_embedder(model, None)?;
+    let tok = std::fs::read(model.join("tokenizer.json"))
+        .map_err(|e| format!("{}/tokenizer.json: {e}", model.display()))?;
+    let sbert = std::fs::read(model.join("sentence_bert_config.json")).ok();
+    let counter = TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
+    let config = ChunkConfig {
+        size: args.size,
+        overlap: args.overlap,
+        prefix_headings: args.prefix_headings,
+    };
+    let chunker = Chunker::new(counter, config).map_err(|e| e.to_string())?;
+    let mut kb = lorag::KnowledgeBase::new(
+        lorag::EmbedderId::of(&embedder, model_name(model)),
+        lorag::IndexConfig::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "lorag {}: indexing {} bundled example documents with {}",
+        lorag::VERSION,
+        inputs.len(),
+        model.display()
+    );
+    let (_, failed) = index_inputs(&mut kb, inputs, &chunker, &embedder)?;
+    if failed > 0 {
+        return Err(format!("{failed} example documents could not be read"));
+    }
+    eprintln!(
+        "knowledge base: {} documents, {} chunks, built in {:.1} s\n",
+        kb.documents().count(),
+        kb.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let questions: Vec<String> = if questions.is_empty() {
+        DEMO_QUESTIONS.iter().map(|q| q.to_string()).collect()
+    } else {
+        questions.to_vec()
+    };
+    let opts = lorag::SearchOptions {
+        k,
+        ..Default::default()
+    };
+    for q in &questions {
+        let v = embedder
+            .embed(&[q.as_str()], lorag::TextKind::Query)
+            .map_err(|e| e.to_string())?
+            .remove(0)
+            .vector;
+        let hits = kb
+            .search(Some(&v), Some(q), &opts)
+            .map_err(|e| e.to_string())?;
+        println!("Q: {q}");
+        println!("Sources (hybrid search: HNSW + BM25, reciprocal-rank fusion):");
+        for (i, h) in hits.iter().enumerate() {
+            let c = h.chunk;
+            let title = kb
+                .document(&c.doc_id)
+                .and_then(|d| d.title.clone())
+                .unwrap_or_else(|| c.doc_id.clone());
+            let page = c
+                .pages
+                .map(|(a, b)| {
+                    if a == b {
+                        format!(", page {a}")
+                    } else {
+                        format!(", pages {a}-{b}")
+                    }
+                })
+                .unwrap_or_default();
+            let heading = if c.heading_path.is_empty() {
+                String::new()
+            } else {
+                format!(" › {}", c.heading_path.join(" › "))
+            };
+            println!(
+                "  [{}] {title}{heading} ({}{page}, bytes {}..{})",
+                i + 1,
+                c.doc_id,
+                c.span.start,
+                c.span.end
+            );
+            println!(
+                "      {}",
+                truncate(
+                    &c.text.split_whitespace().collect::<Vec<_>>().join(" "),
+                    200
+                )
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
 fn model_name(model: &Path) -> String {
     model
         .file_name()
@@ -775,29 +894,31 @@ fn main() -> ExitCode {
                 .collect::<Result<Vec<_>, String>>();
             inputs.and_then(|inputs| run_chunk(&inputs, &args))
         }
-        Command::Demo { mut args } => {
-            if args.tokenizer.is_none() {
-                let default =
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2-int8");
-                if default.join("tokenizer.json").exists() {
-                    args.tokenizer = Some(default);
-                } else {
-                    eprintln!(
-                        "note: {} not found (run scripts/fetch-models); counting characters",
-                        default.display()
-                    );
-                }
-            }
+        Command::Demo {
+            mut args,
+            questions,
+            k,
+            chunks,
+        } => {
+            let model = default_model();
             let inputs: Vec<(String, Vec<u8>)> = EXAMPLES
                 .iter()
                 .map(|(n, b)| (n.to_string(), b.to_vec()))
                 .collect();
-            eprintln!(
-                "lorag {}: ingesting and chunking {} bundled example documents",
-                lorag::VERSION,
-                inputs.len()
-            );
-            run_chunk(&inputs, &args)
+            if chunks || !model.join("model.onnx").exists() {
+                if !model.join("model.onnx").exists() {
+                    eprintln!(
+                        "note: {} not found (run scripts/fetch-models); printing the chunk table only",
+                        model.display()
+                    );
+                }
+                if args.tokenizer.is_none() && model.join("tokenizer.json").exists() {
+                    args.tokenizer = Some(model);
+                }
+                run_chunk(&inputs, &args)
+            } else {
+                run_demo(&inputs, &model, &args, &questions, k)
+            }
         }
         Command::Embed {
             model,
