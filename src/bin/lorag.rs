@@ -518,21 +518,7 @@ fn run_demo(
                 .document(&c.doc_id)
                 .and_then(|d| d.title.clone())
                 .unwrap_or_else(|| c.doc_id.clone());
-            let page = c
-                .pages
-                .map(|(a, b)| {
-                    if a == b {
-                        format!(", page {a}")
-                    } else {
-                        format!(", pages {a}-{b}")
-                    }
-                })
-                .unwrap_or_default();
-            let heading = if c.heading_path.is_empty() {
-                String::new()
-            } else {
-                format!(" › {}", c.heading_path.join(" › "))
-            };
+            let (page, heading) = citation(c, Some(&title));
             println!(
                 "  [{}] {title}{heading} ({}{page}, bytes {}..{})",
                 i + 1,
@@ -551,6 +537,22 @@ fn run_demo(
         println!();
     }
     Ok(())
+}
+
+/// `(", page N", " › A › B")` for a chunk; a heading path that starts with `title` skips it.
+fn citation(c: &Chunk, title: Option<&str>) -> (String, String) {
+    let page = match c.pages {
+        Some((a, b)) if a == b => format!(", page {a}"),
+        Some((a, b)) => format!(", pages {a}-{b}"),
+        None => String::new(),
+    };
+    let heading = c
+        .heading_path
+        .iter()
+        .skip_while(|h| Some(h.as_str()) == title)
+        .map(|h| format!(" › {h}"))
+        .collect();
+    (page, heading)
 }
 
 fn model_name(model: &Path) -> String {
@@ -815,21 +817,7 @@ fn run_search(
     );
     for (i, h) in hits.iter().enumerate() {
         let c = h.chunk;
-        let page = c
-            .pages
-            .map(|(a, b)| {
-                if a == b {
-                    format!(" p.{a}")
-                } else {
-                    format!(" pp.{a}-{b}")
-                }
-            })
-            .unwrap_or_default();
-        let heading = if c.heading_path.is_empty() {
-            String::new()
-        } else {
-            format!(" › {}", c.heading_path.join(" › "))
-        };
+        let (page, heading) = citation(c, None);
         println!(
             "[{}] {:.4}  {}{page}{heading}  (bytes {}..{}; vector {}, bm25 {})",
             i + 1,

@@ -11,7 +11,7 @@
 //! use lorag::index::{EmbedderId, IndexConfig, KnowledgeBase, SearchMode, SearchOptions, DocInfo};
 //! use lorag::{ingest, ChunkConfig, Chunker, IngestOptions};
 //! let doc = ingest("notes.txt", b"Cats purr.\n\nDogs bark loudly.", &IngestOptions::default()).unwrap();
-//! let chunks = Chunker::chars(ChunkConfig { size: Some(12), overlap: Some(0), ..Default::default() })
+//! let chunks = Chunker::chars(ChunkConfig { size: Some(20), overlap: Some(0), ..Default::default() })
 //!     .unwrap().chunk(&doc).unwrap();
 //! let vectors = vec![vec![1.0, 0.0], vec![0.0, 1.0]]; // from an embedder, one per chunk
 //! let mut kb = KnowledgeBase::new(EmbedderId::new("toy", 2, "0"), IndexConfig::default()).unwrap();
