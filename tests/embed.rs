@@ -322,6 +322,33 @@ fn lying_tensors_and_missing_inputs_are_refused_before_tract() {
     );
 }
 
+/// The int8 embedding tables are dequantized after the row lookup (tract would otherwise cast and scale the
+/// whole 30522 × 384 table on every run): the vectors must be bit-identical to running the graph as exported.
+#[test]
+fn embedding_table_rewrite_is_bit_exact() {
+    let rewritten = minilm();
+    let as_exported = Embedder::from_bytes(
+        minilm_files(),
+        EmbedderConfig {
+            as_exported: true,
+            ..Default::default()
+        },
+        &Limits::default(),
+    )
+    .unwrap();
+    let texts = [
+        "hello world",
+        "The quick brown fox jumps over the lazy dog near the river bank.",
+        "x",
+    ];
+    let a = rewritten.embed(&texts, TextKind::Passage).unwrap();
+    let b = as_exported.embed(&texts, TextKind::Passage).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&x.vector), bits(&y.vector));
+    }
+}
+
 /// SciFact abstracts embedded by onnxruntime (Python, same int8 model, abstract `text` only, truncation 256,
 /// batches of 32 padded): ../shared/peers/data/vec_scifact_base.f32, row-major f32 × 384 in corpus order.
 /// A spread sample of rows must match within 1e-4, over short and truncated abstracts alike.

@@ -50,6 +50,10 @@ pub struct EmbedderConfig {
     pub batch_size: Option<usize>,
     /// Override `max_seq_length` (tokens, special tokens included).
     pub max_seq_length: Option<usize>,
+    /// Run the graph as exported, without moving int8 embedding-table dequantization after the row lookup
+    /// (the rewrite is exact; this exists so tests can prove it). Not part of the stable API.
+    #[doc(hidden)]
+    pub as_exported: bool,
 }
 
 /// How token states become one vector.
@@ -138,7 +142,7 @@ impl Embedder {
             files.model_onnx.len(),
             limits.max_model_bytes,
         )?;
-        let proto = onnx::decode_and_validate(files.model_onnx, limits.max_model_bytes)?;
+        let mut proto = onnx::decode_and_validate(files.model_onnx, limits.max_model_bytes)?;
         let (graph_inputs, graph_outputs) = onnx::graph_io(&proto);
 
         // Inputs by name.
@@ -274,6 +278,9 @@ impl Embedder {
         let tract_err = |e: TractError| onnx_err(format!("{e:#}"));
         // Intermediate shapes in `value_info` are exporter hints, sometimes wrong (the MiniLM int8 export
         // declares an attention-mask broadcast as [batch, 1, sequence, sequence]); tract infers its own.
+        if !config.as_exported {
+            onnx::gather_before_dequantize(&mut proto);
+        }
         let mut model = tract_onnx::onnx()
             .with_ignore_value_info(true)
             .model_for_proto_model(&proto)
