@@ -556,24 +556,12 @@ impl KnowledgeBase {
         &self.vectors[s..s + self.dim]
     }
 
-    /// Check a new document before anything changes: chunk ids unique (in it and against other documents),
-    /// chunks belonging to it, one valid vector per chunk. Returns the unit vectors.
-    fn check_new(
-        &self,
-        info: &DocInfo,
-        chunks: &[Chunk],
-        vectors: &[Vec<f32>],
-        replacing: Option<&DocEntry>,
-    ) -> Result<Vec<Vec<f32>>> {
+    /// Check a new document's chunks before anything changes: a document id, chunks belonging to it, chunk
+    /// ids unique in it and not taken by another document (`replacing`: the document already exists and its
+    /// own chunk ids may be reused).
+    fn check_chunks(&self, info: &DocInfo, chunks: &[Chunk], replacing: bool) -> Result<()> {
         if info.id.is_empty() {
             return Err(Error::InvalidDocument("empty document id".into()));
-        }
-        if chunks.len() != vectors.len() {
-            return Err(Error::InvalidVector(format!(
-                "{} chunks but {} vectors",
-                chunks.len(),
-                vectors.len()
-            )));
         }
         let mut ids = std::collections::HashSet::new();
         for c in chunks {
@@ -587,11 +575,27 @@ impl KnowledgeBase {
                 return Err(Error::DuplicateId(format!("chunk {}", c.id)));
             }
             if let Some(&s) = self.chunk_slot.get(&c.id) {
-                let ours = replacing.is_some_and(|d| d.slots.contains(&s));
+                // A live slot's chunk names its document, so this is "the slot is one of ours".
+                let ours = replacing
+                    && self.chunks[s as usize]
+                        .as_ref()
+                        .is_some_and(|old| old.doc_id == info.id);
                 if !ours {
                     return Err(Error::DuplicateId(format!("chunk {}", c.id)));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// One checked unit vector per chunk.
+    fn unit_vectors(&self, chunks: &[&Chunk], vectors: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        if chunks.len() != vectors.len() {
+            return Err(Error::InvalidVector(format!(
+                "{} chunks but {} vectors",
+                chunks.len(),
+                vectors.len()
+            )));
         }
         vectors
             .iter()
@@ -612,7 +616,15 @@ impl KnowledgeBase {
         if self.docs.contains_key(&info.id) {
             return Err(Error::DuplicateId(format!("document {}", info.id)));
         }
-        let units = self.check_new(&info, &chunks, &vectors, None)?;
+        if chunks.len() != vectors.len() {
+            return Err(Error::InvalidVector(format!(
+                "{} chunks but {} vectors",
+                chunks.len(),
+                vectors.len()
+            )));
+        }
+        self.check_chunks(&info, &chunks, false)?;
+        let units = self.unit_vectors(&chunks.iter().collect::<Vec<_>>(), &vectors)?;
         let slots = chunks
             .into_iter()
             .zip(units)
@@ -664,16 +676,9 @@ impl KnowledgeBase {
                 fresh.len()
             )));
         }
-        // Full-length vector list for the checks (kept chunks use their stored vectors).
-        let mut it = new_vectors.into_iter();
-        let all: Vec<Vec<f32>> = reuse
-            .iter()
-            .map(|r| match r {
-                Some(s) => self.row(*s).to_vec(),
-                None => it.next().unwrap_or_default(),
-            })
-            .collect();
-        let units = self.check_new(&info, &chunks, &all, old)?;
+        // Kept chunks keep their stored (already checked) vectors; only the new ones are checked.
+        self.check_chunks(&info, &chunks, old.is_some())?;
+        let mut units = self.unit_vectors(&fresh, &new_vectors)?.into_iter();
         let mut stats = UpsertStats::default();
         // Apply: drop the old document's chunk ids, delete the slots not reused.
         let old_slots = self
@@ -692,7 +697,7 @@ impl KnowledgeBase {
             }
         }
         let mut slots = Vec::with_capacity(chunks.len());
-        for ((c, r), v) in chunks.into_iter().zip(reuse).zip(units) {
+        for (c, r) in chunks.into_iter().zip(reuse) {
             match r {
                 Some(s) => {
                     self.chunk_slot.insert(c.id.clone(), s);
@@ -701,6 +706,7 @@ impl KnowledgeBase {
                     stats.kept += 1;
                 }
                 None => {
+                    let v = units.next().expect("one checked vector per fresh chunk");
                     slots.push(self.push_slot(c, &v));
                     stats.embedded += 1;
                 }
