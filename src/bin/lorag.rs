@@ -20,13 +20,10 @@ struct Cli {
     command: Command,
 }
 
+/// Chunk sizes, shared by every command that chunks.
 #[derive(clap::Args, Clone)]
-struct ChunkArgs {
-    /// Model folder holding tokenizer.json (and sentence_bert_config.json); sizes then count its tokens.
-    /// Without it, sizes count characters.
-    #[arg(long, value_name = "DIR")]
-    tokenizer: Option<PathBuf>,
-    /// Chunk size (tokens, or characters without --tokenizer). Default: the model's max_seq_length minus
+struct SizeArgs {
+    /// Chunk size (tokens, or characters without a tokenizer). Default: the model's max_seq_length minus
     /// special tokens; 1000 characters.
     #[arg(long, value_name = "N")]
     size: Option<usize>,
@@ -36,6 +33,26 @@ struct ChunkArgs {
     /// Prefix the embedding text with the heading path (counts toward the size).
     #[arg(long)]
     prefix_headings: bool,
+}
+
+impl SizeArgs {
+    fn config(&self) -> ChunkConfig {
+        ChunkConfig {
+            size: self.size,
+            overlap: self.overlap,
+            prefix_headings: self.prefix_headings,
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct ChunkArgs {
+    /// Model folder holding tokenizer.json (and sentence_bert_config.json); sizes then count its tokens.
+    /// Without it, sizes count characters.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    sizes: SizeArgs,
     /// Largest document accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_doc_bytes)]
     max_doc_bytes: usize,
@@ -100,15 +117,8 @@ enum Command {
         /// Embedder model folder.
         #[arg(long, value_name = "DIR")]
         model: Option<PathBuf>,
-        /// Chunk size in tokens (default: the model's max_seq_length minus special tokens).
-        #[arg(long, value_name = "N")]
-        size: Option<usize>,
-        /// Overlap in tokens (default 15 % of the size).
-        #[arg(long, value_name = "N")]
-        overlap: Option<usize>,
-        /// Prefix each chunk's embedding text with its heading path.
-        #[arg(long)]
-        prefix_headings: bool,
+        #[command(flatten)]
+        sizes: SizeArgs,
         /// Delete documents from the pack that are not among the inputs.
         #[arg(long)]
         prune: bool,
@@ -461,16 +471,7 @@ fn run_demo(
 ) -> Result<(), String> {
     let t0 = std::time::Instant::now();
     let embedder = load_embedder(model, None)?;
-    let tok = std::fs::read(model.join("tokenizer.json"))
-        .map_err(|e| format!("{}/tokenizer.json: {e}", model.display()))?;
-    let sbert = std::fs::read(model.join("sentence_bert_config.json")).ok();
-    let counter = TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
-    let config = ChunkConfig {
-        size: args.size,
-        overlap: args.overlap,
-        prefix_headings: args.prefix_headings,
-    };
-    let chunker = Chunker::new(counter, config).map_err(|e| e.to_string())?;
+    let chunker = token_chunker(model, args.sizes.config())?;
     let mut kb = lorag::KnowledgeBase::new(
         lorag::EmbedderId::of(&embedder, model_name(model)),
         lorag::IndexConfig::default(),
@@ -671,11 +672,7 @@ fn run_index(
     } else {
         lorag::KnowledgeBase::new(id, lorag::IndexConfig::default()).map_err(|e| e.to_string())?
     };
-    let tok = std::fs::read(model.join("tokenizer.json"))
-        .map_err(|e| format!("{}/tokenizer.json: {e}", model.display()))?;
-    let sbert = std::fs::read(model.join("sentence_bert_config.json")).ok();
-    let counter = TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
-    let chunker = Chunker::new(counter, config).map_err(|e| e.to_string())?;
+    let chunker = token_chunker(model, config)?;
     let files = collect_files(paths)?;
     let inputs: Vec<(String, Vec<u8>)> = files
         .iter()
@@ -927,19 +924,13 @@ fn main() -> ExitCode {
             paths,
             output,
             model,
-            size,
-            overlap,
-            prefix_headings,
+            sizes,
             prune,
         } => run_index(
             &paths,
             &output,
             &model.unwrap_or_else(default_model),
-            ChunkConfig {
-                size,
-                overlap,
-                prefix_headings,
-            },
+            sizes.config(),
             prune,
         ),
         Command::Search {
@@ -986,22 +977,20 @@ fn main() -> ExitCode {
 }
 
 fn make_chunker(args: &ChunkArgs) -> Result<Chunker, String> {
-    let config = ChunkConfig {
-        size: args.size,
-        overlap: args.overlap,
-        prefix_headings: args.prefix_headings,
-    };
+    let config = args.sizes.config();
     match &args.tokenizer {
-        Some(dir) => {
-            let tok = std::fs::read(dir.join("tokenizer.json"))
-                .map_err(|e| format!("{}/tokenizer.json: {e}", dir.display()))?;
-            let sbert = std::fs::read(dir.join("sentence_bert_config.json")).ok();
-            let counter =
-                TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
-            Chunker::new(counter, config).map_err(|e| e.to_string())
-        }
+        Some(dir) => token_chunker(dir, config),
         None => Chunker::chars(config).map_err(|e| e.to_string()),
     }
+}
+
+/// A chunker counting tokens of the model folder's tokenizer.json (and its sentence_bert_config.json).
+fn token_chunker(dir: &Path, config: ChunkConfig) -> Result<Chunker, String> {
+    let tok = std::fs::read(dir.join("tokenizer.json"))
+        .map_err(|e| format!("{}/tokenizer.json: {e}", dir.display()))?;
+    let sbert = std::fs::read(dir.join("sentence_bert_config.json")).ok();
+    let counter = TokenCounter::from_bytes(&tok, sbert.as_deref()).map_err(|e| e.to_string())?;
+    Chunker::new(counter, config).map_err(|e| e.to_string())
 }
 
 fn run_chunk(inputs: &[(String, Vec<u8>)], args: &ChunkArgs) -> Result<(), String> {
