@@ -94,16 +94,21 @@ test("errors are typed", () => {
   expectCode(() => new lorag.Chunker(undefined, undefined, {}).chunk(doc), "InvalidDocument");
 });
 
-test("embedder from bytes matches the onnxruntime reference", () => {
-  const dir = "models/all-MiniLM-L6-v2-int8/";
-  const embedder = new lorag.Embedder({
-    model_onnx: read(dir + "model.onnx"),
-    tokenizer_json: read(dir + "tokenizer.json"),
-    config_json: read(dir + "config.json"),
-    pooling_config_json: read(dir + "1_Pooling/config.json"),
-    sentence_bert_config_json: read(dir + "sentence_bert_config.json"),
-    modules_json: read(dir + "modules.json"),
+// all-MiniLM-L6-v2 int8 from the model folder, every file the folder has.
+const MINILM = "models/all-MiniLM-L6-v2-int8/";
+const minilm = () =>
+  new lorag.Embedder({
+    model_onnx: read(MINILM + "model.onnx"),
+    tokenizer_json: read(MINILM + "tokenizer.json"),
+    config_json: read(MINILM + "config.json"),
+    pooling_config_json: read(MINILM + "1_Pooling/config.json"),
+    sentence_bert_config_json: read(MINILM + "sentence_bert_config.json"),
+    modules_json: read(MINILM + "modules.json"),
   });
+
+test("embedder from bytes matches the onnxruntime reference", () => {
+  const dir = MINILM;
+  const embedder = minilm();
   assert.equal(embedder.dim, 384);
   const ref = JSON.parse(read("../shared/reference/embeddings.json"));
   const texts = ref.sentences.map((s) => s.text);
@@ -127,13 +132,8 @@ test("embedder from bytes matches the onnxruntime reference", () => {
 });
 
 test("knowledge base: index the examples, search, update, save and reload, refuse a flipped byte", () => {
-  const dir = "models/all-MiniLM-L6-v2-int8/";
-  const embedder = new lorag.Embedder({
-    model_onnx: read(dir + "model.onnx"),
-    tokenizer_json: read(dir + "tokenizer.json"),
-    sentence_bert_config_json: read(dir + "sentence_bert_config.json"),
-    modules_json: read(dir + "modules.json"),
-  });
+  const dir = MINILM;
+  const embedder = minilm();
   const chunker = new lorag.Chunker(read(dir + "tokenizer.json"), read(dir + "sentence_bert_config.json"), { size: 128, overlap: 16 });
   const id = { name: "all-MiniLM-L6-v2-int8", dim: embedder.dim, hash: embedder.identity };
   const kb = new lorag.KnowledgeBase(id, { tail_threshold: 16 });
