@@ -137,6 +137,17 @@ pub enum Error {
     /// No document or chunk has this id.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The prompt (or prompt + answer) does not fit the context.
+    #[error("{tokens} tokens do not fit in a context of {context}")]
+    ContextOverflow {
+        /// Tokens that would be needed.
+        tokens: usize,
+        /// The context size.
+        context: usize,
+    },
+    /// A chat template failed to compile or render (syntax, a raised exception, a fuel or size limit).
+    #[error("chat template: {0}")]
+    Template(String),
 }
 
 impl Error {
@@ -164,6 +175,8 @@ impl Error {
             Error::InvalidQuery(_) => "InvalidQuery",
             Error::DuplicateId(_) => "DuplicateId",
             Error::NotFound(_) => "NotFound",
+            Error::ContextOverflow { .. } => "ContextOverflow",
+            Error::Template(_) => "Template",
         }
     }
 }

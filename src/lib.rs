@@ -12,6 +12,8 @@
 //! - [`Embedder`]: texts → unit vectors (a sentence-transformers ONNX model run by tract).
 //! - [`KnowledgeBase`]: chunks + vectors → an updatable hybrid index (HNSW segments + exact tail + BM25),
 //!   searched with filters, fusion and MMR, saved as one validated knowledge pack.
+//! - [`llm`]: a quantized GGUF language model (llama family, Qwen2) with its tokenizer and chat template, run on
+//!   the CPU; greedy or sampled generation, streamed.
 //!
 //! Untrusted input never panics: every failure is an [`Error`], and sizes are checked against
 //! [`Limits`] before work starts.
@@ -25,6 +27,8 @@ pub mod eval;
 pub mod index;
 pub mod ingest;
 mod limits;
+#[cfg(feature = "llm")]
+pub mod llm;
 #[cfg(feature = "tokenizer")]
 mod wordpiece;
 

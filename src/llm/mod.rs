@@ -1,0 +1,395 @@
+//! The generator: a quantized GGUF language model run on the CPU (wasm simd128 or native SIMD), with its own
+//! tokenizer and chat template read from the file.
+//!
+//! ```no_run
+//! # fn main() -> lorag::Result<()> {
+//! use lorag::llm::{GenerateOptions, Model, SamplerConfig};
+//! let model = Model::from_bytes(std::fs::read("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap())?;
+//! let prompt = model.encode("The capital of France is", false)?;
+//! let opts = GenerateOptions { max_tokens: 10, sampler: SamplerConfig::greedy(), ..Default::default() };
+//! let out = model.generate(&prompt, &opts, &mut |ev| {
+//!     print!("{}", ev.text);
+//!     true
+//! })?;
+//! assert_eq!(out.ids.len(), 10);
+//! # Ok(()) }
+//! ```
+
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod sampler;
+pub mod template;
+pub mod tokenizer;
+
+pub use gguf::{Gguf, GgufLimits};
+pub use model::{Arch, KvCache, ModelConfig, Weights};
+pub use sampler::{Sampler, SamplerConfig};
+pub use template::{Builtin, ChatTemplate, Message, TemplateLimits};
+pub use tokenizer::GgufTokenizer;
+
+use crate::{Error, Limits, Result};
+
+/// A loaded model: the file's bytes (one copy; weights are read from it in place), its configuration, tokenizer
+/// and chat template.
+pub struct Model {
+    data: Vec<u8>,
+    /// Weights and configuration.
+    pub weights: Weights,
+    /// The tokenizer from the file's metadata.
+    pub tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+    /// Whether the chat template came from the file (`false`: the built-in fallback for the architecture).
+    pub template_from_file: bool,
+    /// `general.name`, when present.
+    pub name: Option<String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("config", &self.weights.cfg)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Context size (KV cache) in tokens; the prompt plus the answer must fit. 0 = the prompt + `max_tokens`,
+    /// capped at the model's training context.
+    pub context: usize,
+    /// Sampling.
+    pub sampler: SamplerConfig,
+    /// Generation stops before any of these strings; they are not part of the answer.
+    pub stop: Vec<String>,
+    /// Tokens per prefill batch (matrix × matrix).
+    pub batch: usize,
+    /// How many of the first step's most likely tokens to report (0 = none).
+    pub top_logits: usize,
+    /// Keep going past end-of-sequence / end-of-turn tokens (benchmarks: a fixed number of tokens).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            context: 0,
+            sampler: SamplerConfig::default(),
+            stop: Vec::new(),
+            batch: 64,
+            top_logits: 0,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// One generated token, as it is streamed.
+#[derive(Debug, Clone)]
+pub struct TokenEvent<'a> {
+    /// Token id; `None` for the last event, which flushes text held back (a possible stop string that did not
+    /// complete, or the end of a character).
+    pub id: Option<u32>,
+    /// Text that became complete with this token (may be empty mid-character, or held back while it could be
+    /// the start of a stop string).
+    pub text: &'a str,
+    /// Index of the token in the answer.
+    pub index: usize,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "value")]
+pub enum StopReason {
+    /// The model produced its end-of-sequence or end-of-turn token.
+    Eos,
+    /// A stop string appeared (it is cut from the text).
+    Stop(String),
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The callback asked to stop.
+    Aborted,
+}
+
+/// The result of [`Model::generate`].
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Generation {
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Generated ids (an end token, when one ended the answer, included).
+    pub ids: Vec<u32>,
+    /// Generated text (stop strings and end tokens cut).
+    pub text: String,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+    /// The first step's most likely tokens: (id, logit), when asked for.
+    pub top_logits: Vec<(u32, f32)>,
+    /// Prompt processing time, milliseconds.
+    pub prefill_ms: f64,
+    /// Decoding time (after the first token), milliseconds.
+    pub decode_ms: f64,
+}
+
+impl Generation {
+    /// Prompt tokens per second.
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_ids.len() as f64 / (self.prefill_ms / 1e3)
+    }
+    /// Generated tokens per second (after the first).
+    pub fn decode_tok_s(&self) -> f64 {
+        (self.ids.len().saturating_sub(1)) as f64 / (self.decode_ms / 1e3)
+    }
+}
+
+/// Milliseconds from an arbitrary origin (wasm has no `Instant`).
+pub fn now_ms() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now()
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<std::time::Instant> = OnceLock::new();
+        T0.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1e3
+    }
+}
+
+impl Model {
+    /// Load from the GGUF file's bytes, with the default [`Limits`].
+    pub fn from_bytes(data: Vec<u8>) -> Result<Model> {
+        Model::from_bytes_with_limits(data, &Limits::default())
+    }
+
+    /// Load from the GGUF file's bytes. The bytes are kept (weights stay quantized, read in place).
+    pub fn from_bytes_with_limits(data: Vec<u8>, limits: &Limits) -> Result<Model> {
+        Limits::check("model bytes", data.len(), limits.max_model_bytes)?;
+        let g = Gguf::parse(&data, GgufLimits::default())?;
+        let weights = Weights::from_gguf(&g, &data)?;
+        let tokenizer = GgufTokenizer::from_gguf(&g)?;
+        if tokenizer.vocab_len() != weights.cfg.n_vocab {
+            return Err(Error::Model {
+                file: "model.gguf",
+                detail: format!(
+                    "the vocabulary has {} tokens but token_embd.weight has {} rows",
+                    tokenizer.vocab_len(),
+                    weights.cfg.n_vocab
+                ),
+            });
+        }
+        let tok = |id: Option<u32>| id.map_or("", |i| tokenizer.token_str(i)).to_owned();
+        let (bos, eos) = (tok(tokenizer.bos), tok(tokenizer.eos));
+        let builtin = match weights.cfg.arch {
+            Arch::Qwen2 => Builtin::ChatMl,
+            Arch::Llama if tokenizer.token_id("<|start_header_id|>").is_some() => Builtin::Llama3,
+            Arch::Llama if tokenizer.token_id("<|im_start|>").is_some() => Builtin::ChatMl,
+            Arch::Llama => Builtin::Llama2,
+        };
+        let (template, template_from_file) = match g.str("tokenizer.chat_template")? {
+            Some(src) => (
+                ChatTemplate::new(src, &bos, &eos, TemplateLimits::default())
+                    .map_err(|e| Error::Template(e.to_string()))?,
+                true,
+            ),
+            None => (ChatTemplate::builtin(builtin, &bos, &eos), false),
+        };
+        let name = g.str("general.name")?.map(str::to_owned);
+        Ok(Model {
+            data,
+            weights,
+            tokenizer,
+            template,
+            template_from_file,
+            name,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.cfg
+    }
+
+    /// Bytes of the model file held in memory.
+    pub fn file_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Token ids of `text`, with BOS first when the model asks for it. `parse_special`: see
+    /// [`GgufTokenizer::encode`].
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(b)) = (self.tokenizer.add_bos, self.tokenizer.bos) {
+            ids.push(b);
+        }
+        let body = self.tokenizer.encode(text, parse_special)?;
+        if !ids.is_empty() && body.first() == ids.first() {
+            return Ok(body);
+        }
+        ids.extend(body);
+        Ok(ids)
+    }
+
+    /// The chat template applied to `messages` (with the assistant turn opened), as text.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        self.template
+            .render(messages, true)
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// The chat template applied to `messages`, tokenized (control tokens parsed).
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages)?;
+        self.encode(&text, true)
+    }
+
+    /// A fresh KV cache for `n_ctx` tokens.
+    pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache> {
+        KvCache::new(&self.weights, n_ctx)
+    }
+
+    /// Logits after running `tokens` through the model in `cache` (last token only, or all).
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
+        self.weights.forward(&self.data, cache, tokens, all)
+    }
+
+    /// Generate an answer to `prompt` (token ids) in a fresh cache. `on_token` sees each token as it comes and
+    /// returns `false` to stop (the result then says [`StopReason::Aborted`]).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidQuery("the prompt has no tokens".into()));
+        }
+        let mut sampler = Sampler::new(opts.sampler)?;
+        if opts.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::Config("a stop string is empty".into()));
+        }
+        let n_ctx = if opts.context == 0 {
+            (prompt.len() + opts.max_tokens).min(self.weights.cfg.n_ctx_train.max(prompt.len()))
+        } else {
+            opts.context
+        };
+        if prompt.len() > n_ctx {
+            return Err(Error::ContextOverflow {
+                tokens: prompt.len(),
+                context: n_ctx,
+            });
+        }
+        let mut cache = self.new_cache(n_ctx)?;
+        let batch = opts.batch.max(1);
+        let t0 = now_ms();
+        let mut logits = Vec::new();
+        for part in prompt.chunks(batch) {
+            logits = self.forward(&mut cache, part, false)?;
+        }
+        let prefill_ms = now_ms() - t0;
+        let top_logits = sampler::top_k(&logits, opts.top_logits);
+        let mut history = prompt.to_vec();
+        let mut ids = Vec::new();
+        let mut text = String::new();
+        let mut emitted = 0usize;
+        let mut utf8 = tokenizer::Utf8Stream::default();
+        let max_stop = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut t_first = None;
+        let stop_reason = loop {
+            if opts.max_tokens == 0 {
+                break StopReason::MaxTokens;
+            }
+            let id = sampler.sample(&mut logits, &history);
+            ids.push(id);
+            history.push(id);
+            t_first.get_or_insert_with(now_ms);
+            if self.tokenizer.is_end(id) && !opts.ignore_eos {
+                break StopReason::Eos;
+            }
+            text.push_str(&utf8.push(self.tokenizer.token_bytes(id)));
+            // A stop string anywhere in the new part of the text ends the answer before it.
+            let from = emitted.saturating_sub(max_stop);
+            let hit = opts
+                .stop
+                .iter()
+                .filter_map(|s| {
+                    text[from..]
+                        .find(s.as_str())
+                        .map(|at| (from + at, s.clone()))
+                })
+                .min();
+            if let Some((at, s)) = hit {
+                text.truncate(at);
+                let ev = TokenEvent {
+                    id: Some(id),
+                    text: &text[emitted.min(at)..],
+                    index: ids.len() - 1,
+                };
+                on_token(&ev);
+                emitted = text.len();
+                break StopReason::Stop(s);
+            }
+            // Hold back a tail that could still become a stop string.
+            let mut safe = text.len();
+            for s in &opts.stop {
+                for l in (1..s.len()).rev() {
+                    if text.len() >= l
+                        && text.is_char_boundary(text.len() - l)
+                        && s.as_bytes().starts_with(&text.as_bytes()[text.len() - l..])
+                    {
+                        safe = safe.min(text.len() - l);
+                        break;
+                    }
+                }
+            }
+            let safe = safe.max(emitted);
+            let ev = TokenEvent {
+                id: Some(id),
+                text: &text[emitted..safe],
+                index: ids.len() - 1,
+            };
+            emitted = safe;
+            if !on_token(&ev) {
+                break StopReason::Aborted;
+            }
+            if ids.len() >= opts.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if cache.len >= cache.n_ctx() {
+                break StopReason::ContextFull;
+            }
+            logits = self.forward(&mut cache, &[id], false)?;
+        };
+        if !matches!(stop_reason, StopReason::Stop(_)) {
+            text.push_str(&utf8.finish());
+        }
+        if emitted < text.len() && stop_reason != StopReason::Aborted {
+            on_token(&TokenEvent {
+                id: None,
+                text: &text[emitted..],
+                index: ids.len(),
+            });
+        }
+        let decode_ms = t_first.map_or(0.0, |t| now_ms() - t);
+        Ok(Generation {
+            prompt_ids: prompt.to_vec(),
+            ids,
+            text,
+            stop_reason,
+            top_logits,
+            prefill_ms,
+            decode_ms,
+        })
+    }
+}

@@ -1,0 +1,462 @@
+//! The generator against the independent reference (../shared/reference/smollm2_135m_q4_1.json: a float64 numpy
+//! forward over the same GGUF weights), natively and in wasm (both must give the reference tokens, so they agree
+//! with each other token for token); hostile GGUF files, prompts, settings and chat templates.
+
+mod common;
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+use lorag::llm::gguf::GgufWriter;
+use lorag::llm::quant::GgmlType;
+use lorag::llm::{GenerateOptions, Message, Model, SamplerConfig, StopReason};
+use lorag::Error;
+
+const SMOLLM: &[u8] =
+    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+const REFERENCE: &str = include_str!("../../shared/reference/smollm2_135m_q4_1.json");
+
+fn smollm() -> Model {
+    Model::from_bytes(SMOLLM.to_vec()).expect("SmolLM2 loads")
+}
+
+fn case(name: &str) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_str(REFERENCE).unwrap();
+    r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["case"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig::greedy(),
+        top_logits: 5,
+        ..Default::default()
+    }
+}
+
+fn check_top5(got: &[(u32, f32)], want: &serde_json::Value) {
+    let want = want.as_array().unwrap();
+    assert_eq!(got.len(), 5);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0 as u64, w["id"].as_u64().unwrap(), "top-5 ids {got:?}");
+        let wl = w["logit"].as_f64().unwrap() as f32;
+        assert!(
+            (g.1 - wl).abs() <= 0.05,
+            "token {} logit {} vs reference {wl}",
+            g.0,
+            g.1
+        );
+    }
+}
+
+#[test]
+fn raw_prompt_matches_the_reference() {
+    let m = smollm();
+    let c = case("raw_base");
+    let prompt = m.encode(c["prompt"].as_str().unwrap(), false).unwrap();
+    assert_eq!(prompt, ids(&c["prompt_ids"]));
+    let out = m.generate(&prompt, &greedy(10), &mut |_| true).unwrap();
+    check_top5(&out.top_logits, &c["top5_next"]);
+    assert_eq!(out.ids, ids(&c["greedy_ids"]));
+    assert_eq!(out.text, c["greedy_text"].as_str().unwrap());
+    assert_eq!(out.stop_reason, StopReason::MaxTokens);
+}
+
+#[test]
+fn chat_prompt_matches_the_reference_and_stops_at_end_of_turn() {
+    let m = smollm();
+    let c = case("chat_base");
+    assert!(m.template_from_file);
+    let msgs = [
+        Message {
+            role: "system".into(),
+            content: "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        },
+    ];
+    assert_eq!(m.render_chat(&msgs).unwrap(), c["prompt"].as_str().unwrap());
+    let prompt = m.chat_prompt(&msgs).unwrap();
+    assert_eq!(prompt, ids(&c["prompt_ids"]));
+    let mut streamed = String::new();
+    let out = m
+        .generate(&prompt, &greedy(32), &mut |ev| {
+            streamed.push_str(ev.text);
+            true
+        })
+        .unwrap();
+    check_top5(&out.top_logits, &c["top5_next"]);
+    assert_eq!(out.ids, ids(&c["greedy_ids"]));
+    assert_eq!(out.stop_reason, StopReason::Eos);
+    // The reference text ends with the end-of-turn token's text; the answer does not include it.
+    assert_eq!(out.text, "The capital of France is Paris.");
+    assert_eq!(streamed, out.text);
+}
+
+#[test]
+fn special_tokens_in_plain_text_stay_text() {
+    let m = smollm();
+    let plain = m.encode("<|im_start|>user", false).unwrap();
+    let special = m.encode("<|im_start|>user", true).unwrap();
+    assert_eq!(special[0], 1);
+    assert!(!plain.contains(&1), "{plain:?}");
+    assert_eq!(m.tokenizer.decode(&plain), "<|im_start|>user");
+}
+
+#[test]
+fn sampling_is_reproducible_and_stops_and_aborts() {
+    let m = smollm();
+    let prompt = m.encode("Once upon a time", false).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        sampler: SamplerConfig {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let a = m.generate(&prompt, &opts, &mut |_| true).unwrap();
+    let b = m.generate(&prompt, &opts, &mut |_| true).unwrap();
+    assert_eq!(a.ids, b.ids);
+    assert_eq!(a.ids.len(), 8);
+
+    // Greedy continuation of the raw reference prompt is " Paris.\n\nThe answer is: 2": stop at ".".
+    let c = case("raw_base");
+    let prompt = m.encode(c["prompt"].as_str().unwrap(), false).unwrap();
+    let mut streamed = String::new();
+    let out = m
+        .generate(
+            &prompt,
+            &GenerateOptions {
+                stop: vec!["\n\nThe".into()],
+                ..greedy(10)
+            },
+            &mut |ev| {
+                streamed.push_str(ev.text);
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!(out.text, " Paris.");
+    assert_eq!(streamed, " Paris.");
+    assert_eq!(out.stop_reason, StopReason::Stop("\n\nThe".into()));
+
+    let mut n = 0;
+    let out = m
+        .generate(&prompt, &greedy(10), &mut |_| {
+            n += 1;
+            n < 3
+        })
+        .unwrap();
+    assert_eq!(out.stop_reason, StopReason::Aborted);
+    assert_eq!(out.ids.len(), 3);
+}
+
+#[test]
+fn bad_requests_are_typed_errors() {
+    let m = smollm();
+    let prompt = m.encode("The capital of France is", false).unwrap();
+    let e = m
+        .generate(
+            &prompt,
+            &GenerateOptions {
+                context: 3,
+                ..greedy(4)
+            },
+            &mut |_| true,
+        )
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::ContextOverflow {
+            tokens: 5,
+            context: 3
+        }
+    );
+    // A full context ends the answer; it never runs past the cache.
+    let out = m
+        .generate(
+            &prompt,
+            &GenerateOptions {
+                context: 7,
+                ..greedy(10)
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(out.stop_reason, StopReason::ContextFull);
+    assert_eq!(out.ids.len(), 3);
+    for t in [0.0, f32::NAN, -1.0] {
+        let e = m
+            .generate(
+                &prompt,
+                &GenerateOptions {
+                    sampler: SamplerConfig {
+                        temperature: t,
+                        ..Default::default()
+                    },
+                    ..greedy(2)
+                },
+                &mut |_| true,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{t}: {e}");
+    }
+    let e = m.generate(&[], &greedy(2), &mut |_| true).unwrap_err();
+    assert!(matches!(e, Error::InvalidQuery(_)));
+    let mut cache = m.new_cache(8).unwrap();
+    let e = m.forward(&mut cache, &[49_152], false).unwrap_err();
+    assert!(matches!(e, Error::InvalidQuery(_)), "{e}");
+}
+
+// ---- A tiny generated model: every truncation, hostile headers, hostile templates ----
+
+/// A byte-level vocabulary (the 256 byte characters, two merges, three control tokens) and a 2-layer llama
+/// with F32/F16 weights of random values.
+fn tiny(edit: impl FnOnce(&mut GgufWriter, &mut Tensors)) -> Vec<u8> {
+    tiny_t(CHATML, edit)
+}
+
+type Tensors = Vec<(&'static str, Vec<u64>, GgmlType)>;
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+fn tiny_t(template: &str, edit: impl FnOnce(&mut GgufWriter, &mut Tensors)) -> Vec<u8> {
+    let mut rng = common::Rng(7);
+    let mut tokens: Vec<String> = Vec::new();
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        tokens.push(if printable {
+            char::from_u32(b).unwrap().to_string()
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap().to_string()
+        });
+    }
+    tokens.extend(["Ġt", "Ġth", "<|im_start|>", "<|im_end|>", "<|endoftext|>"].map(String::from));
+    let n_vocab = tokens.len() as u64;
+    let mut types = vec![1i32; tokens.len()];
+    types[tokens.len() - 3..].fill(3);
+    let mut w = GgufWriter::new();
+    w.str("general.architecture", "llama")
+        .str("general.type", "model")
+        .u32("llama.block_count", 2)
+        .u32("llama.context_length", 64)
+        .u32("llama.embedding_length", 32)
+        .u32("llama.feed_forward_length", 64)
+        .u32("llama.attention.head_count", 4)
+        .u32("llama.attention.head_count_kv", 2)
+        .f32("llama.rope.freq_base", 10000.0)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .str("tokenizer.ggml.model", "gpt2")
+        .str("tokenizer.ggml.pre", "smollm")
+        .str_array(
+            "tokenizer.ggml.tokens",
+            &tokens.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        )
+        .i32_array("tokenizer.ggml.token_type", &types)
+        .str_array("tokenizer.ggml.merges", &["Ġ t", "Ġt h"])
+        .u32("tokenizer.ggml.bos_token_id", n_vocab as u32 - 3)
+        .u32("tokenizer.ggml.eos_token_id", n_vocab as u32 - 2)
+        .bool("tokenizer.ggml.add_bos_token", false)
+        .str("tokenizer.chat_template", template);
+    let mut tensors: Tensors = vec![
+        ("token_embd.weight", vec![32, n_vocab], GgmlType::F16),
+        ("output_norm.weight", vec![32], GgmlType::F32),
+    ];
+    for l in 0..2 {
+        let names: [(&str, Vec<u64>); 9] = [
+            ("attn_norm.weight", vec![32]),
+            ("attn_q.weight", vec![32, 32]),
+            ("attn_k.weight", vec![32, 16]),
+            ("attn_v.weight", vec![32, 16]),
+            ("attn_output.weight", vec![32, 32]),
+            ("ffn_norm.weight", vec![32]),
+            ("ffn_gate.weight", vec![32, 64]),
+            ("ffn_up.weight", vec![32, 64]),
+            ("ffn_down.weight", vec![64, 32]),
+        ];
+        for (s, d) in names {
+            let name: &'static str = Box::leak(format!("blk.{l}.{s}").into_boxed_str());
+            tensors.push((name, d, GgmlType::F32));
+        }
+    }
+    edit(&mut w, &mut tensors);
+    for (name, dims, ty) in &tensors {
+        let n: u64 = dims.iter().product();
+        let mut data = Vec::new();
+        for _ in 0..n {
+            let x = (rng.below(2001) as f32 - 1000.0) / 4000.0;
+            let x = if name.contains("norm") { 1.0 + x } else { x };
+            match ty {
+                GgmlType::F16 => data.extend(lorag::llm::quant::f32_to_f16(x).to_le_bytes()),
+                _ => data.extend(x.to_le_bytes()),
+            }
+        }
+        w.tensor(name, dims, *ty, data);
+    }
+    w.to_bytes()
+}
+
+fn load_err(bytes: Vec<u8>) -> String {
+    match Model::from_bytes(bytes) {
+        Ok(_) => panic!("a bad file loaded"),
+        Err(e) => {
+            assert!(
+                matches!(e, Error::Model { .. } | Error::Template(_)),
+                "{e:?}"
+            );
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn the_tiny_model_runs_and_every_truncation_is_refused() {
+    let file = tiny(|_, _| {});
+    let m = Model::from_bytes(file.clone()).unwrap();
+    let prompt = m
+        .chat_prompt(&[Message {
+            role: "user".into(),
+            content: "say the 3 tests".into(),
+        }])
+        .unwrap();
+    assert_eq!(prompt[0], 258, "<|im_start|> parsed as its control token");
+    assert!(
+        prompt.contains(&257),
+        "the merge Ġt + h gives Ġth: {prompt:?}"
+    );
+    let out = m.generate(&prompt, &greedy(5), &mut |_| true).unwrap();
+    assert!(!out.ids.is_empty());
+    // Batched prefill and one-at-a-time decoding compute the same logits.
+    let mut c1 = m.new_cache(64).unwrap();
+    let all = m.forward(&mut c1, &prompt, true).unwrap();
+    let mut c2 = m.new_cache(64).unwrap();
+    let nv = m.config().n_vocab;
+    for (i, &t) in prompt.iter().enumerate() {
+        let one = m.forward(&mut c2, &[t], false).unwrap();
+        for (a, b) in one.iter().zip(&all[i * nv..(i + 1) * nv]) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "position {i}: {a} vs {b}"
+            );
+        }
+    }
+    for len in 0..file.len() {
+        load_err(file[..len].to_vec());
+    }
+}
+
+fn header_with(kv: impl FnOnce(&mut GgufWriter)) -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    w.str("general.architecture", "llama");
+    kv(&mut w);
+    w.to_bytes()
+}
+
+#[test]
+fn hostile_headers_are_refused_before_allocating() {
+    // A string claiming 2^40 bytes.
+    let e = load_err(header_with(|w| {
+        w.raw("x", 8, (1u64 << 40).to_le_bytes().to_vec());
+    }));
+    assert!(e.contains("over the cap"), "{e}");
+    // An array claiming 2^31 elements.
+    let mut arr = 4u32.to_le_bytes().to_vec();
+    arr.extend((1u64 << 31).to_le_bytes());
+    let e = load_err(header_with(|w| {
+        w.raw("x", 9, arr);
+    }));
+    assert!(e.contains("over the cap"), "{e}");
+    // An array claiming more elements than the bytes left can hold.
+    let mut arr = 10u32.to_le_bytes().to_vec();
+    arr.extend(1000u64.to_le_bytes());
+    let e = load_err(header_with(|w| {
+        w.raw("x", 9, arr);
+    }));
+    assert!(e.contains("truncated"), "{e}");
+    let e = load_err(header_with(|w| {
+        w.u32("general.alignment", 0);
+    }));
+    assert!(e.contains("alignment"), "{e}");
+    let e = load_err(header_with(|w| {
+        w.raw("x", 77, vec![0; 8]);
+    }));
+    assert!(e.contains("unknown metadata value type"), "{e}");
+
+    let e = load_err(tiny(|_, t| t[0].1 = vec![32, 1, 1, 1, 1]));
+    assert!(e.contains("dimensions"), "{e}");
+    let e = load_err(tiny(|_, t| t[1].2 = GgmlType::Q4_K));
+    assert!(e.contains("multiple of"), "{e}");
+    let e = load_err(tiny(|w, _| {
+        w.u32("llama.attention.head_count", 0);
+    }));
+    assert!(e.contains("head_count"), "{e}");
+    let e = load_err(tiny(|_, t| t[0].1 = vec![32, 200]));
+    assert!(e.contains("vocabulary"), "{e}");
+    let e = load_err(tiny(|_, t| t.retain(|x| x.0 != "blk.1.ffn_up.weight")));
+    assert!(e.contains("blk.1.ffn_up.weight is missing"), "{e}");
+
+    // Tensor offsets: past the end, misaligned, overlapping (patched into a valid file's tensor table).
+    let file = tiny(|_, _| {});
+    let g = lorag::llm::Gguf::parse(&file, Default::default()).unwrap();
+    let name = b"output_norm.weight";
+    let at = file.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // name | n_dims u32 | dims u64… | type u32 | offset u64
+    let off_at = at + 4 + 8 + 4;
+    let patch = |v: u64| {
+        let mut f = file.clone();
+        f[off_at..off_at + 8].copy_from_slice(&v.to_le_bytes());
+        f
+    };
+    let data_len = (file.len() - g.data_start) as u64;
+    assert!(load_err(patch(data_len + 32)).contains("truncated"));
+    assert!(load_err(patch(1)).contains("aligned"));
+    assert!(load_err(patch(0)).contains("overlap"));
+    // An unknown quantization type.
+    let mut f = file.clone();
+    f[off_at - 4..off_at].copy_from_slice(&99u32.to_le_bytes());
+    assert!(load_err(f).contains("type 99"));
+}
+
+#[test]
+fn hostile_chat_templates_hit_the_limits() {
+    for (src, what) in [
+        ("{% for i in range(100000000) %}x{% endfor %}", "a loop that never ends"),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+            "megabytes of output",
+        ),
+        ("{{ raise_exception('no system role') }}", "a raised exception"),
+    ] {
+        let m = Model::from_bytes(tiny_t(src, |_, _| {}))
+            .expect("a template that only fails when rendered loads");
+        let e = m
+            .chat_prompt(&[Message {
+                role: "user".into(),
+                content: "hi".into(),
+            }])
+            .unwrap_err();
+        assert!(matches!(e, Error::Template(_)), "{what}: {e}");
+    }
+    let e = load_err(tiny_t("{% for %}", |_, _| {}));
+    assert!(e.contains("template"), "{e}");
+}
