@@ -474,3 +474,91 @@ fn doc_info(doc: JsValue) -> Result<crate::DocInfo, JsValue> {
     serde_wasm_bindgen::from_value(doc)
         .map_err(|e| js_error(Error::InvalidDocument(format!("document: {e}"))))
 }
+
+/// A GGUF language model (the generator).
+#[cfg(feature = "llm")]
+#[wasm_bindgen(js_name = Generator)]
+pub struct JsGenerator {
+    inner: crate::llm::Model,
+}
+
+#[cfg(feature = "llm")]
+#[wasm_bindgen(js_class = Generator)]
+impl JsGenerator {
+    /// Load a GGUF model. The bytes are copied once into wasm memory and the weights read from there in place
+    /// (the caller's copy can be dropped).
+    #[wasm_bindgen(constructor)]
+    pub fn new(bytes: Vec<u8>) -> Result<JsGenerator, JsValue> {
+        crate::llm::Model::from_bytes(bytes)
+            .map(|inner| JsGenerator { inner })
+            .map_err(js_error)
+    }
+
+    /// Configuration (architecture, layers, heads, vocabulary, …) and name.
+    #[wasm_bindgen(getter)]
+    pub fn info(&self) -> Result<JsValue, JsValue> {
+        to_js(&serde_json::json!({
+            "name": self.inner.name,
+            "config": self.inner.config(),
+            "fileBytes": self.inner.file_bytes(),
+            "templateFromFile": self.inner.template_from_file,
+        }))
+    }
+
+    /// Token ids of `text` (BOS first when the model wants it); `parseSpecial` turns `<|im_start|>` written in
+    /// the text into its control token.
+    pub fn encode(&self, text: &str, parse_special: Option<bool>) -> Result<Vec<u32>, JsValue> {
+        self.inner
+            .encode(text, parse_special.unwrap_or(false))
+            .map_err(js_error)
+    }
+
+    /// Text of token ids.
+    pub fn decode(&self, ids: Vec<u32>) -> String {
+        self.inner.tokenizer.decode(&ids)
+    }
+
+    /// The chat template applied to `[{role, content}, …]` with the assistant turn opened, as token ids.
+    #[wasm_bindgen(js_name = chatPrompt)]
+    pub fn chat_prompt(&self, messages: JsValue) -> Result<Vec<u32>, JsValue> {
+        let msgs: Vec<crate::llm::Message> = serde_wasm_bindgen::from_value(messages)
+            .map_err(|e| js_error(Error::Config(format!("messages: {e}"))))?;
+        self.inner.chat_prompt(&msgs).map_err(js_error)
+    }
+
+    /// Generate from prompt ids. `options`: `{maxTokens, context, sampler: {greedy, temperature, topK, topP, minP,
+    /// repeatPenalty, presencePenalty, frequencyPenalty, repeatLastN, seed}, stop, batch, topLogits}`.
+    /// `onToken({id, text, index})` is called for each token; returning `false` stops generation.
+    /// Returns `{promptIds, ids, text, stopReason, topLogits, prefillMs, decodeMs}`.
+    pub fn generate(
+        &self,
+        prompt: Vec<u32>,
+        options: JsValue,
+        on_token: Option<js_sys::Function>,
+    ) -> Result<JsValue, JsValue> {
+        let opts: crate::llm::GenerateOptions = from_js(options)?;
+        let mut thrown = None;
+        let out = self
+            .inner
+            .generate(&prompt, &opts, &mut |ev| {
+                let Some(f) = &on_token else { return true };
+                let o = js_sys::Object::new();
+                let id = ev.id.map_or(JsValue::NULL, JsValue::from);
+                let _ = js_sys::Reflect::set(&o, &"id".into(), &id);
+                let _ = js_sys::Reflect::set(&o, &"text".into(), &ev.text.into());
+                let _ = js_sys::Reflect::set(&o, &"index".into(), &(ev.index as u32).into());
+                match f.call1(&JsValue::NULL, &o) {
+                    Ok(v) => v.as_bool() != Some(false),
+                    Err(e) => {
+                        thrown = Some(e);
+                        false
+                    }
+                }
+            })
+            .map_err(js_error)?;
+        if let Some(e) = thrown {
+            return Err(e);
+        }
+        to_js(&out)
+    }
+}

@@ -160,6 +160,63 @@ enum Command {
     /// Evaluate retrieval.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Generate text with a GGUF language model (streamed to stdout, timings to stderr).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The GGUF model file.
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// The prompt (with --chat: the user message).
+    #[arg(short, long)]
+    prompt: String,
+    /// Apply the model's chat template (a user turn, the assistant turn opened).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Greedy decoding (argmax).
+    #[arg(long)]
+    greedy: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Stop strings.
+    #[arg(long = "stop", value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Context size in tokens (0: prompt + max tokens).
+    #[arg(long, default_value_t = 0)]
+    context: usize,
+    /// Treat control tokens written in a raw prompt (<|im_start|>) as those tokens.
+    #[arg(long)]
+    parse_special: bool,
+    /// Do not stop at end-of-sequence tokens (benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print JSON: prompt ids, the first step's top-5, generated ids and text, timings.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -966,6 +1023,7 @@ fn main() -> ExitCode {
                 json,
             )
         })(),
+        Command::Generate(args) => run_generate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1104,4 +1162,98 @@ fn truncate(s: &str, n: usize) -> String {
         t.push('…');
         t
     }
+}
+
+fn default_generator() -> PathBuf {
+    PathBuf::from("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn run_generate(a: &GenerateArgs) -> Result<(), String> {
+    use lorag::llm::{GenerateOptions, Message, Model, SamplerConfig};
+    use std::io::Write;
+    let path = a.model.clone().unwrap_or_else(default_generator);
+    let t0 = std::time::Instant::now();
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        model.chat_prompt(&msgs)
+    } else {
+        model.encode(&a.prompt, a.parse_special)
+    }
+    .map_err(|e| e.to_string())?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        context: a.context,
+        sampler: SamplerConfig {
+            greedy: a.greedy,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..Default::default()
+        },
+        stop: a.stop.clone(),
+        top_logits: 5,
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
+    let json = a.json;
+    let out = model
+        .generate(&prompt, &opts, &mut |ev| {
+            if !json {
+                print!("{}", ev.text);
+                let _ = std::io::stdout().flush();
+            }
+            true
+        })
+        .map_err(|e| e.to_string())?;
+    let tok = &model.tokenizer;
+    if json {
+        let top: Vec<_> = out
+            .top_logits
+            .iter()
+            .map(|&(id, logit)| serde_json::json!({"id": id, "token": tok.token_str(id), "logit": logit}))
+            .collect();
+        let v = serde_json::json!({
+            "model": path.display().to_string(),
+            "prompt_ids": out.prompt_ids,
+            "top5_next": top,
+            "generated_ids": out.ids,
+            "text": out.text,
+            "stop_reason": out.stop_reason,
+            "prefill_tok_s": out.prefill_tok_s(),
+            "decode_tok_s": out.decode_tok_s(),
+            "load_ms": load_ms,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; load {:.0} ms; stop: {:?}]",
+            out.prompt_ids.len(),
+            out.ids.len(),
+            out.prefill_tok_s(),
+            out.decode_tok_s(),
+            load_ms,
+            out.stop_reason
+        );
+    }
+    Ok(())
 }
