@@ -2167,6 +2167,10 @@ mod wasm {
 
 #[cfg(test)]
 mod tests {
+    // In wasm the same tests run under wasm-bindgen-test (Node and headless Chromium): the simd128 kernels.
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     /// xorshift64* — deterministic test data without dependencies.

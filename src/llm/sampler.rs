@@ -270,6 +270,10 @@ pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 #[cfg(test)]
 mod tests {
+    // In wasm the same tests run under wasm-bindgen-test (Node and headless Chromium): the simd128 kernels.
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     #[test]
