@@ -241,6 +241,20 @@ impl Model {
         Ok(ids)
     }
 
+    /// `text` with every control-token string in it (`<|im_start|>`, `<|eot_id|>`, …) broken up by a zero-width
+    /// space after its first character, so that text from documents or users cannot act as a control token when
+    /// it is placed inside a chat template whose output is tokenized with specials parsed.
+    pub fn neutralize_special(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in self.tokenizer.control_strings() {
+            if out.contains(s) {
+                let first = s.chars().next().map_or(0, char::len_utf8);
+                out = out.replace(s, &format!("{}\u{200B}{}", &s[..first], &s[first..]));
+            }
+        }
+        out
+    }
+
     /// The chat template applied to `messages` (with the assistant turn opened), as text.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
         self.template

@@ -435,15 +435,27 @@ fn add_bias(x: &mut [f32], b: &Option<Vec<f32>>) {
 }
 
 impl Weights {
-    fn rope(&self, x: &mut [f32], n_heads: usize, pos: usize) {
+    /// cos/sin of every rotation angle for positions `p0..p0 + n` (`n × rope_dim/2` pairs), computed in f64 once
+    /// per forward pass and shared by all layers and heads.
+    fn rope_table(&self, p0: usize, n: usize) -> Vec<(f32, f32)> {
+        let c = &self.cfg;
+        let mut t = Vec::with_capacity(n * self.inv_freq.len());
+        for i in 0..n {
+            let p = (p0 + i) as f64 * c.rope_pos_scale;
+            for f in &self.inv_freq {
+                let (sin, cos) = (p * f).sin_cos();
+                t.push((cos as f32, sin as f32));
+            }
+        }
+        t
+    }
+
+    fn rope(&self, x: &mut [f32], n_heads: usize, cs: &[(f32, f32)]) {
         let c = &self.cfg;
         let half = c.rope_dim / 2;
-        let p = pos as f64 * c.rope_pos_scale;
         for h in 0..n_heads {
             let head = &mut x[h * c.head_dim..(h + 1) * c.head_dim];
-            for i in 0..half {
-                let (sin, cos) = (p * self.inv_freq[i]).sin_cos();
-                let (sin, cos) = (sin as f32, cos as f32);
+            for (i, &(cos, sin)) in cs.iter().enumerate().take(half) {
                 let (a, b) = if c.rope_neox {
                     (i, i + half)
                 } else {
@@ -503,6 +515,8 @@ impl Weights {
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
         let p0 = cache.len;
+        let half = c.rope_dim / 2;
+        let rope = self.rope_table(p0, n);
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.eps, &mut h);
             l.wq.apply(data, &h, n, &mut q);
@@ -512,8 +526,9 @@ impl Weights {
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
             for i in 0..n {
-                self.rope(&mut q[i * q_dim..(i + 1) * q_dim], c.n_head, p0 + i);
-                self.rope(&mut k[i * kv_dim..(i + 1) * kv_dim], c.n_kv_head, p0 + i);
+                let cs = &rope[i * half..(i + 1) * half];
+                self.rope(&mut q[i * q_dim..(i + 1) * q_dim], c.n_head, cs);
+                self.rope(&mut k[i * kv_dim..(i + 1) * kv_dim], c.n_kv_head, cs);
                 let at = cache.at(li, p0 + i);
                 cache.k[at..at + kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
                 cache.v[at..at + kv_dim].copy_from_slice(&v[i * kv_dim..(i + 1) * kv_dim]);

@@ -299,6 +299,17 @@ impl GgufTokenizer {
         String::from_utf8_lossy(&b).into_owned()
     }
 
+    /// The texts of the control and user-defined tokens (what special-token parsing matches in text).
+    pub fn control_strings(&self) -> impl Iterator<Item = &str> {
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(t, ty)| {
+                matches!(ty, TokenType::Control | TokenType::UserDefined) && t.chars().count() > 1
+            })
+            .map(|(t, _)| t.as_str())
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.special.token_to_id(token)

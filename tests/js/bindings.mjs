@@ -183,4 +183,43 @@ test("knowledge base: index the examples, search, update, save and reload, refus
   assert.ok(kb.search(q, question, { k: 50 }).every((h) => h.chunk.doc_id !== "faq.txt"));
 });
 
+test("generator: reference tokens, streaming, abort, typed errors", () => {
+  const ref = JSON.parse(readFileSync(new URL("../shared/reference/smollm2_135m_q4_1.json", root)));
+  const raw = ref.results.find((c) => c.case === "raw_base");
+  const chat = ref.results.find((c) => c.case === "chat_base");
+  const gen = new lorag.Generator(read("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  assert.equal(gen.info.config.arch, "llama");
+  const prompt = gen.encode(raw.prompt);
+  assert.deepEqual([...prompt], raw.prompt_ids);
+  let streamed = "";
+  const out = gen.generate(prompt, { maxTokens: 10, sampler: { greedy: true }, topLogits: 5 }, (ev) => {
+    streamed += ev.text;
+  });
+  assert.deepEqual(out.ids, raw.greedy_ids);
+  assert.equal(out.text, raw.greedy_text);
+  assert.equal(streamed, out.text);
+  out.topLogits.forEach(([id, logit], i) => {
+    assert.equal(id, raw.top5_next[i].id);
+    assert.ok(Math.abs(logit - raw.top5_next[i].logit) <= 0.05, `${logit} vs ${raw.top5_next[i].logit}`);
+  });
+  const msgs = [
+    { role: "system", content: "You are a helpful AI assistant named SmolLM, trained by Hugging Face" },
+    { role: "user", content: "What is the capital of France?" },
+  ];
+  const chatIds = gen.chatPrompt(msgs);
+  assert.deepEqual([...chatIds], chat.prompt_ids);
+  const answer = gen.generate(chatIds, { maxTokens: 32, sampler: { greedy: true } });
+  assert.deepEqual(answer.ids, chat.greedy_ids);
+  assert.equal(answer.text, "The capital of France is Paris.");
+  assert.deepEqual(answer.stopReason, { kind: "eos" });
+  // Returning false from the callback stops; an exception in it comes back as that exception.
+  const stopped = gen.generate(prompt, { maxTokens: 10, sampler: { greedy: true } }, (ev) => ev.index < 1);
+  assert.equal(stopped.ids.length, 2);
+  assert.deepEqual(stopped.stopReason, { kind: "aborted" });
+  assert.throws(() => gen.generate(prompt, { maxTokens: 3 }, () => { throw new Error("boom"); }), /boom/);
+  assert.throws(() => gen.generate(prompt, { sampler: { temperature: 0 } }), (e) => e.code === "Config");
+  assert.throws(() => gen.generate(prompt, { context: 2 }), (e) => e.code === "ContextOverflow");
+  assert.throws(() => new lorag.Generator(new Uint8Array([71, 71, 85, 70, 3, 0])), (e) => e.code === "Model");
+});
+
 console.log(`${passed} JS binding tests passed`);
