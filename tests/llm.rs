@@ -460,3 +460,116 @@ fn hostile_chat_templates_hit_the_limits() {
     let e = load_err(tiny_t("{% for %}", |_, _| {}));
     assert!(e.contains("template"), "{e}");
 }
+
+/// The tiny llama rewritten as Qwen2: metadata under `qwen2.*`, q/k rows put back in Hugging Face order (what
+/// llama.cpp's converter permutes for llama but not for Qwen2, which rotates halves: NeoX RoPE), and q/k/v bias
+/// tensors (`bias` gives their values).
+fn tiny_as_qwen2(bias: impl Fn(&str, usize) -> f32) -> Vec<u8> {
+    use lorag::llm::gguf::Value;
+    let src = tiny(|_, _| {});
+    let g = lorag::llm::Gguf::parse(&src, Default::default()).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &g.metadata {
+        let k = k.replace("llama.", "qwen2.");
+        match v {
+            Value::U64(u) => w.u32(&k, *u as u32),
+            Value::F64(f) => w.f32(&k, *f as f32),
+            Value::Bool(b) => w.bool(&k, *b),
+            Value::Str(s) if k == "general.architecture" => w.str(&k, "qwen2"),
+            Value::Str(s) => w.str(&k, s),
+            Value::StrArray(a) => {
+                w.str_array(&k, &a.iter().map(String::as_str).collect::<Vec<_>>())
+            }
+            Value::IntArray(a) => w.i32_array(&k, &a.iter().map(|&x| x as i32).collect::<Vec<_>>()),
+            other => panic!("{other:?}"),
+        };
+    }
+    let hd = 8; // 32 / 4 heads
+    for t in &g.tensors {
+        let mut data = src[t.start..t.start + t.len].to_vec();
+        if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
+            // GGUF row h·hd + 2i + c  ←→  Hugging Face row h·hd + c·hd/2 + i.
+            let (rows, cols) = t.rows_cols();
+            let rb = cols * 4;
+            let mut hf = vec![0u8; data.len()];
+            for r in 0..rows {
+                let (h, j) = (r / hd, r % hd);
+                let (i, c) = (j / 2, j % 2);
+                let to = h * hd + c * hd / 2 + i;
+                hf[to * rb..(to + 1) * rb].copy_from_slice(&data[r * rb..(r + 1) * rb]);
+            }
+            data = hf;
+        }
+        w.tensor(&t.name, &t.dims, t.ty, data);
+    }
+    for l in 0..2 {
+        for (name, n) in [
+            ("attn_q.bias", 32),
+            ("attn_k.bias", 16),
+            ("attn_v.bias", 16),
+        ] {
+            let name = format!("blk.{l}.{name}");
+            let data = (0..n).flat_map(|i| bias(&name, i).to_le_bytes()).collect();
+            w.tensor(&name, &[n as u64], GgmlType::F32, data);
+        }
+    }
+    w.to_bytes()
+}
+
+#[test]
+fn qwen2_neox_rope_and_biases() {
+    let llama = Model::from_bytes(tiny(|_, _| {})).unwrap();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 % 256) as u32).collect();
+    let logits = |m: &Model| {
+        let mut c = m.new_cache(32).unwrap();
+        m.forward(&mut c, &prompt, true).unwrap()
+    };
+    let want = logits(&llama);
+    // Zero biases: rotating halves of Hugging Face-ordered rows is rotating pairs of GGUF-ordered rows, and q·k
+    // is the same sum in another order, so every logit agrees to rounding.
+    let qwen = Model::from_bytes(tiny_as_qwen2(|_, _| 0.0)).unwrap();
+    assert_eq!(qwen.config().arch, lorag::llm::Arch::Qwen2);
+    for (a, b) in logits(&qwen).iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+    }
+    // A bias on v is used: the logits move.
+    let biased = Model::from_bytes(tiny_as_qwen2(|n, i| {
+        if n.contains("attn_v") {
+            0.1 * (i as f32 + 1.0)
+        } else {
+            0.0
+        }
+    }))
+    .unwrap();
+    let moved = logits(&biased)
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved > 1e-3, "a v bias changed nothing");
+    // Biases on q and k: the first position attends only to itself (softmax of one score is 1), so its logits
+    // cannot depend on q or k; later positions' do.
+    let kq = Model::from_bytes(tiny_as_qwen2(|n, i| {
+        if n.contains("attn_v") {
+            0.0
+        } else {
+            0.3 * (i as f32 - 4.0)
+        }
+    }))
+    .unwrap();
+    let got = logits(&kq);
+    let nv = llama.config().n_vocab;
+    for (a, b) in got[..nv].iter().zip(&want[..nv]) {
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "position 0 with q/k biases: {a} vs {b}"
+        );
+    }
+    assert!(
+        got[nv..]
+            .iter()
+            .zip(&want[nv..])
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "q/k biases unused"
+    );
+}
