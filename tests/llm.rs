@@ -573,3 +573,26 @@ fn qwen2_neox_rope_and_biases() {
         "q/k biases unused"
     );
 }
+
+#[test]
+fn decoding_with_int16_activations_stays_on_the_reference() {
+    // Feed each prompt one token at a time: every step takes the decoding path (activations quantized to int16
+    // per 32-element block, integer dot products); the last step's top-5 must still be the reference's.
+    let mut m = smollm();
+    for name in ["raw_base", "chat_base"] {
+        let c = case(name);
+        let prompt = ids(&c["prompt_ids"]);
+        let top = |m: &Model| {
+            let mut cache = m.new_cache(prompt.len()).unwrap();
+            let mut logits = Vec::new();
+            for &t in &prompt {
+                logits = m.forward(&mut cache, &[t], false).unwrap();
+            }
+            lorag::llm::sampler::top_k(&logits, 5)
+        };
+        m.weights.int_acts = true;
+        check_top5(&top(&m), &c["top5_next"]);
+        m.weights.int_acts = false;
+        check_top5(&top(&m), &c["top5_next"]);
+    }
+}

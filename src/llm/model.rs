@@ -81,6 +81,11 @@ impl Mat {
     fn bytes<'a>(&self, data: &'a [u8]) -> &'a [u8] {
         &data[self.start..self.start + self.len]
     }
+    /// `out[r] = W[r] · x` with `x` already quantized to int16 per 32-element block (decoding).
+    pub fn apply_q(&self, data: &[u8], xq: &quant::QuantizedActs, out: &mut [f32]) {
+        quant::matvec_q(self.ty, self.bytes(data), self.rows, self.cols, xq, out);
+    }
+
     /// `out[i*rows + r] = W[r] · xs[i]` for `n` activations.
     pub fn apply(&self, data: &[u8], xs: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(xs.len(), n * self.cols);
@@ -131,6 +136,11 @@ pub struct Weights {
     pub output: Mat,
     /// RoPE inverse frequencies (with `rope_freqs.weight` factors applied when present).
     inv_freq: Vec<f64>,
+    /// Decode one token with integer dot products: each activation vector is quantized once to int16 per
+    /// 32-element block (error ≤ half a step of 1/32767 of the block's largest value) and every quantized weight
+    /// row is dotted with it in i32. On by default (1.5–2× faster decoding); off, decoding uses the f32 dot
+    /// products that prefill uses.
+    pub int_acts: bool,
 }
 
 fn meta_usize(g: &Gguf, key: &str) -> Result<usize> {
@@ -347,7 +357,17 @@ impl Weights {
             output_norm,
             output,
             inv_freq,
+            int_acts: true,
         })
+    }
+
+    /// Integer decoding quantizes activations in 32-element blocks: every input width must be a multiple of 32
+    /// (true of every quantized weight, whose rows are whole blocks).
+    fn int_dims_ok(&self) -> bool {
+        let c = &self.cfg;
+        [c.n_embd, c.n_head * c.head_dim, c.n_ff]
+            .iter()
+            .all(|d| d % 32 == 0)
     }
 
     /// Bytes of KV cache per token of context (f32 keys and values, all layers).
@@ -517,11 +537,21 @@ impl Weights {
         let p0 = cache.len;
         let half = c.rope_dim / 2;
         let rope = self.rope_table(p0, n);
+        // Decoding one token: activations quantized once per input vector, shared by the matrices reading it.
+        let int = self.int_acts && n == 1 && self.int_dims_ok();
+        let mut xq = quant::QuantizedActs::new();
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.eps, &mut h);
-            l.wq.apply(data, &h, n, &mut q);
-            l.wk.apply(data, &h, n, &mut k);
-            l.wv.apply(data, &h, n, &mut v);
+            if int {
+                xq.quantize(&h);
+                l.wq.apply_q(data, &xq, &mut q);
+                l.wk.apply_q(data, &xq, &mut k);
+                l.wv.apply_q(data, &xq, &mut v);
+            } else {
+                l.wq.apply(data, &h, n, &mut q);
+                l.wk.apply(data, &h, n, &mut k);
+                l.wv.apply(data, &h, n, &mut v);
+            }
             add_bias(&mut q, &l.bq);
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
@@ -561,15 +591,31 @@ impl Weights {
                     }
                 }
             }
-            l.wo.apply(data, &att, n, &mut o);
+            if int {
+                xq.quantize(&att);
+                l.wo.apply_q(data, &xq, &mut o);
+            } else {
+                l.wo.apply(data, &att, n, &mut o);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rms_norm(&x, &l.ffn_norm, c.eps, &mut h);
-            l.w_gate.apply(data, &h, n, &mut g);
-            l.w_up.apply(data, &h, n, &mut u);
+            if int {
+                xq.quantize(&h);
+                l.w_gate.apply_q(data, &xq, &mut g);
+                l.w_up.apply_q(data, &xq, &mut u);
+            } else {
+                l.w_gate.apply(data, &h, n, &mut g);
+                l.w_up.apply(data, &h, n, &mut u);
+            }
             for (gi, ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }
-            l.w_down.apply(data, &g, n, &mut o);
+            if int {
+                xq.quantize(&g);
+                l.w_down.apply_q(data, &xq, &mut o);
+            } else {
+                l.w_down.apply(data, &g, n, &mut o);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         cache.len += n;
@@ -578,7 +624,12 @@ impl Weights {
         let mut normed = vec![0.0f32; m * d];
         rms_norm(rows, &self.output_norm, c.eps, &mut normed);
         let mut logits = vec![0.0f32; m * c.n_vocab];
-        self.output.apply(data, &normed, m, &mut logits);
+        if int && m == 1 {
+            xq.quantize(&normed);
+            self.output.apply_q(data, &xq, &mut logits);
+        } else {
+            self.output.apply(data, &normed, m, &mut logits);
+        }
         Ok(logits)
     }
 }
