@@ -433,6 +433,28 @@ impl KvCache {
     }
 }
 
+/// Applies the matrices that read one input. Decoding (`int`) quantizes the input once to int16 blocks and takes
+/// integer dot products; otherwise f32 (matrix × vector for one token, matrix × matrix for a batch).
+struct Projector {
+    int: bool,
+    xq: quant::QuantizedActs,
+}
+
+impl Projector {
+    fn run(&mut self, data: &[u8], input: &[f32], n: usize, mats: &mut [(&Mat, &mut [f32])]) {
+        if self.int {
+            self.xq.quantize(input);
+        }
+        for (m, out) in mats.iter_mut() {
+            if self.int {
+                m.apply_q(data, &self.xq, out);
+            } else {
+                m.apply(data, input, n, out);
+            }
+        }
+    }
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xi, oi) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -538,20 +560,18 @@ impl Weights {
         let half = c.rope_dim / 2;
         let rope = self.rope_table(p0, n);
         // Decoding one token: activations quantized once per input vector, shared by the matrices reading it.
-        let int = self.int_acts && n == 1 && self.int_dims_ok();
-        let mut xq = quant::QuantizedActs::new();
+        let mut proj = Projector {
+            int: self.int_acts && n == 1 && self.int_dims_ok(),
+            xq: quant::QuantizedActs::new(),
+        };
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.eps, &mut h);
-            if int {
-                xq.quantize(&h);
-                l.wq.apply_q(data, &xq, &mut q);
-                l.wk.apply_q(data, &xq, &mut k);
-                l.wv.apply_q(data, &xq, &mut v);
-            } else {
-                l.wq.apply(data, &h, n, &mut q);
-                l.wk.apply(data, &h, n, &mut k);
-                l.wv.apply(data, &h, n, &mut v);
-            }
+            proj.run(
+                data,
+                &h,
+                n,
+                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+            );
             add_bias(&mut q, &l.bq);
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
@@ -591,31 +611,14 @@ impl Weights {
                     }
                 }
             }
-            if int {
-                xq.quantize(&att);
-                l.wo.apply_q(data, &xq, &mut o);
-            } else {
-                l.wo.apply(data, &att, n, &mut o);
-            }
+            proj.run(data, &att, n, &mut [(&l.wo, &mut o)]);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rms_norm(&x, &l.ffn_norm, c.eps, &mut h);
-            if int {
-                xq.quantize(&h);
-                l.w_gate.apply_q(data, &xq, &mut g);
-                l.w_up.apply_q(data, &xq, &mut u);
-            } else {
-                l.w_gate.apply(data, &h, n, &mut g);
-                l.w_up.apply(data, &h, n, &mut u);
-            }
+            proj.run(data, &h, n, &mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)]);
             for (gi, ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }
-            if int {
-                xq.quantize(&g);
-                l.w_down.apply_q(data, &xq, &mut o);
-            } else {
-                l.w_down.apply(data, &g, n, &mut o);
-            }
+            proj.run(data, &g, n, &mut [(&l.w_down, &mut o)]);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         cache.len += n;
@@ -624,12 +627,8 @@ impl Weights {
         let mut normed = vec![0.0f32; m * d];
         rms_norm(rows, &self.output_norm, c.eps, &mut normed);
         let mut logits = vec![0.0f32; m * c.n_vocab];
-        if int && m == 1 {
-            xq.quantize(&normed);
-            self.output.apply_q(data, &xq, &mut logits);
-        } else {
-            self.output.apply(data, &normed, m, &mut logits);
-        }
+        // With integer decoding n = 1, so m = 1 too.
+        proj.run(data, &normed, m, &mut [(&self.output, &mut logits)]);
         Ok(logits)
     }
 }
