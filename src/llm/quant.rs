@@ -770,6 +770,30 @@ pub fn matvec(t: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], out: &
     matvec_with(Backend::best(), t, w, rows, cols, x, out);
 }
 
+/// The checks every matrix × vector entry point makes (a wrong length panics, never reads out of bounds);
+/// returns the bytes per row.
+fn matvec_shape(
+    what: &str,
+    t: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x_len: usize,
+    out_len: usize,
+) -> usize {
+    let rb = t
+        .row_bytes(cols)
+        .unwrap_or_else(|| panic!("{what}: cols is not a whole number of blocks"));
+    assert_eq!(
+        Some(w.len()),
+        rows.checked_mul(rb),
+        "{what}: weight length mismatch"
+    );
+    assert_eq!(x_len, cols, "{what}: activation length mismatch");
+    assert_eq!(out_len, rows, "{what}: output length mismatch");
+    rb
+}
+
 /// [`matvec`] on a given backend.
 pub fn matvec_with(
     b: Backend,
@@ -780,16 +804,7 @@ pub fn matvec_with(
     x: &[f32],
     out: &mut [f32],
 ) {
-    let rb = t
-        .row_bytes(cols)
-        .expect("matvec: cols is not a whole number of blocks");
-    assert_eq!(
-        Some(w.len()),
-        rows.checked_mul(rb),
-        "matvec: weight length mismatch"
-    );
-    assert_eq!(x.len(), cols, "matvec: activation length mismatch");
-    assert_eq!(out.len(), rows, "matvec: output length mismatch");
+    let rb = matvec_shape("matvec", t, w, rows, cols, x.len(), out.len());
     if rb == 0 {
         out.fill(0.0);
         return;
@@ -1101,16 +1116,7 @@ pub fn matvec_q_with(
     if !supports_int_acts(t) {
         return matvec_with(b, t, w, rows, cols, &xq.x, out);
     }
-    let rb = t
-        .row_bytes(cols)
-        .expect("matvec_q: cols is not a whole number of blocks");
-    assert_eq!(
-        Some(w.len()),
-        rows.checked_mul(rb),
-        "matvec_q: weight length mismatch"
-    );
-    assert_eq!(xq.len(), cols, "matvec_q: activation length mismatch");
-    assert_eq!(out.len(), rows, "matvec_q: output length mismatch");
+    let rb = matvec_shape("matvec_q", t, w, rows, cols, xq.len(), out.len());
     if rb == 0 {
         out.fill(0.0);
         return;
