@@ -1,27 +1,15 @@
 // lorag's wasm generator in real headless Chromium (playwright-core, /usr/bin/chromium): the measurement of
 // bench/generate-wasm.mjs (SmolLM2-135M Q4_1, peers' ~200-token prompt, 64 greedy tokens, EOS ignored, one thread).
 //   scripts/build-wasm web && node bench/generate-browser.mjs [--peers=DIR] [--reps=3]
-import http from "node:http";
 import { readFile } from "node:fs/promises";
-import { extname, normalize } from "node:path";
 import { chromium } from "playwright-core";
+import { serve } from "../tests/browser/serve.mjs";
 
 const root = new URL("../", import.meta.url).pathname;
 const arg = (k, d) => process.argv.find((a) => a.startsWith(`--${k}=`))?.split("=")[1] ?? d;
 const peers = arg("peers", root + "../shared/peers");
 const lp = JSON.parse(await readFile(`${peers}/data/llm_prompt.json`, "utf8"));
-const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm" };
-const server = http.createServer(async (req, res) => {
-  const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
-  if (path.includes("..")) return res.writeHead(403).end();
-  try {
-    const body = await readFile(root + path);
-    res.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" }).end(body);
-  } catch {
-    res.writeHead(404).end();
-  }
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
+const { server, origin } = await serve(root);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
@@ -29,7 +17,7 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage();
   page.setDefaultTimeout(600_000);
-  await page.goto(`http://127.0.0.1:${server.address().port}/bench/browser/generate.html`);
+  await page.goto(`${origin}/bench/browser/generate.html`);
   await page.waitForFunction(() => typeof window.bench === "function");
   const out = await page.evaluate(([p, r, d]) => window.bench(p, r, d), [lp.prompt, Number(arg("reps", 3)), Number(arg("decode", 64))]);
   const med = (k) => [...out.runs.map((x) => x[k])].sort((a, b) => a - b)[Math.floor(out.runs.length / 2)];

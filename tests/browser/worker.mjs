@@ -1,27 +1,14 @@
 // Embedding and chunking inside a Web Worker in real headless Chromium (playwright-core, /usr/bin/chromium),
 // pages served on 127.0.0.1 under a strict CSP; vectors checked against the onnxruntime reference.
 // Needs scripts/build-wasm [--dev] web. Run by scripts/test.
-import http from "node:http";
 import { readFile } from "node:fs/promises";
-import { extname, normalize } from "node:path";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
+import { serve } from "./serve.mjs";
 
 const root = new URL("../../", import.meta.url).pathname;
-const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
-const server = http.createServer(async (req, res) => {
-  const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
-  if (path.includes("..")) return res.writeHead(403).end();
-  if (path === "/favicon.ico") return res.writeHead(204).end();
-  try {
-    const body = await readFile(root + path);
-    res.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" }).end(body);
-  } catch {
-    res.writeHead(404).end();
-  }
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const url = `http://127.0.0.1:${server.address().port}/tests/browser/worker.html`;
+const { server, origin } = await serve(root);
+const url = `${origin}/tests/browser/worker.html`;
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
