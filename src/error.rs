@@ -148,6 +148,14 @@ pub enum Error {
     /// A chat template failed to compile or render (syntax, a raised exception, a fuel or size limit).
     #[error("chat template: {0}")]
     Template(String),
+    /// A LoRA adapter is malformed or does not fit the loaded base model.
+    #[error("LoRA adapter: {tensor}: {detail}")]
+    Adapter {
+        /// The tensor, file or config field at fault.
+        tensor: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -177,6 +185,7 @@ impl Error {
             Error::NotFound(_) => "NotFound",
             Error::ContextOverflow { .. } => "ContextOverflow",
             Error::Template(_) => "Template",
+            Error::Adapter { .. } => "Adapter",
         }
     }
 }

@@ -216,6 +216,40 @@ struct GenerateArgs {
     /// Print JSON: prompt ids, the first step's top-5, generated ids and text, timings.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter to apply: a PEFT folder (adapter_config.json + adapter_model.safetensors) or a
+    /// GGUF-LoRA file, optionally with a weight (default 1). Repeat for a weighted mix.
+    #[arg(long = "adapter", value_name = "PATH[:WEIGHT]")]
+    adapters: Vec<String>,
+}
+
+/// `PATH[:WEIGHT]`: the weight is the part after the last `:` when it parses as a number.
+fn parse_adapter_arg(s: &str) -> (PathBuf, f32) {
+    if let Some((p, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f32>() {
+            return (PathBuf::from(p), w);
+        }
+    }
+    (PathBuf::from(s), 1.0)
+}
+
+/// Load the adapter at `path` (PEFT folder or GGUF-LoRA file) into `model` under `name`.
+fn load_adapter_path(
+    model: &mut lorag::llm::Model,
+    name: &str,
+    path: &Path,
+) -> Result<lorag::llm::AdapterInfo, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let adapter = if path.is_dir() {
+        let config = read(&path.join("adapter_config.json"))?;
+        let weights = read(&path.join("adapter_model.safetensors"))?;
+        model.adapter_from_peft(&config, &weights)
+    } else {
+        model.adapter_from_gguf(&read(path)?)
+    }
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    model
+        .add_adapter(name, adapter)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[derive(Subcommand)]
@@ -1265,13 +1299,35 @@ fn default_generator() -> PathBuf {
 }
 
 fn run_generate(a: &GenerateArgs) -> Result<(), String> {
-    use lorag::llm::{GenerateOptions, Message, Model, SamplerConfig};
+    use lorag::llm::{AdapterUse, GenerateOptions, Message, Model, SamplerConfig};
     use std::io::Write;
     let path = a.model.clone().unwrap_or_else(default_generator);
     let t0 = std::time::Instant::now();
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut uses = Vec::new();
+    let mut adapter_info = Vec::new();
+    for (i, arg) in a.adapters.iter().enumerate() {
+        let (p, weight) = parse_adapter_arg(arg);
+        let name = format!("{i}:{}", p.display());
+        let info = load_adapter_path(&mut model, &name, &p)?;
+        if !a.json {
+            eprintln!(
+                "[adapter {} ({:?}, rank {}..{}, {} layers, {:.1} MiB) weight {weight}]",
+                p.display(),
+                info.format,
+                info.rank.0,
+                info.rank.1,
+                info.layers,
+                info.bytes as f64 / (1 << 20) as f64
+            );
+        }
+        adapter_info.push(
+            serde_json::json!({"path": p.display().to_string(), "weight": weight, "info": info}),
+        );
+        uses.push(AdapterUse { name, weight });
+    }
     let prompt = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
@@ -1305,6 +1361,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
         stop: a.stop.clone(),
         top_logits: 5,
         ignore_eos: a.ignore_eos,
+        adapters: uses,
         ..Default::default()
     };
     let json = a.json;
@@ -1326,6 +1383,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
             .collect();
         let v = serde_json::json!({
             "model": path.display().to_string(),
+            "adapters": adapter_info,
             "prompt_ids": out.prompt_ids,
             "top5_next": top,
             "generated_ids": out.ids,

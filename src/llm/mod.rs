@@ -16,14 +16,17 @@
 //! ```
 
 pub mod gguf;
+pub mod lora;
 pub mod model;
 pub mod quant;
+pub mod safetensors;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;
 
 pub use gguf::{Gguf, GgufLimits};
-pub use model::{Arch, KvCache, ModelConfig, Weights};
+pub use lora::{Adapter, AdapterFormat, AdapterInfo, Target};
+pub use model::{ActiveAdapters, Arch, KvCache, ModelConfig, Weights};
 pub use sampler::{Sampler, SamplerConfig};
 pub use template::{Builtin, ChatTemplate, Message, TemplateLimits};
 pub use tokenizer::GgufTokenizer;
@@ -43,6 +46,7 @@ pub struct Model {
     pub template_from_file: bool,
     /// `general.name`, when present.
     pub name: Option<String>,
+    adapters: Vec<(String, Adapter)>,
 }
 
 impl std::fmt::Debug for Model {
@@ -51,6 +55,10 @@ impl std::fmt::Debug for Model {
             .field("name", &self.name)
             .field("config", &self.weights.cfg)
             .field("bytes", &self.data.len())
+            .field(
+                "adapters",
+                &self.adapters.iter().map(|a| &a.0).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -74,6 +82,23 @@ pub struct GenerateOptions {
     pub top_logits: usize,
     /// Keep going past end-of-sequence / end-of-turn tokens (benchmarks: a fixed number of tokens).
     pub ignore_eos: bool,
+    /// LoRA adapters to apply, by the name they were loaded under, each with a weight (none: the base model).
+    pub adapters: Vec<AdapterUse>,
+}
+
+/// One adapter applied to a request: `y = W·x + Σ weight · scale · B(A·x)`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterUse {
+    /// The name it was loaded under ([`Model::add_adapter`]).
+    pub name: String,
+    /// Its weight (1 = as trained; 0 = off).
+    #[serde(default = "one")]
+    pub weight: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Default for GenerateOptions {
@@ -86,6 +111,7 @@ impl Default for GenerateOptions {
             batch: 64,
             top_logits: 0,
             ignore_eos: false,
+            adapters: Vec::new(),
         }
     }
 }
@@ -213,6 +239,7 @@ impl Model {
             template,
             template_from_file,
             name,
+            adapters: Vec::new(),
         })
     }
 
@@ -273,9 +300,118 @@ impl Model {
         KvCache::new(&self.weights, n_ctx)
     }
 
-    /// Logits after running `tokens` through the model in `cache` (last token only, or all).
+    /// Logits after running `tokens` through the base model in `cache` (last token only, or all).
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
-        self.weights.forward(&self.data, cache, tokens, all)
+        self.weights.forward(&self.data, cache, tokens, all, &[])
+    }
+
+    /// [`Model::forward`] with adapters applied (each with its weight). A cache must be used with one adapter mix
+    /// throughout: its keys and values depend on it.
+    pub fn forward_with(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        all: bool,
+        adapters: &ActiveAdapters,
+    ) -> Result<Vec<f32>> {
+        self.weights
+            .forward(&self.data, cache, tokens, all, adapters)
+    }
+
+    /// Check a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) against this model.
+    pub fn adapter_from_peft(&self, config_json: &[u8], safetensors: &[u8]) -> Result<Adapter> {
+        Limits::check(
+            "adapter bytes",
+            safetensors.len(),
+            Limits::default().max_model_bytes,
+        )?;
+        Adapter::from_peft(config_json, safetensors, &self.weights)
+    }
+
+    /// Check a GGUF-LoRA adapter against this model.
+    pub fn adapter_from_gguf(&self, bytes: &[u8]) -> Result<Adapter> {
+        Limits::check(
+            "adapter bytes",
+            bytes.len(),
+            Limits::default().max_model_bytes,
+        )?;
+        Adapter::from_gguf(bytes, &self.weights)
+    }
+
+    /// Check an adapter from its bytes: a GGUF-LoRA file (starts with `GGUF`; `config_json` must be `None`), or
+    /// PEFT's `adapter_model.safetensors` with its `adapter_config.json`.
+    pub fn adapter_from_bytes(&self, bytes: &[u8], config_json: Option<&[u8]>) -> Result<Adapter> {
+        match (bytes.starts_with(b"GGUF"), config_json) {
+            (true, None) => self.adapter_from_gguf(bytes),
+            (false, Some(c)) => self.adapter_from_peft(c, bytes),
+            (true, Some(_)) => Err(Error::Adapter {
+                tensor: "adapter_config.json".into(),
+                detail: "given with a GGUF-LoRA file, which carries its own configuration".into(),
+            }),
+            (false, None) => Err(Error::Adapter {
+                tensor: "adapter_config.json".into(),
+                detail: "is needed with adapter_model.safetensors (a PEFT adapter); a GGUF-LoRA file starts with GGUF".into(),
+            }),
+        }
+    }
+
+    /// Keep `adapter` resident under `name` (replacing an adapter of that name), ready for any request to use.
+    /// Adapters from [`Model::adapter_from_peft`] / [`Model::adapter_from_gguf`] were checked against this
+    /// model; one built by hand is checked here.
+    pub fn add_adapter(&mut self, name: &str, adapter: Adapter) -> Result<AdapterInfo> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(Error::Config(format!(
+                "adapter name {name:?} must be 1 to 256 bytes"
+            )));
+        }
+        let mut checked = Adapter::empty(self.weights.cfg.n_layer, adapter.format);
+        for l in 0..self.weights.cfg.n_layer.max(adapter.n_layers()) {
+            for t in Target::ALL {
+                if let Some(m) = adapter.get(l, t) {
+                    let tensor = format!("blk.{l}.{}", t.gguf_name());
+                    checked.set(&self.weights, &tensor, l, t, m.clone())?;
+                }
+            }
+        }
+        let info = checked.info();
+        match self.adapters.iter_mut().find(|a| a.0 == name) {
+            Some(slot) => slot.1 = checked,
+            None => self.adapters.push((name.to_owned(), checked)),
+        }
+        Ok(info)
+    }
+
+    /// Drop the adapter called `name`; `false` if there was none.
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.0 != name);
+        self.adapters.len() != before
+    }
+
+    /// The resident adapters, by name.
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &Adapter)> {
+        self.adapters.iter().map(|(n, a)| (n.as_str(), a))
+    }
+
+    /// The resident adapters that `uses` names, with their weights.
+    pub fn active_adapters(&self, uses: &[AdapterUse]) -> Result<Vec<(&Adapter, f32)>> {
+        uses.iter()
+            .map(|u| {
+                if !u.weight.is_finite() {
+                    return Err(Error::Config(format!(
+                        "adapter {:?} has weight {}",
+                        u.name, u.weight
+                    )));
+                }
+                self.adapters
+                    .iter()
+                    .find(|a| a.0 == u.name)
+                    .map(|a| (&a.1, u.weight))
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("no adapter named {:?} is loaded", u.name))
+                    })
+            })
+            .collect()
     }
 
     /// Generate an answer to `prompt` (token ids) in a fresh cache. `on_token` sees each token as it comes and
@@ -290,6 +426,7 @@ impl Model {
             return Err(Error::InvalidQuery("the prompt has no tokens".into()));
         }
         let mut sampler = Sampler::new(opts.sampler)?;
+        let lora = self.active_adapters(&opts.adapters)?;
         if opts.stop.iter().any(|s| s.is_empty()) {
             return Err(Error::Config("a stop string is empty".into()));
         }
@@ -309,7 +446,7 @@ impl Model {
         let t0 = now_ms();
         let mut logits = Vec::new();
         for part in prompt.chunks(batch) {
-            logits = self.forward(&mut cache, part, false)?;
+            logits = self.forward_with(&mut cache, part, false, &lora)?;
         }
         let prefill_ms = now_ms() - t0;
         let top_logits = sampler::top_k(&logits, opts.top_logits);
@@ -383,7 +520,7 @@ impl Model {
             if cache.len >= cache.n_ctx() {
                 break StopReason::ContextFull;
             }
-            logits = self.forward(&mut cache, &[id], false)?;
+            logits = self.forward_with(&mut cache, &[id], false, &lora)?;
         };
         if !matches!(stop_reason, StopReason::Stop(_)) {
             text.push_str(&utf8.finish());

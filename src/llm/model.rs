@@ -9,6 +9,7 @@
 //! token at a time (matrix × vector, dequantizing inside the dot product).
 
 use super::gguf::{Gguf, TensorInfo};
+use super::lora::{Adapter, Target};
 use super::quant::{self, GgmlType};
 use crate::{Error, Result};
 
@@ -433,23 +434,43 @@ impl KvCache {
     }
 }
 
-/// Applies the matrices that read one input. Decoding (`int`) quantizes the input once to int16 blocks and takes
-/// integer dot products; otherwise f32 (matrix × vector for one token, matrix × matrix for a batch).
-struct Projector {
+/// The adapters a forward pass applies, each with the weight the request gives it.
+pub type ActiveAdapters<'a> = [(&'a Adapter, f32)];
+
+/// Applies the matrices that read one input, plus the active adapters' low-rank updates of those matrices.
+/// Decoding (`int`) quantizes the input once to int16 blocks and takes integer dot products; otherwise f32
+/// (matrix × vector for one token, matrix × matrix for a batch). LoRA products are always f32 on the f32 input.
+struct Projector<'a> {
     int: bool,
     xq: quant::QuantizedActs,
+    lora: &'a ActiveAdapters<'a>,
+    tmp: Vec<f32>,
 }
 
-impl Projector {
-    fn run(&mut self, data: &[u8], input: &[f32], n: usize, mats: &mut [(&Mat, &mut [f32])]) {
+impl Projector<'_> {
+    /// `mats`: (matrix, the target it is in `layer`, output).
+    fn run(
+        &mut self,
+        data: &[u8],
+        input: &[f32],
+        n: usize,
+        layer: usize,
+        mats: &mut [(&Mat, Option<Target>, &mut [f32])],
+    ) {
         if self.int {
             self.xq.quantize(input);
         }
-        for (m, out) in mats.iter_mut() {
+        for (m, target, out) in mats.iter_mut() {
             if self.int {
                 m.apply_q(data, &self.xq, out);
             } else {
                 m.apply(data, input, n, out);
+            }
+            let Some(t) = target else { continue };
+            for &(a, w) in self.lora {
+                if let (Some(lm), true) = (a.get(layer, *t), w != 0.0) {
+                    lm.add_to(input, n, w, out, &mut self.tmp);
+                }
             }
         }
     }
@@ -510,14 +531,17 @@ impl Weights {
         }
     }
 
-    /// Run `tokens` (at positions `cache.len..`) through the model, appending to the cache. Returns the logits of
-    /// the last token (`n_vocab` values), or of every token when `all_logits`.
+    /// Run `tokens` (at positions `cache.len..`) through the model with the `lora` adapters applied (each scaled
+    /// by its weight), appending to the cache. Returns the logits of the last token (`n_vocab` values), or of
+    /// every token when `all_logits`. Adapters must have been checked against these weights
+    /// ([`Adapter::from_peft`], [`Adapter::from_gguf`], [`Adapter::set`]).
     pub fn forward(
         &self,
         data: &[u8],
         cache: &mut KvCache,
         tokens: &[u32],
         all_logits: bool,
+        lora: &ActiveAdapters,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let n = tokens.len();
@@ -563,6 +587,8 @@ impl Weights {
         let mut proj = Projector {
             int: self.int_acts && n == 1 && self.int_dims_ok(),
             xq: quant::QuantizedActs::new(),
+            lora,
+            tmp: Vec::new(),
         };
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.eps, &mut h);
@@ -570,7 +596,12 @@ impl Weights {
                 data,
                 &h,
                 n,
-                &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+                li,
+                &mut [
+                    (&l.wq, Some(Target::Q), &mut q),
+                    (&l.wk, Some(Target::K), &mut k),
+                    (&l.wv, Some(Target::V), &mut v),
+                ],
             );
             add_bias(&mut q, &l.bq);
             add_bias(&mut k, &l.bk);
@@ -611,14 +642,29 @@ impl Weights {
                     }
                 }
             }
-            proj.run(data, &att, n, &mut [(&l.wo, &mut o)]);
+            proj.run(data, &att, n, li, &mut [(&l.wo, Some(Target::O), &mut o)]);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             rms_norm(&x, &l.ffn_norm, c.eps, &mut h);
-            proj.run(data, &h, n, &mut [(&l.w_gate, &mut g), (&l.w_up, &mut u)]);
+            proj.run(
+                data,
+                &h,
+                n,
+                li,
+                &mut [
+                    (&l.w_gate, Some(Target::Gate), &mut g),
+                    (&l.w_up, Some(Target::Up), &mut u),
+                ],
+            );
             for (gi, ui) in g.iter_mut().zip(&u) {
                 *gi = *gi / (1.0 + (-*gi).exp()) * ui;
             }
-            proj.run(data, &g, n, &mut [(&l.w_down, &mut o)]);
+            proj.run(
+                data,
+                &g,
+                n,
+                li,
+                &mut [(&l.w_down, Some(Target::Down), &mut o)],
+            );
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         cache.len += n;
@@ -628,7 +674,13 @@ impl Weights {
         rms_norm(rows, &self.output_norm, c.eps, &mut normed);
         let mut logits = vec![0.0f32; m * c.n_vocab];
         // With integer decoding n = 1, so m = 1 too.
-        proj.run(data, &normed, m, &mut [(&self.output, &mut logits)]);
+        proj.run(
+            data,
+            &normed,
+            m,
+            0,
+            &mut [(&self.output, None, &mut logits)],
+        );
         Ok(logits)
     }
 }
