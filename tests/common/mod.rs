@@ -1,6 +1,9 @@
 //! Shared test helpers: the real MiniLM tokenizer, a seeded random generator and a tiny PDF writer.
 #![allow(dead_code)]
 
+#[cfg(feature = "llm")]
+pub mod tiny;
+
 /// all-MiniLM-L6-v2's tokenizer.json and sentence_bert_config.json, from `scripts/fetch-models`.
 pub const TOKENIZER_JSON: &[u8] =
     include_bytes!("../../models/all-MiniLM-L6-v2-int8/tokenizer.json");

@@ -1,0 +1,711 @@
+//! LoRA adapters against independent references: the synthetic SmolLM2 adapter's reference logits
+//! (../shared/reference: a float64 numpy forward with the adapter merged into dequantized weights), and on a tiny
+//! generated llama, a model whose weights have the update merged in (`W + s·B·A`, written by the test) and the
+//! model's Qwen2 twin (Hugging Face row order, NeoX RoPE: no permutation of the adapter needed). Hostile adapter
+//! files: typed errors, and the base and resident adapters keep working. Natively and in wasm.
+
+mod common;
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+use common::tiny::{rewrite, tiny, tiny_as_qwen2};
+use lorag::llm::gguf::GgufWriter;
+use lorag::llm::lora::LoraMat;
+use lorag::llm::quant::GgmlType;
+use lorag::llm::safetensors::{self as st, SafeTensors};
+use lorag::llm::{
+    Adapter, AdapterFormat, AdapterUse, GenerateOptions, Model, SamplerConfig, Target, Weights,
+};
+use lorag::Error;
+
+const SMOLLM: &[u8] =
+    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+const REFERENCE: &str = include_str!("../../shared/reference/smollm2_135m_q4_1.json");
+const PEFT_CONFIG: &[u8] =
+    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_config.json");
+const PEFT_WEIGHTS: &[u8] =
+    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_model.safetensors");
+const GGUF_LORA: &[u8] = include_bytes!(
+    "../../shared/reference/lora-synthetic-smollm2/smollm2-135m-synthetic-lora-f32.gguf"
+);
+
+fn smollm() -> Model {
+    Model::from_bytes(SMOLLM.to_vec()).expect("SmolLM2 loads")
+}
+
+fn case(name: &str) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_str(REFERENCE).unwrap();
+    r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["case"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn uses(list: &[(&str, f32)]) -> Vec<AdapterUse> {
+    list.iter()
+        .map(|&(name, weight)| AdapterUse {
+            name: name.into(),
+            weight,
+        })
+        .collect()
+}
+
+fn opts(max_tokens: usize, adapters: &[(&str, f32)]) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig::greedy(),
+        top_logits: 5,
+        adapters: uses(adapters),
+        ..Default::default()
+    }
+}
+
+/// Logits of every position of `prompt` with `adapters` applied.
+fn logits(m: &Model, prompt: &[u32], adapters: &[(&str, f32)]) -> Vec<f32> {
+    let active = m.active_adapters(&uses(adapters)).unwrap();
+    let mut c = m.new_cache(prompt.len()).unwrap();
+    m.forward_with(&mut c, prompt, true, &active).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn the_synthetic_adapter_in_both_formats_gives_the_reference_logits() {
+    let mut m = smollm();
+    let peft = m.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap();
+    let gguf = m.adapter_from_gguf(GGUF_LORA).unwrap();
+    for a in [&peft, &gguf] {
+        let info = a.info();
+        assert_eq!(info.targets, [Target::Q, Target::V]);
+        assert_eq!((info.rank, info.layers), ((8, 8), 30));
+    }
+    assert_eq!(peft.format, AdapterFormat::Peft);
+    m.add_adapter("peft", peft).unwrap();
+    m.add_adapter("gguf", gguf).unwrap();
+    let c = case("raw_lora_synthetic");
+    let prompt = ids(&c["prompt_ids"]);
+    assert_eq!(
+        m.encode(c["prompt"].as_str().unwrap(), false).unwrap(),
+        prompt
+    );
+    for name in ["peft", "gguf"] {
+        let out = m
+            .generate(&prompt, &opts(10, &[(name, 1.0)]), &mut |_| true)
+            .unwrap();
+        let want = c["top5_next"].as_array().unwrap();
+        for (g, w) in out.top_logits.iter().zip(want) {
+            assert_eq!(
+                g.0 as u64,
+                w["id"].as_u64().unwrap(),
+                "{name}: {:?}",
+                out.top_logits
+            );
+            let wl = w["logit"].as_f64().unwrap() as f32;
+            assert!(
+                (g.1 - wl).abs() <= 0.05,
+                "{name}: {} vs reference {wl}",
+                g.1
+            );
+        }
+        assert_eq!(out.ids, ids(&c["greedy_ids"]), "{name}");
+    }
+    // The two formats (Hugging Face rows permuted by the loader vs rows already in GGUF order) agree on every
+    // logit of every position.
+    let d = max_diff(
+        &logits(&m, &prompt, &[("peft", 1.0)]),
+        &logits(&m, &prompt, &[("gguf", 1.0)]),
+    );
+    assert!(d <= 1e-3, "PEFT and GGUF-LoRA differ by {d}");
+    // And the adapter is what moved the logits off the base reference.
+    let base = case("raw_base");
+    let out = m.generate(&prompt, &opts(1, &[]), &mut |_| true).unwrap();
+    let top = base["top5_next"][0]["logit"].as_f64().unwrap() as f32;
+    assert!((out.top_logits[0].1 - top).abs() <= 0.05);
+}
+
+/// A random rank-`rank` adapter on `targets` of every layer (values in ±amp, scale 1).
+fn random_adapter(w: &Weights, targets: &[Target], rank: usize, seed: u64, amp: f32) -> Adapter {
+    let mut rng = common::Rng(seed);
+    let mut r = move || (rng.below(2001) as f32 - 1000.0) / 1000.0 * amp;
+    let mut a = Adapter::empty(w.cfg.n_layer, AdapterFormat::Memory);
+    for l in 0..w.cfg.n_layer {
+        for &t in targets {
+            let m = t.mat(&w.layers[l]);
+            let lm = LoraMat {
+                rank,
+                rows: m.rows,
+                cols: m.cols,
+                a: (0..rank * m.cols).map(|_| r()).collect(),
+                bt: (0..rank * m.rows).map(|_| r()).collect(),
+                scale: 1.0,
+            };
+            a.set(w, &format!("blk.{l}"), l, t, lm).unwrap();
+        }
+    }
+    a
+}
+
+#[test]
+fn switching_adapters_per_request_equals_a_fresh_generator_with_only_that_adapter() {
+    let prompt = ids(&case("raw_base")["prompt_ids"]);
+    let load = |m: &mut Model, name: &str| {
+        let a = match name {
+            "ref" => m.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap(),
+            _ => random_adapter(&m.weights, &[Target::O, Target::Down], 4, 11, 0.05),
+        };
+        m.add_adapter(name, a).unwrap();
+    };
+    let mut m = smollm();
+    load(&mut m, "ref");
+    load(&mut m, "rnd");
+    let requests: [&[(&str, f32)]; 5] = [
+        &[("ref", 1.0)],
+        &[("rnd", 1.0)],
+        &[],
+        &[("ref", 0.5), ("rnd", 1.0)],
+        &[("ref", 1.0)],
+    ];
+    let mut outs = Vec::new();
+    for req in requests {
+        let got = m.generate(&prompt, &opts(6, req), &mut |_| true).unwrap();
+        let mut fresh = smollm();
+        for (name, _) in req {
+            load(&mut fresh, name);
+        }
+        let want = fresh
+            .generate(&prompt, &opts(6, req), &mut |_| true)
+            .unwrap();
+        assert_eq!(got.ids, want.ids, "{req:?}");
+        assert_eq!(got.top_logits, want.top_logits, "{req:?}");
+        outs.push(got.top_logits);
+    }
+    assert_ne!(outs[0], outs[1], "two adapters, same logits");
+    assert_ne!(outs[1], outs[2], "the random adapter changed nothing");
+    // Weight 0 is the base; a zero-weighted adapter beside another changes nothing.
+    let zero = m
+        .generate(&prompt, &opts(6, &[("ref", 0.0)]), &mut |_| true)
+        .unwrap();
+    assert_eq!(zero.top_logits, outs[2]);
+    let l = |req: &[(&str, f32)]| logits(&m, &prompt, req);
+    assert_eq!(l(&[("ref", 0.0), ("rnd", 1.0)]), l(&[("rnd", 1.0)]));
+    // Weights add: two halves of an adapter are the adapter.
+    let d = max_diff(&l(&[("ref", 0.5), ("ref", 0.5)]), &l(&[("ref", 1.0)]));
+    assert!(d <= 1e-3, "{d}");
+    assert!(max_diff(&l(&[("ref", 2.0)]), &l(&[("ref", 1.0)])) > 0.1);
+    // Removing an adapter leaves the others.
+    assert!(m.remove_adapter("rnd"));
+    assert!(!m.remove_adapter("rnd"));
+    let e = m.active_adapters(&uses(&[("rnd", 1.0)])).unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    let again = m
+        .generate(&prompt, &opts(6, &[("ref", 1.0)]), &mut |_| true)
+        .unwrap();
+    assert_eq!(again.top_logits, outs[0]);
+    let e = m.active_adapters(&uses(&[("ref", f32::NAN)])).unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+}
+
+// ---- The tiny llama: every target, PEFT's rsLoRA, rank and alpha patterns, against merged weights ----
+
+const D: usize = 32;
+
+/// (rows, cols) of `target` in the tiny model (32 wide, 4 heads of 8, 2 KV heads, feed-forward 64).
+fn tiny_shape(t: Target) -> (usize, usize) {
+    match t {
+        Target::Q | Target::O => (D, D),
+        Target::K | Target::V => (16, D),
+        Target::Gate | Target::Up => (64, D),
+        Target::Down => (D, 64),
+    }
+}
+
+/// One adapted matrix in GGUF row order: A (r × cols), B (rows × r), scale.
+struct Mat {
+    layer: usize,
+    t: Target,
+    rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    scale: f64,
+}
+
+/// rsLoRA with alpha 6; rank 3 except k (rank_pattern: 2); layer 1's down projection has alpha 1.5
+/// (alpha_pattern).
+fn tiny_adapter() -> Vec<Mat> {
+    let mut rng = common::Rng(99);
+    let mut r = move || (rng.below(2001) as f32 - 1000.0) / 2000.0;
+    let mut out = Vec::new();
+    for layer in 0..2 {
+        for t in Target::ALL {
+            let (rows, cols) = tiny_shape(t);
+            let rank = if t == Target::K { 2 } else { 3 };
+            let alpha = if layer == 1 && t == Target::Down {
+                1.5
+            } else {
+                6.0
+            };
+            out.push(Mat {
+                layer,
+                t,
+                rank,
+                a: (0..rank * cols).map(|_| r()).collect(),
+                b: (0..rows * rank).map(|_| r()).collect(),
+                scale: alpha / (rank as f64).sqrt(),
+            });
+        }
+    }
+    out
+}
+
+/// The tiny model with `W + s·B·A` merged into every adapted matrix (in f64, stored as f32).
+fn merged(mats: &[Mat]) -> Vec<u8> {
+    rewrite(&tiny(|_, _| {}), false, |name, _, data| {
+        let Some(m) = mats
+            .iter()
+            .find(|m| name == format!("blk.{}.{}.weight", m.layer, m.t.gguf_name()))
+        else {
+            return data;
+        };
+        let (rows, cols) = tiny_shape(m.t);
+        let mut w: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        for i in 0..rows {
+            for j in 0..cols {
+                let ba: f64 = (0..m.rank)
+                    .map(|k| m.b[i * m.rank + k] as f64 * m.a[k * cols + j] as f64)
+                    .sum();
+                w[i * cols + j] = (w[i * cols + j] as f64 + m.scale * ba) as f32;
+            }
+        }
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    })
+    .to_bytes()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The adapter as GGUF-LoRA. One file has one alpha (scale alpha / rank), so alpha is 1 and each B is
+/// pre-multiplied by scale · rank to carry its own scale.
+fn tiny_gguf_lora(mats: &[Mat]) -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    w.str("general.architecture", "llama")
+        .str("general.type", "adapter")
+        .str("adapter.type", "lora")
+        .f32("adapter.lora.alpha", 1.0);
+    for m in mats {
+        let (rows, cols) = tiny_shape(m.t);
+        let stem = format!("blk.{}.{}.weight", m.layer, m.t.gguf_name());
+        let k = (m.scale * m.rank as f64) as f32;
+        let b: Vec<f32> = m.b.iter().map(|x| x * k).collect();
+        w.tensor(
+            &format!("{stem}.lora_a"),
+            &[cols as u64, m.rank as u64],
+            GgmlType::F32,
+            f32_bytes(&m.a),
+        );
+        w.tensor(
+            &format!("{stem}.lora_b"),
+            &[m.rank as u64, rows as u64],
+            GgmlType::F32,
+            f32_bytes(&b),
+        );
+    }
+    w.to_bytes()
+}
+
+/// Rows of q/k B in Hugging Face order (the inverse of llama.cpp's permute): GGUF row h·8 + 2i + c is Hugging
+/// Face row h·8 + 4c + i.
+fn to_hf_rows(b: &[f32], rows: usize, rank: usize) -> Vec<f32> {
+    let mut out = vec![0.0; b.len()];
+    for g in 0..rows {
+        let (h, j) = (g / 8, g % 8);
+        let hf = h * 8 + (j % 2) * 4 + j / 2;
+        out[hf * rank..(hf + 1) * rank].copy_from_slice(&b[g * rank..(g + 1) * rank]);
+    }
+    out
+}
+
+fn tiny_peft(mats: &[Mat]) -> (Vec<u8>, Vec<u8>) {
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": 3, "lora_alpha": 6, "use_rslora": true,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 1.5},
+    });
+    let mut tensors = Vec::new();
+    let mut bs = Vec::new();
+    for m in mats {
+        let (rows, _) = tiny_shape(m.t);
+        bs.push(match m.t {
+            Target::Q | Target::K => to_hf_rows(&m.b, rows, m.rank),
+            _ => m.b.clone(),
+        });
+    }
+    for (m, b) in mats.iter().zip(&bs) {
+        let (rows, cols) = tiny_shape(m.t);
+        let key = format!(
+            "base_model.model.model.layers.{}.{}",
+            m.layer,
+            m.t.peft_path()
+        );
+        tensors.push((format!("{key}.lora_A.weight"), vec![m.rank, cols], &m.a[..]));
+        tensors.push((format!("{key}.lora_B.weight"), vec![rows, m.rank], &b[..]));
+    }
+    (
+        serde_json::to_vec(&config).unwrap(),
+        st::write_f32(&tensors, &[("format", "pt")]),
+    )
+}
+
+#[test]
+fn every_target_equals_the_merged_weights_on_a_tiny_llama() {
+    let mats = tiny_adapter();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 % 256) as u32).collect();
+    let want = {
+        let m = Model::from_bytes(merged(&mats)).unwrap();
+        logits(&m, &prompt, &[])
+    };
+    let base = logits(&Model::from_bytes(tiny(|_, _| {})).unwrap(), &prompt, &[]);
+    assert!(max_diff(&base, &want) > 0.1, "the adapter barely matters");
+    let (config, weights) = tiny_peft(&mats);
+    let mut m = Model::from_bytes(tiny(|_, _| {})).unwrap();
+    let gguf = m.adapter_from_gguf(&tiny_gguf_lora(&mats)).unwrap();
+    let peft = m.adapter_from_peft(&config, &weights).unwrap();
+    assert_eq!(peft.info().rank, (2, 3));
+    assert_eq!(peft.info().targets.len(), 7);
+    m.add_adapter("gguf", gguf).unwrap();
+    m.add_adapter("peft", peft).unwrap();
+    for name in ["gguf", "peft"] {
+        let got = logits(&m, &prompt, &[(name, 1.0)]);
+        let d = max_diff(&got, &want);
+        assert!(d <= 1e-4, "{name}: {d} from the merged model");
+        // One token at a time (the decoding path) too.
+        let active = m.active_adapters(&uses(&[(name, 1.0)])).unwrap();
+        let mut c = m.new_cache(prompt.len()).unwrap();
+        let nv = m.config().n_vocab;
+        for (i, &t) in prompt.iter().enumerate() {
+            let one = m.forward_with(&mut c, &[t], false, &active).unwrap();
+            let d = max_diff(&one, &want[i * nv..(i + 1) * nv]);
+            assert!(d <= 1e-4, "{name} position {i}: {d}");
+        }
+    }
+    // The same PEFT file on the Qwen2 twin (Hugging Face rows, NeoX RoPE, zero biases): no permutation, same
+    // model, same logits. This checks the loader's q/k permutation without using its formula.
+    let mut qwen = Model::from_bytes(tiny_as_qwen2(|_, _| 0.0)).unwrap();
+    let a = qwen.adapter_from_peft(&config, &weights).unwrap();
+    qwen.add_adapter("peft", a).unwrap();
+    let d = max_diff(&logits(&qwen, &prompt, &[("peft", 1.0)]), &want);
+    assert!(d <= 1e-4, "Qwen2 twin: {d}");
+    // Without the permutation the llama result would be wrong: applying the PEFT file's B rows as they are
+    // moves the logits.
+    let raw: Vec<Mat> = tiny_adapter()
+        .into_iter()
+        .map(|mut m| {
+            if matches!(m.t, Target::Q | Target::K) {
+                m.b = to_hf_rows(&m.b, tiny_shape(m.t).0, m.rank);
+            }
+            m
+        })
+        .collect();
+    let unpermuted = tiny_gguf_lora(&raw);
+    let wrong = m.adapter_from_gguf(&unpermuted).unwrap();
+    m.add_adapter("wrong", wrong).unwrap();
+    assert!(max_diff(&logits(&m, &prompt, &[("wrong", 1.0)]), &want) > 1e-2);
+}
+
+// ---- Hostile adapters: a typed error naming the problem; the base and resident adapters unharmed ----
+
+fn adapter_err(r: lorag::Result<Adapter>, needle: &str) {
+    match r {
+        Ok(_) => panic!("a bad adapter loaded (expected {needle:?})"),
+        Err(e) => {
+            assert!(
+                matches!(e, Error::Adapter { .. } | Error::ResourceLimit { .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(needle), "{e} (expected {needle:?})");
+        }
+    }
+}
+
+/// The reference safetensors with its header edited by `f` (data unchanged).
+fn edit_header(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
+    let n = u64::from_le_bytes(PEFT_WEIGHTS[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&PEFT_WEIGHTS[8..8 + n]).unwrap();
+    f(&mut h);
+    let h = serde_json::to_vec(&h).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(&PEFT_WEIGHTS[8 + n..]);
+    out
+}
+
+/// The reference tensors, edited by `f`, written again.
+fn edit_tensors(f: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) -> Vec<u8> {
+    let s = SafeTensors::parse(PEFT_WEIGHTS, Default::default()).unwrap();
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = s
+        .tensors
+        .iter()
+        .map(|e| (e.name.clone(), e.shape.clone(), st::to_f32(e, PEFT_WEIGHTS)))
+        .collect();
+    f(&mut t);
+    let refs: Vec<(String, Vec<usize>, &[f32])> = t
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), &v[..]))
+        .collect();
+    st::write_f32(&refs, &[])
+}
+
+fn config_with(edit: serde_json::Value) -> Vec<u8> {
+    let mut c: serde_json::Value = serde_json::from_slice(PEFT_CONFIG).unwrap();
+    for (k, v) in edit.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    serde_json::to_vec(&c).unwrap()
+}
+
+#[test]
+fn hostile_adapters_are_refused_and_nothing_is_lost() {
+    let mut m = smollm();
+    let prompt = ids(&case("raw_base")["prompt_ids"]);
+    let good = m.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap();
+    m.add_adapter("ref", good).unwrap();
+    let run =
+        |m: &Model, a: &[(&str, f32)]| m.generate(&prompt, &opts(3, a), &mut |_| true).unwrap();
+    let (base0, ref0) = (run(&m, &[]).top_logits, run(&m, &[("ref", 1.0)]).top_logits);
+
+    let peft = |w: &[u8]| m.adapter_from_peft(PEFT_CONFIG, w);
+    let n = u64::from_le_bytes(PEFT_WEIGHTS[..8].try_into().unwrap()) as usize;
+    // Truncated anywhere: in the length, the header, or the data.
+    for cut in [
+        0,
+        5,
+        8,
+        9,
+        100,
+        8 + n - 1,
+        8 + n,
+        8 + n + 1000,
+        PEFT_WEIGHTS.len() - 1,
+    ] {
+        assert!(peft(&PEFT_WEIGHTS[..cut]).is_err(), "cut at {cut}");
+    }
+    adapter_err(peft(&PEFT_WEIGHTS[..5]), "too short");
+    adapter_err(peft(&PEFT_WEIGHTS[..100]), "truncated");
+    adapter_err(
+        peft(&PEFT_WEIGHTS[..PEFT_WEIGHTS.len() - 1]),
+        "not a range inside",
+    );
+    // Bytes after the last tensor (a hole no tensor owns).
+    let mut long = PEFT_WEIGHTS.to_vec();
+    long.extend([0; 4]);
+    adapter_err(peft(&long), "cover");
+    // Oversized header length.
+    let mut big = PEFT_WEIGHTS.to_vec();
+    big[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    adapter_err(peft(&big), "limit");
+    // Overlapping offsets, and a hole.
+    let first = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let second = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    adapter_err(
+        peft(&edit_header(|h| {
+            h[second]["data_offsets"] = h[first]["data_offsets"].clone();
+        })),
+        "overlap",
+    );
+    // Unknown and unsupported dtypes.
+    adapter_err(
+        peft(&edit_header(|h| h[first]["dtype"] = "Q4".into())),
+        "unknown dtype",
+    );
+    adapter_err(
+        peft(&edit_header(|h| h[first]["dtype"] = "F64".into())),
+        "not supported",
+    );
+    adapter_err(
+        peft(&edit_header(|h| {
+            h[first]["shape"] = serde_json::json!([8, 577])
+        })),
+        "needs",
+    );
+    // Wrong shapes against the base: v's B with q's row count.
+    let v_b = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            let e = t.iter_mut().find(|e| e.0 == v_b).unwrap();
+            e.1 = vec![576, 8];
+            e.2 = vec![0.01; 576 * 8];
+        })),
+        "base's attn_v is 192×576",
+    );
+    // Rank 0 (config and tensors), NaN and infinite alpha, rank against the config.
+    adapter_err(
+        m.adapter_from_peft(&config_with(serde_json::json!({"r": 0})), PEFT_WEIGHTS),
+        "not a rank",
+    );
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            for e in t
+                .iter_mut()
+                .filter(|e| e.0.contains("layers.3.self_attn.q_proj"))
+            {
+                e.1 = if e.0.contains("lora_A") {
+                    vec![0, 576]
+                } else {
+                    vec![576, 0]
+                };
+                e.2.clear();
+            }
+        })),
+        "rank 0",
+    );
+    let nan = String::from_utf8(PEFT_CONFIG.to_vec())
+        .unwrap()
+        .replace("\"lora_alpha\": 16", "\"lora_alpha\": NaN");
+    assert!(nan.contains("NaN"));
+    adapter_err(
+        m.adapter_from_peft(nan.as_bytes(), PEFT_WEIGHTS),
+        "adapter_config.json",
+    );
+    adapter_err(
+        m.adapter_from_peft(&config_with(serde_json::json!({"r": 16})), PEFT_WEIGHTS),
+        "r = 16",
+    );
+    // Targets the base does not have, or that lorag refuses by name.
+    adapter_err(
+        m.adapter_from_peft(
+            &config_with(serde_json::json!({"target_modules": ["q_proj", "c_attn"]})),
+            PEFT_WEIGHTS,
+        ),
+        "c_attn",
+    );
+    adapter_err(
+        m.adapter_from_peft(
+            &config_with(serde_json::json!({"target_modules": ["q_proj", "lm_head"]})),
+            PEFT_WEIGHTS,
+        ),
+        "lm_head",
+    );
+    adapter_err(
+        m.adapter_from_peft(
+            &config_with(serde_json::json!({"target_modules": ["q_proj"]})),
+            PEFT_WEIGHTS,
+        ),
+        "target_modules",
+    );
+    adapter_err(
+        m.adapter_from_peft(
+            &config_with(serde_json::json!({"use_dora": true})),
+            PEFT_WEIGHTS,
+        ),
+        "DoRA",
+    );
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            t.push((
+                "base_model.model.lm_head.lora_A.weight".into(),
+                vec![8, 576],
+                vec![0.0; 8 * 576],
+            ));
+        })),
+        "lm_head",
+    );
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            for e in t.iter_mut() {
+                e.0 = e.0.replace("layers.29.", "layers.30.");
+            }
+        })),
+        "layer 30 does not exist",
+    );
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            t.retain(|e| e.0 != v_b);
+        })),
+        "only one of",
+    );
+    adapter_err(
+        peft(&edit_tensors(|t| {
+            t[3].2[5] = f32::NAN;
+        })),
+        "NaN",
+    );
+    // An adapter made for another base, both ways round.
+    let mut tiny_m = Model::from_bytes(tiny(|_, _| {})).unwrap();
+    adapter_err(
+        tiny_m.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS),
+        "another model",
+    );
+    let tiny_lora = tiny_gguf_lora(&tiny_adapter());
+    adapter_err(m.adapter_from_gguf(&tiny_lora), "another model");
+    let foreign = random_adapter(&tiny_m.weights, &[Target::Q], 2, 5, 0.1);
+    tiny_m.add_adapter("ok", foreign.clone()).unwrap();
+    let e = m.add_adapter("ref", foreign).unwrap_err();
+    assert!(matches!(e, Error::Adapter { .. }), "{e}");
+    // GGUF-LoRA: not an adapter, another architecture, NaN alpha, a model file, every truncation.
+    let gguf_with = |alpha: f32, ty: &str, arch: &str| {
+        let mut w = rewrite(GGUF_LORA, false, |_, _, d| d);
+        w.f32("adapter.lora.alpha", alpha)
+            .str("general.type", ty)
+            .str("general.architecture", arch);
+        w.to_bytes()
+    };
+    assert!(m
+        .adapter_from_gguf(&gguf_with(16.0, "adapter", "llama"))
+        .is_ok());
+    adapter_err(
+        m.adapter_from_gguf(&gguf_with(f32::NAN, "adapter", "llama")),
+        "not finite",
+    );
+    adapter_err(
+        m.adapter_from_gguf(&gguf_with(16.0, "model", "llama")),
+        "not a LoRA adapter",
+    );
+    adapter_err(
+        m.adapter_from_gguf(&gguf_with(16.0, "adapter", "qwen2")),
+        "qwen2",
+    );
+    adapter_err(m.adapter_from_gguf(SMOLLM), "not a LoRA adapter");
+    adapter_err(m.adapter_from_bytes(GGUF_LORA, Some(PEFT_CONFIG)), "GGUF");
+    adapter_err(
+        m.adapter_from_bytes(PEFT_WEIGHTS, None),
+        "adapter_config.json",
+    );
+    let step = if cfg!(target_arch = "wasm32") {
+        997
+    } else {
+        101
+    };
+    for cut in (0..GGUF_LORA.len()).step_by(step) {
+        assert!(
+            m.adapter_from_gguf(&GGUF_LORA[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // Nothing was lost.
+    assert_eq!(run(&m, &[]).top_logits, base0);
+    assert_eq!(run(&m, &[("ref", 1.0)]).top_logits, ref0);
+    assert_eq!(m.adapters().count(), 1);
+}
