@@ -526,8 +526,49 @@ impl JsGenerator {
         self.inner.chat_prompt(&msgs).map_err(js_error)
     }
 
+    /// Load a LoRA adapter and keep it resident under `name` (replacing one of that name): a GGUF-LoRA file's
+    /// bytes with no `config`, or PEFT's `adapter_model.safetensors` bytes with the text of its
+    /// `adapter_config.json`. It is checked against this model first; on any error nothing changes. Returns
+    /// `{format, targets, layers, rank: [min, max], params, bytes}`.
+    #[wasm_bindgen(js_name = loadAdapter)]
+    pub fn load_adapter(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        config: Option<String>,
+    ) -> Result<JsValue, JsValue> {
+        let a = self
+            .inner
+            .adapter_from_bytes(bytes, config.as_deref().map(str::as_bytes))
+            .map_err(js_error)?;
+        let info = self.inner.add_adapter(name, a).map_err(js_error)?;
+        to_js(&info)
+    }
+
+    /// Drop the adapter called `name`; `false` if there was none.
+    #[wasm_bindgen(js_name = removeAdapter)]
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        self.inner.remove_adapter(name)
+    }
+
+    /// The resident adapters: `[{name, format, targets, layers, rank, params, bytes}]`.
+    #[wasm_bindgen(getter)]
+    pub fn adapters(&self) -> Result<JsValue, JsValue> {
+        let list: Vec<serde_json::Value> = self
+            .inner
+            .adapters()
+            .map(|(name, a)| {
+                let mut v = serde_json::to_value(a.info()).unwrap_or_default();
+                v["name"] = name.into();
+                v
+            })
+            .collect();
+        to_js(&list)
+    }
+
     /// Generate from prompt ids. `options`: `{maxTokens, context, sampler: {greedy, temperature, topK, topP, minP,
-    /// repeatPenalty, presencePenalty, frequencyPenalty, repeatLastN, seed}, stop, batch, topLogits}`.
+    /// repeatPenalty, presencePenalty, frequencyPenalty, repeatLastN, seed}, stop, batch, topLogits, adapters:
+    /// [{name, weight}]}` (adapters loaded with `loadAdapter`; weight defaults to 1).
     /// `onToken({id, text, index})` is called for each token; returning `false` stops generation.
     /// Returns `{promptIds, ids, text, stopReason, topLogits, prefillMs, decodeMs}`.
     pub fn generate(

@@ -220,6 +220,28 @@ test("generator: reference tokens, streaming, abort, typed errors", () => {
   assert.throws(() => gen.generate(prompt, { sampler: { temperature: 0 } }), (e) => e.code === "Config");
   assert.throws(() => gen.generate(prompt, { context: 2 }), (e) => e.code === "ContextOverflow");
   assert.throws(() => new lorag.Generator(new Uint8Array([71, 71, 85, 70, 3, 0])), (e) => e.code === "Model");
+
+  // LoRA: both formats of the synthetic adapter give the reference top-5; a request without adapters is the base.
+  const lraw = ref.results.find((c) => c.case === "raw_lora_synthetic");
+  const dir = "../shared/reference/lora-synthetic-smollm2";
+  const info = gen.loadAdapter("peft", read(`${dir}/adapter_model.safetensors`), read(`${dir}/adapter_config.json`).toString("utf8"));
+  assert.deepEqual(info.targets, ["q", "v"]);
+  assert.deepEqual(info.rank, [8, 8]);
+  gen.loadAdapter("gguf", read(`${dir}/smollm2-135m-synthetic-lora-f32.gguf`));
+  assert.deepEqual(gen.adapters.map((a) => [a.name, a.format]), [["peft", "peft"], ["gguf", "gguf"]]);
+  for (const name of ["peft", "gguf"]) {
+    const o = gen.generate(prompt, { maxTokens: 1, sampler: { greedy: true }, topLogits: 5, adapters: [{ name }] });
+    o.topLogits.forEach(([id, logit], i) => {
+      assert.equal(id, lraw.top5_next[i].id);
+      assert.ok(Math.abs(logit - lraw.top5_next[i].logit) <= 0.05, `${name}: ${logit} vs ${lraw.top5_next[i].logit}`);
+    });
+  }
+  const base = gen.generate(prompt, { maxTokens: 1, sampler: { greedy: true }, topLogits: 5, adapters: [{ name: "peft", weight: 0 }] });
+  assert.ok(Math.abs(base.topLogits[0][1] - raw.top5_next[0].logit) <= 0.05);
+  assert.throws(() => gen.loadAdapter("bad", read(`${dir}/adapter_model.safetensors`).subarray(0, 100), "{}"), (e) => e.code === "Adapter");
+  assert.throws(() => gen.generate(prompt, { maxTokens: 1, adapters: [{ name: "bad" }] }), (e) => e.code === "NotFound");
+  assert.equal(gen.removeAdapter("gguf"), true);
+  assert.deepEqual(gen.adapters.map((a) => a.name), ["peft"]);
 });
 
 console.log(`${passed} JS binding tests passed`);
