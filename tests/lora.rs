@@ -709,3 +709,24 @@ fn hostile_adapters_are_refused_and_nothing_is_lost() {
     assert_eq!(run(&m, &[("ref", 1.0)]).top_logits, ref0);
     assert_eq!(m.adapters().count(), 1);
 }
+
+#[test]
+fn an_adapter_written_as_gguf_lora_loads_back_with_the_same_products() {
+    let m = Model::from_bytes(tiny(|_, _| {})).unwrap();
+    let (config, weights) = tiny_peft(&tiny_adapter());
+    let a = m.adapter_from_peft(&config, &weights).unwrap();
+    let b = m.adapter_from_gguf(&a.to_gguf(m.config().arch)).unwrap();
+    for l in 0..2 {
+        for t in Target::ALL {
+            let (x, y) = (a.get(l, t).unwrap(), b.get(l, t).unwrap());
+            assert_eq!((x.rank, &x.a), (y.rank, &y.a));
+            for (p, q) in x.bt.iter().zip(&y.bt) {
+                let (p, q) = (p * x.scale, q * y.scale);
+                assert!(
+                    (p - q).abs() <= 1e-6 * (1.0 + p.abs()),
+                    "{l} {t:?}: {p} vs {q}"
+                );
+            }
+        }
+    }
+}

@@ -307,6 +307,60 @@ impl Adapter {
         }
     }
 
+    /// The adapter as a GGUF-LoRA file for a base of architecture `arch` (f32 tensors). One file has one alpha
+    /// (scale = alpha / rank): alpha is taken from the first matrix, and a matrix whose scale differs has its B
+    /// multiplied by the difference, so loading the file gives the same products.
+    pub fn to_gguf(&self, arch: Arch) -> Vec<u8> {
+        let mats: Vec<(usize, Target, &LoraMat)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, ms)| {
+                Target::ALL
+                    .into_iter()
+                    .filter_map(move |t| ms[t.index()].as_ref().map(|m| (l, t, m)))
+            })
+            .collect();
+        let alpha = mats
+            .first()
+            .map_or(1.0, |m| m.2.scale * m.2.rank as f32)
+            .max(f32::MIN_POSITIVE);
+        let mut w = super::gguf::GgufWriter::new();
+        w.str(
+            "general.architecture",
+            match arch {
+                Arch::Llama => "llama",
+                Arch::Qwen2 => "qwen2",
+            },
+        )
+        .str("general.type", "adapter")
+        .str("adapter.type", "lora")
+        .f32("adapter.lora.alpha", alpha);
+        let bytes = |v: &mut dyn Iterator<Item = f32>| v.flat_map(f32::to_le_bytes).collect();
+        for (l, t, m) in mats {
+            let stem = format!("blk.{l}.{}.weight", t.gguf_name());
+            let k = m.scale / (alpha / m.rank as f32);
+            let b = bytes(
+                &mut (0..m.rows)
+                    .flat_map(|r| (0..m.rank).map(move |j| (r, j)))
+                    .map(|(r, j)| m.bt[j * m.rows + r] * k),
+            );
+            w.tensor(
+                &format!("{stem}.lora_a"),
+                &[m.cols as u64, m.rank as u64],
+                quant::GgmlType::F32,
+                bytes(&mut m.a.iter().copied()),
+            );
+            w.tensor(
+                &format!("{stem}.lora_b"),
+                &[m.rank as u64, m.rows as u64],
+                quant::GgmlType::F32,
+                b,
+            );
+        }
+        w.to_bytes()
+    }
+
     fn check_nonempty(self, file: &str) -> Result<Adapter> {
         if self.layers.iter().all(|l| l.iter().all(Option::is_none)) {
             return Err(err(file, "the adapter holds no LoRA tensors"));
