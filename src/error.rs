@@ -148,6 +148,10 @@ pub enum Error {
     /// A chat template failed to compile or render (syntax, a raised exception, a fuel or size limit).
     #[error("chat template: {0}")]
     Template(String),
+    /// The GPU could not be used: no WebGPU, no adapter, a device that could not be created or was lost, a
+    /// kernel that failed to compile, a tensor over the device's limits.
+    #[error("GPU: {0}")]
+    Device(String),
     /// A LoRA adapter is malformed or does not fit the loaded base model.
     #[error("LoRA adapter: {tensor}: {detail}")]
     Adapter {
@@ -186,6 +190,7 @@ impl Error {
             Error::ContextOverflow { .. } => "ContextOverflow",
             Error::Template(_) => "Template",
             Error::Adapter { .. } => "Adapter",
+            Error::Device(_) => "Device",
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod eval;
 #[cfg(feature = "index")]
 pub mod index;
 pub mod ingest;
+pub mod kernels;
 mod limits;
 #[cfg(feature = "llm")]
 pub mod llm;

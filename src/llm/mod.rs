@@ -16,6 +16,8 @@
 //! ```
 
 pub mod gguf;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod lora;
 pub mod model;
 pub mod quant;

@@ -79,7 +79,7 @@ pub struct Mat {
 }
 
 impl Mat {
-    fn bytes<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+    pub(crate) fn bytes<'a>(&self, data: &'a [u8]) -> &'a [u8] {
         &data[self.start..self.start + self.len]
     }
     /// `out[r] = W[r] · x` with `x` already quantized to int16 per 32-element block (decoding).
@@ -102,7 +102,7 @@ impl Mat {
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
 pub struct Layer {
-    attn_norm: Vec<f32>,
+    pub(crate) attn_norm: Vec<f32>,
     /// Query projection.
     pub wq: Mat,
     /// Key projection.
@@ -111,10 +111,10 @@ pub struct Layer {
     pub wv: Mat,
     /// Attention output projection.
     pub wo: Mat,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
     /// Feed-forward gate projection.
     pub w_gate: Mat,
     /// Feed-forward up projection.
@@ -132,7 +132,7 @@ pub struct Weights {
     pub tok_embd: Mat,
     /// Layers.
     pub layers: Vec<Layer>,
-    output_norm: Vec<f32>,
+    pub(crate) output_norm: Vec<f32>,
     /// Output projection (the embeddings when tied).
     pub output: Mat,
     /// RoPE inverse frequencies (with `rope_freqs.weight` factors applied when present).
@@ -500,7 +500,7 @@ fn add_bias(x: &mut [f32], b: &Option<Vec<f32>>) {
 impl Weights {
     /// cos/sin of every rotation angle for positions `p0..p0 + n` (`n × rope_dim/2` pairs), computed in f64 once
     /// per forward pass and shared by all layers and heads.
-    fn rope_table(&self, p0: usize, n: usize) -> Vec<(f32, f32)> {
+    pub(crate) fn rope_table(&self, p0: usize, n: usize) -> Vec<(f32, f32)> {
         let c = &self.cfg;
         let mut t = Vec::with_capacity(n * self.inv_freq.len());
         for i in 0..n {

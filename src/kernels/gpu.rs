@@ -1,0 +1,802 @@
+//! The GPU backend: a wgpu device, weights uploaded once as storage buffers (split by rows where a tensor is
+//! larger than the device's largest storage binding), and WGSL kernels recorded into command buffers.
+//!
+//! Faults are errors, never panics: no WebGPU (`navigator.gpu` missing), no adapter, a device that cannot be
+//! created, a shader that fails to compile (named), a lost device (every later call says so).
+
+use crate::llm::quant::GgmlType;
+use crate::{Error, Result};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use wgpu::util::DeviceExt;
+
+fn dev_err(detail: impl Into<String>) -> Error {
+    Error::Device(detail.into())
+}
+
+/// What the GPU is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInfo {
+    /// Adapter name (`llvmpipe (LLVM 19.1.7, 256 bits)`, `NVIDIA H100 …`, …).
+    pub name: String,
+    /// Graphics API under wgpu (Vulkan, Metal, Dx12, BrowserWebGpu, …).
+    pub backend: String,
+    /// Discrete, integrated, virtual, CPU (software), other.
+    pub device_type: String,
+    /// A software adapter.
+    pub software: bool,
+    /// Subgroup operations are available.
+    pub subgroups: bool,
+    /// `shader-f16` is available.
+    pub shader_f16: bool,
+    /// Largest storage-buffer binding, bytes.
+    pub max_storage_binding: u64,
+    /// Largest buffer, bytes.
+    pub max_buffer: u64,
+}
+
+/// Work counters, for tests that bound what a step issues.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Command-buffer submissions.
+    pub submissions: AtomicUsize,
+    /// Buffers created.
+    pub buffers: AtomicUsize,
+}
+
+/// A wgpu device with the lorag kernels.
+pub struct Gpu {
+    /// The device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// What it is.
+    pub info: GpuInfo,
+    /// Work counters.
+    pub counters: Counters,
+    lost: Arc<AtomicBool>,
+    matvec_layout: wgpu::BindGroupLayout,
+    matvec_module: wgpu::ShaderModule,
+    matvec: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    kernels: Vec<wgpu::ComputePipeline>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish()
+    }
+}
+
+/// Run a future to completion on the current thread (native: wgpu's futures complete once the device is
+/// polled, which the code awaiting them does itself).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// A one-shot slot a wgpu callback fills.
+struct Slot<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+}
+
+struct SlotFuture<T>(Arc<Mutex<Slot<T>>>);
+
+impl<T> Future for SlotFuture<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut s = self.0.lock().unwrap();
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn slot<T>() -> (Arc<Mutex<Slot<T>>>, SlotFuture<T>) {
+    let s = Arc::new(Mutex::new(Slot {
+        value: None,
+        waker: None,
+    }));
+    (s.clone(), SlotFuture(s))
+}
+
+fn fill<T>(s: &Mutex<Slot<T>>, v: T) {
+    let mut s = s.lock().unwrap();
+    s.value = Some(v);
+    if let Some(w) = s.waker.take() {
+        w.wake();
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn has_webgpu() -> bool {
+    let g = js_sys::global();
+    js_sys::Reflect::get(&g, &"navigator".into())
+        .ok()
+        .filter(|n| !n.is_undefined() && !n.is_null())
+        .and_then(|n| js_sys::Reflect::get(&n, &"gpu".into()).ok())
+        .is_some_and(|gpu| !gpu.is_undefined() && !gpu.is_null())
+}
+
+/// Parameters of one matrix-vector dispatch (matvec.wgsl's `Params`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MatvecParams {
+    /// Rows of this dispatch.
+    pub rows: u32,
+    /// Columns.
+    pub cols: u32,
+    /// Bytes per row.
+    pub row_bytes: u32,
+    /// Byte offset of row 0 in the weight buffer.
+    pub w_off: u32,
+    /// Offset of x\[0\] in the input buffer (elements).
+    pub in_off: u32,
+    /// Elements between tokens in the input.
+    pub in_stride: u32,
+    /// Offset of y\[0\]\[0\] in the output buffer (elements).
+    pub out_off: u32,
+    /// Elements between tokens in the output.
+    pub out_stride: u32,
+    /// Add to the output instead of overwriting it.
+    pub accumulate: bool,
+    /// Add `bias[row]`.
+    pub has_bias: bool,
+    /// Multiply the dot product by this.
+    pub scale: f32,
+    /// Offset of bias\[0\] in the bias buffer.
+    pub bias_off: u32,
+}
+
+impl MatvecParams {
+    fn bytes(&self) -> [u8; 48] {
+        let w = [
+            self.rows,
+            self.cols,
+            self.row_bytes,
+            self.w_off,
+            self.in_off,
+            self.in_stride,
+            self.out_off,
+            self.out_stride,
+            self.accumulate as u32,
+            self.has_bias as u32,
+            self.scale.to_bits(),
+            self.bias_off,
+        ];
+        let mut out = [0u8; 48];
+        for (o, v) in out.chunks_exact_mut(4).zip(w) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+}
+
+/// A weight matrix resident on the GPU, in row chunks that each fit one storage binding.
+#[derive(Debug)]
+pub struct GpuMatrix {
+    /// Element type (as in the GGUF file).
+    pub ty: GgmlType,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Bytes per row.
+    pub row_bytes: usize,
+    /// (buffer, first row, rows).
+    pub chunks: Vec<(wgpu::Buffer, usize, usize)>,
+}
+
+/// How a dispatch's workgroup counts follow the number of tokens `n` in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grid {
+    /// (x, y, n).
+    TokensZ(u32, u32),
+    /// (n, 1, 1).
+    TokensX,
+    /// (1, 1, 1).
+    One,
+    /// (x, n, 1).
+    TokensY(u32),
+    /// ⌈n · per_token / 64⌉ workgroups of 64, laid out in x and y.
+    Flat(u32),
+}
+
+impl Grid {
+    /// Workgroup counts for `n` tokens.
+    pub fn groups(self, n: u32) -> (u32, u32, u32) {
+        match self {
+            Grid::TokensZ(x, y) => (x, y, n),
+            Grid::TokensX => (n, 1, 1),
+            Grid::One => (1, 1, 1),
+            Grid::TokensY(x) => (x, n, 1),
+            Grid::Flat(per) => {
+                let g = (n * per).div_ceil(64).max(1);
+                let x = g.min(65_535);
+                (x, g.div_ceil(x), 1)
+            }
+        }
+    }
+}
+
+/// A kernel launch built once: pipeline, bind group, and how its size follows the step's tokens.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// Pipeline.
+    pub pipeline: wgpu::ComputePipeline,
+    /// Its bindings.
+    pub bind_group: wgpu::BindGroup,
+    /// Workgroup counts.
+    pub grid: Grid,
+}
+
+impl Dispatch {
+    /// Record into a compute pass for a step of `n` tokens.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        let (x, y, z) = self.grid.groups(n);
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// The element-wise and attention kernels (auto-derived bind-group layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// rmsnorm.wgsl.
+    RmsNorm,
+    /// rope.wgsl (also stores k and v into the cache).
+    Rope,
+    /// attention.wgsl.
+    Attention,
+    /// swiglu.wgsl.
+    SwiGlu,
+}
+
+impl Kernel {
+    const ALL: [Kernel; 4] = [
+        Kernel::RmsNorm,
+        Kernel::Rope,
+        Kernel::Attention,
+        Kernel::SwiGlu,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::RmsNorm => "rmsnorm",
+            Kernel::Rope => "rope",
+            Kernel::Attention => "attention",
+            Kernel::SwiGlu => "swiglu",
+        }
+    }
+    fn source(self) -> &'static str {
+        match self {
+            Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl"),
+            Kernel::Rope => include_str!("wgsl/rope.wgsl"),
+            Kernel::Attention => include_str!("wgsl/attention.wgsl"),
+            Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl"),
+        }
+    }
+}
+
+/// Types the matvec kernel dequantizes.
+pub fn matvec_supports(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K)
+}
+
+impl Gpu {
+    /// Open the first high-performance adapter. `Err(Error::Device)` when there is no WebGPU, no adapter, or
+    /// no device.
+    pub async fn new() -> Result<Gpu> {
+        #[cfg(target_arch = "wasm32")]
+        if !has_webgpu() {
+            return Err(dev_err("WebGPU is not available here (no navigator.gpu)"));
+        }
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| dev_err(format!("no GPU adapter: {e}")))?;
+        let ai = adapter.get_info();
+        let features = adapter.features();
+        let mut want = wgpu::Features::empty();
+        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16] {
+            if features.contains(f) {
+                want |= f;
+            }
+        }
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("lorag"),
+                required_features: want,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| dev_err(format!("the GPU device could not be created: {e}")))?;
+        let lost = Arc::new(AtomicBool::new(false));
+        {
+            let lost = lost.clone();
+            device.set_device_lost_callback(move |_, _| lost.store(true, Ordering::SeqCst));
+        }
+        device.on_uncaptured_error(Arc::new(|e| {
+            #[cfg(not(target_arch = "wasm32"))]
+            eprintln!("lorag: GPU error: {e}");
+            #[cfg(target_arch = "wasm32")]
+            web_sys_log(&format!("lorag: GPU error: {e}"));
+        }));
+        let info = GpuInfo {
+            name: ai.name.clone(),
+            backend: format!("{:?}", ai.backend),
+            device_type: format!("{:?}", ai.device_type),
+            software: ai.device_type == wgpu::DeviceType::Cpu,
+            subgroups: want.contains(wgpu::Features::SUBGROUP),
+            shader_f16: want.contains(wgpu::Features::SHADER_F16),
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_buffer: limits.max_buffer_size,
+        };
+        let matvec_module = shader(&device, "matvec", include_str!("wgsl/matvec.wgsl")).await?;
+        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let matvec_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("matvec"),
+            entries: &[
+                storage(0, true),
+                storage(1, true),
+                storage(2, false),
+                storage(3, true),
+                wgpu::BindGroupLayoutEntry {
+                    binding: 4,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                },
+            ],
+        });
+        let mut kernels = Vec::new();
+        for k in Kernel::ALL {
+            let module = shader(&device, k.name(), k.source()).await?;
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let p = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(k.name()),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            if let Some(e) = scope.pop().await {
+                return Err(dev_err(format!("kernel {} failed to build: {e}", k.name())));
+            }
+            kernels.push(p);
+        }
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            counters: Counters::default(),
+            lost,
+            matvec_layout,
+            matvec_module,
+            matvec: Mutex::new(Vec::new()),
+            kernels,
+        })
+    }
+
+    /// [`Gpu::new`], waiting for it (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_blocking() -> Result<Gpu> {
+        block_on(Gpu::new())
+    }
+
+    /// `Err` once the device is lost.
+    pub fn check(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(dev_err("the GPU device was lost"));
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes` (padded to 4), counted.
+    pub fn buffer_init(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        self.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        let mut padded;
+        let contents = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            &padded[..]
+        } else {
+            bytes
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage,
+            })
+    }
+
+    /// An empty buffer of `size` bytes, counted.
+    pub fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: size.div_ceil(4).max(1) * 4,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A read-write f32 storage buffer holding `data`.
+    pub fn f32_buffer(&self, label: &str, data: &[f32]) -> wgpu::Buffer {
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.buffer_init(
+            label,
+            &bytes,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    /// Upload a `rows × cols` weight matrix of type `ty` (its GGUF bytes), split into row chunks that each fit
+    /// the device's storage-binding and buffer limits.
+    pub fn upload_matrix(
+        &self,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<GpuMatrix> {
+        let cap = self.info.max_storage_binding.min(self.info.max_buffer) as usize;
+        self.upload_matrix_with_cap(ty, bytes, rows, cols, cap)
+    }
+
+    /// [`Gpu::upload_matrix`] with chunks of at most `cap` bytes (tests force splitting with a small cap).
+    pub fn upload_matrix_with_cap(
+        &self,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        cap: usize,
+    ) -> Result<GpuMatrix> {
+        self.check()?;
+        if !matvec_supports(ty) {
+            return Err(dev_err(format!(
+                "the GPU kernels do not read {} weights",
+                ty.name()
+            )));
+        }
+        let row_bytes = ty
+            .row_bytes(cols)
+            .filter(|&rb| rb * rows == bytes.len())
+            .ok_or_else(|| {
+                dev_err(format!(
+                    "{rows}×{cols} {} does not fit its bytes",
+                    ty.name()
+                ))
+            })?;
+        let cap = cap.min(self.info.max_storage_binding.min(self.info.max_buffer) as usize);
+        let per = (cap / row_bytes.max(1)).min(rows);
+        if per == 0 {
+            return Err(dev_err(format!(
+                "one row of {row_bytes} bytes is larger than the device's {cap}-byte storage binding"
+            )));
+        }
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = per.min(rows - r0);
+            let buf = self.buffer_init(
+                "weights",
+                &bytes[r0 * row_bytes..(r0 + n) * row_bytes],
+                wgpu::BufferUsages::STORAGE,
+            );
+            chunks.push((buf, r0, n));
+            r0 += n;
+        }
+        Ok(GpuMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            chunks,
+        })
+    }
+
+    fn matvec_pipeline(&self, ty: GgmlType) -> wgpu::ComputePipeline {
+        let mut cache = self.matvec.lock().unwrap();
+        if let Some((_, p)) = cache.iter().find(|(t, _)| *t == ty.id()) {
+            return p.clone();
+        }
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("matvec"),
+                bind_group_layouts: &[Some(&self.matvec_layout)],
+                immediate_size: 0,
+            });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("matvec"),
+                layout: Some(&layout),
+                module: &self.matvec_module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[("TY", ty.id() as f64)],
+                    ..Default::default()
+                },
+                cache: None,
+            });
+        cache.push((ty.id(), p.clone()));
+        p
+    }
+
+    /// The dispatches computing `y (+)= scale · W·x (+ bias)` for `n` tokens: `x` holds token t's input at
+    /// `in_off + t·in_stride`, `y` gets row r of token t at `out_off + t·out_stride + r`. Built once, recorded
+    /// as often as needed (the buffers' contents may change between recordings).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_dispatches(
+        &self,
+        m: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        base: MatvecParams,
+    ) -> Vec<Dispatch> {
+        let pipeline = self.matvec_pipeline(m.ty);
+        let dummy;
+        let bias_buf = match bias {
+            Some(b) => b,
+            None => {
+                dummy = self.buffer("no bias", 4, wgpu::BufferUsages::STORAGE);
+                &dummy
+            }
+        };
+        m.chunks
+            .iter()
+            .map(|(buf, r0, rows)| {
+                let p = MatvecParams {
+                    rows: *rows as u32,
+                    cols: m.cols as u32,
+                    row_bytes: m.row_bytes as u32,
+                    w_off: 0,
+                    out_off: base.out_off + *r0 as u32,
+                    has_bias: bias.is_some(),
+                    bias_off: base.bias_off + *r0 as u32,
+                    ..base
+                };
+                let uniform =
+                    self.buffer_init("matvec params", &p.bytes(), wgpu::BufferUsages::UNIFORM);
+                let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("matvec"),
+                    layout: &self.matvec_layout,
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: buf.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: x.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: y.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 3,
+                            resource: bias_buf.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 4,
+                            resource: uniform.as_entire_binding(),
+                        },
+                    ],
+                });
+                let groups = rows.div_ceil(4) as u32;
+                let gx = groups.min(65_535);
+                Dispatch {
+                    pipeline: pipeline.clone(),
+                    bind_group,
+                    grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
+                }
+            })
+            .collect()
+    }
+
+    /// A uniform buffer holding `words` (padded to 16 bytes).
+    pub fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
+        let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+        self.buffer_init(
+            "params",
+            &bytes,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    /// A launch of `kernel` with `buffers` bound to bindings 0, 1, … in order.
+    pub fn dispatch(&self, kernel: Kernel, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
+        let pipeline = self.kernels[Kernel::ALL.iter().position(|k| *k == kernel).unwrap()].clone();
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.name()),
+            layout: &layout,
+            entries: &entries,
+        });
+        Dispatch {
+            pipeline,
+            bind_group,
+            grid,
+        }
+    }
+
+    /// Record `dispatches` for a step of `n` tokens in one compute pass, let `then` add copies, and submit
+    /// (one submission).
+    pub fn run(
+        &self,
+        dispatches: &[Dispatch],
+        n: u32,
+        then: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
+        self.check()?;
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("lorag"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("lorag"),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                d.record(&mut pass, n);
+            }
+        }
+        then(&mut enc);
+        self.queue.submit([enc.finish()]);
+        self.counters.submissions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Map `staging` (a `MAP_READ` buffer already filled by a submitted copy) and read `len` f32 values.
+    pub async fn read_mapped(&self, staging: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+        let (s, fut) = slot();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            fill(&s, r.map_err(|e| e.to_string()))
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| dev_err(format!("waiting for the GPU: {e}")))?;
+        fut.await
+            .map_err(|e| dev_err(format!("reading back from the GPU: {e}")))?;
+        let out = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| dev_err(format!("reading back from the GPU: {e}")))?;
+            view[..len * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        staging.unmap();
+        self.check()?;
+        Ok(out)
+    }
+
+    /// `W·x` for `n` inputs (`xs` is n × cols): upload, one submission, read back (n × rows). Builds its buffers
+    /// per call; the generator builds its dispatches once instead.
+    pub async fn matvec(&self, m: &GpuMatrix, xs: &[f32], n: usize) -> Result<Vec<f32>> {
+        if xs.len() != n * m.cols {
+            return Err(Error::Config(format!(
+                "{} inputs for {n} × {} columns",
+                xs.len(),
+                m.cols
+            )));
+        }
+        let x = self.f32_buffer("x", xs);
+        let size = (n * m.rows * 4) as u64;
+        let y = self.buffer(
+            "y",
+            size,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let staging = self.buffer(
+            "staging",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let d = self.matvec_dispatches(
+            m,
+            &x,
+            &y,
+            None,
+            MatvecParams {
+                in_stride: m.cols as u32,
+                out_stride: m.rows as u32,
+                scale: 1.0,
+                ..Default::default()
+            },
+        );
+        self.run(&d, n as u32, |enc| {
+            enc.copy_buffer_to_buffer(&y, 0, &staging, 0, size)
+        })?;
+        self.read_mapped(&staging, n * m.rows).await
+    }
+}
+
+/// Compile a WGSL module, turning a compile error into `Error::Device` naming the kernel.
+async fn shader(device: &wgpu::Device, name: &str, src: &str) -> Result<wgpu::ShaderModule> {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let m = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(src.into()),
+    });
+    if let Some(e) = scope.pop().await {
+        return Err(dev_err(format!("kernel {name} failed to compile: {e}")));
+    }
+    Ok(m)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn web_sys_log(s: &str) {
+    let console = js_sys::Reflect::get(&js_sys::global(), &"console".into()).ok();
+    if let Some(c) = console {
+        if let Ok(f) = js_sys::Reflect::get(&c, &"warn".into()) {
+            if let Ok(f) = f.dyn_into::<js_sys::Function>() {
+                let _ = f.call1(&c, &s.into());
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen::JsCast;

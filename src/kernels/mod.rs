@@ -1,0 +1,38 @@
+//! The kernel layer: where the hot matrix work runs. Two backends behind one choice, `auto | gpu | cpu`:
+//!
+//! - **CPU**: the generator's own kernels (src/llm/quant.rs: scalar `_ref` twins, wasm simd128, AVX2), always there.
+//! - **GPU**: WebGPU through wgpu (Vulkan/Metal/DX12 natively, `navigator.gpu` in browsers), WGSL compute shaders
+//!   that dequantize the GGUF formats inside the shader (src/kernels/wgsl/). Feature `gpu`.
+//!
+//! `auto` takes the GPU when an adapter answers and falls back to the CPU (never a panic: in wasm a panic kills
+//! the instance) when there is none — Node, edge workers, browsers without WebGPU — and says which it chose.
+
+#[cfg(feature = "gpu")]
+pub mod gpu;
+
+/// Which backend a caller asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevicePref {
+    /// The GPU when one answers, else the CPU.
+    #[default]
+    Auto,
+    /// The GPU, or an error.
+    Gpu,
+    /// The CPU.
+    Cpu,
+}
+
+impl std::str::FromStr for DevicePref {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<DevicePref> {
+        match s {
+            "auto" => Ok(DevicePref::Auto),
+            "gpu" | "webgpu" => Ok(DevicePref::Gpu),
+            "cpu" => Ok(DevicePref::Cpu),
+            other => Err(crate::Error::Config(format!(
+                "device {other:?}: expected auto, gpu (webgpu) or cpu"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+// y[t][r] (+)= scale · (W[r] · x[t]) (+ bias[r]) for a quantized or float weight matrix W, dequantized inside the
+// shader. Work is split in 32-element units (a whole block for the 32-element formats, an eighth of a
+// super-block for the K formats, 32 values for the float formats, fewer at the end of a row). Each element's
+// weight is computed with the same operations, in the same association, as the scalar reference
+// (quant::dequantize_row_ref), so weights are bit-identical; only the order of the sum differs.
+//
+// A workgroup of 64 invocations handles 4 rows (16 lanes per row); lanes take units round-robin and are summed
+// in workgroup memory. Workgroups are laid out in x and y (more than 65,535 row groups) and z is the token.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_bytes: u32,
+    w_off: u32,      // byte offset of row 0 in W
+    in_off: u32,     // offset of x[0] in X (elements)
+    in_stride: u32,  // elements between tokens in X
+    out_off: u32,    // offset of y[0][0] in Y
+    out_stride: u32, // elements between tokens in Y
+    accumulate: u32, // 1: add to what Y holds
+    has_bias: u32,
+    scale: f32,
+    bias_off: u32,   // bias[bias_off + row]
+}
+
+override TY: u32 = 0u;
+
+@group(0) @binding(0) var<storage, read> W: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<storage, read> BIAS: array<f32>;
+@group(0) @binding(4) var<uniform> P: Params;
+
+const LANES: u32 = 16u;
+const RPW: u32 = 4u;
+var<workgroup> part: array<f32, 64>;
+
+fn byte_at(off: u32) -> u32 {
+    return (W[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
+}
+fn u16_at(off: u32) -> u32 {
+    return byte_at(off) | (byte_at(off + 1u) << 8u);
+}
+fn f16_at(off: u32) -> f32 {
+    return unpack2x16float(u16_at(off)).x;
+}
+fn i8_of(b: u32) -> f32 {
+    return f32((i32(b) << 24u) >> 24u);
+}
+fn u32_at(off: u32) -> u32 {
+    return u16_at(off) | (u16_at(off + 2u) << 16u);
+}
+// Q4_K / Q5_K: scale and min (6 bits each) of sub-block j from the 12 packed bytes at sc.
+fn scale_min_k4(j: u32, sc: u32) -> vec2<u32> {
+    if (j < 4u) {
+        return vec2<u32>(byte_at(sc + j) & 63u, byte_at(sc + j + 4u) & 63u);
+    }
+    let s = (byte_at(sc + j + 4u) & 15u) | ((byte_at(sc + j - 4u) >> 6u) << 4u);
+    let m = (byte_at(sc + j + 4u) >> 4u) | ((byte_at(sc + j) >> 6u) << 4u);
+    return vec2<u32>(s, m);
+}
+
+// Dot product of unit u of row r with x (starting at xo).
+fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
+    let rb = P.w_off + r * P.row_bytes;
+    var acc = 0.0;
+    switch TY {
+        case 0u: { // F32
+            let n = min(32u, P.cols - u * 32u);
+            let w0 = (rb >> 2u) + u * 32u;
+            for (var e = 0u; e < n; e++) { acc += bitcast<f32>(W[w0 + e]) * X[xo + e]; }
+        }
+        case 1u: { // F16
+            let n = min(32u, P.cols - u * 32u);
+            for (var e = 0u; e < n; e++) { acc += f16_at(rb + (u * 32u + e) * 2u) * X[xo + e]; }
+        }
+        case 30u: { // BF16
+            let n = min(32u, P.cols - u * 32u);
+            for (var e = 0u; e < n; e++) {
+                acc += bitcast<f32>(u16_at(rb + (u * 32u + e) * 2u) << 16u) * X[xo + e];
+            }
+        }
+        case 2u: { // Q4_0: d f16 | qs[16]
+            let b = rb + u * 18u;
+            let d = f16_at(b);
+            for (var j = 0u; j < 16u; j++) {
+                let v = byte_at(b + 2u + j);
+                acc += d * f32(i32(v & 15u) - 8) * X[xo + j];
+                acc += d * f32(i32(v >> 4u) - 8) * X[xo + j + 16u];
+            }
+        }
+        case 3u: { // Q4_1: d f16 | m f16 | qs[16]
+            let b = rb + u * 20u;
+            let d = f16_at(b);
+            let m = f16_at(b + 2u);
+            for (var j = 0u; j < 16u; j++) {
+                let v = byte_at(b + 4u + j);
+                acc += (d * f32(v & 15u) + m) * X[xo + j];
+                acc += (d * f32(v >> 4u) + m) * X[xo + j + 16u];
+            }
+        }
+        case 6u: { // Q5_0: d f16 | qh u32 | qs[16]
+            let b = rb + u * 22u;
+            let d = f16_at(b);
+            let qh = u32_at(b + 2u);
+            for (var j = 0u; j < 16u; j++) {
+                let v = byte_at(b + 6u + j);
+                let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
+                let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
+                acc += d * f32(i32(lo) - 16) * X[xo + j];
+                acc += d * f32(i32(hi) - 16) * X[xo + j + 16u];
+            }
+        }
+        case 7u: { // Q5_1: d f16 | m f16 | qh u32 | qs[16]
+            let b = rb + u * 24u;
+            let d = f16_at(b);
+            let m = f16_at(b + 2u);
+            let qh = u32_at(b + 4u);
+            for (var j = 0u; j < 16u; j++) {
+                let v = byte_at(b + 8u + j);
+                let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
+                let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
+                acc += (d * f32(lo) + m) * X[xo + j];
+                acc += (d * f32(hi) + m) * X[xo + j + 16u];
+            }
+        }
+        case 8u: { // Q8_0: d f16 | qs i8[32]
+            let b = rb + u * 34u;
+            let d = f16_at(b);
+            for (var j = 0u; j < 32u; j++) { acc += d * i8_of(byte_at(b + 2u + j)) * X[xo + j]; }
+        }
+        case 12u: { // Q4_K: d f16 | dmin f16 | scales[12] | qs[128]; unit = sub-block s of super-block u / 8
+            let s = u % 8u;
+            let b = rb + (u / 8u) * 144u;
+            let sm = scale_min_k4(s, b + 4u);
+            let d1 = f16_at(b) * f32(sm.x);
+            let m1 = f16_at(b + 2u) * f32(sm.y);
+            let q0 = b + 16u + 32u * (s / 2u);
+            let shift = (s % 2u) * 4u;
+            for (var l = 0u; l < 32u; l++) {
+                let q = (byte_at(q0 + l) >> shift) & 15u;
+                acc += (d1 * f32(q) - m1) * X[xo + l];
+            }
+        }
+        case 13u: { // Q5_K: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
+            let s = u % 8u;
+            let b = rb + (u / 8u) * 176u;
+            let sm = scale_min_k4(s, b + 4u);
+            let d1 = f16_at(b) * f32(sm.x);
+            let m1 = f16_at(b + 2u) * f32(sm.y);
+            let q0 = b + 48u + 32u * (s / 2u);
+            let shift = (s % 2u) * 4u;
+            for (var l = 0u; l < 32u; l++) {
+                let q = ((byte_at(q0 + l) >> shift) & 15u) | (((byte_at(b + 16u + l) >> s) & 1u) << 4u);
+                acc += (d1 * f32(q) - m1) * X[xo + l];
+            }
+        }
+        case 14u: { // Q6_K: ql[128] | qh[64] | scales i8[16] | d f16
+            let s = u % 8u;
+            let b = rb + (u / 8u) * 210u;
+            let d = f16_at(b + 208u);
+            let n = s / 4u;
+            let g = s % 4u;
+            let shift = select(4u, 0u, g < 2u);
+            for (var l = 0u; l < 32u; l++) {
+                let low = (byte_at(b + 64u * n + 32u * (g % 2u) + l) >> shift) & 15u;
+                let high = (byte_at(b + 128u + 32u * n + l) >> (2u * g)) & 3u;
+                let q = i32(low | (high << 4u)) - 32;
+                let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + l) / 16u));
+                acc += (d * sc) * f32(q) * X[xo + l];
+            }
+        }
+        default: {}
+    }
+    return acc;
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row = (wg.x + wg.y * nwg.x) * RPW + li / LANES;
+    let lane = li % LANES;
+    let tok = wg.z;
+    var acc = 0.0;
+    if (row < P.rows) {
+        let units = (P.cols + 31u) / 32u;
+        let x0 = P.in_off + tok * P.in_stride;
+        for (var u = lane; u < units; u += LANES) {
+            acc += unit_dot(row, u, x0 + u * 32u);
+        }
+    }
+    part[li] = acc;
+    workgroupBarrier();
+    for (var s = LANES / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            part[li] += part[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && row < P.rows) {
+        var v = part[li] * P.scale;
+        if (P.has_bias != 0u) {
+            v += BIAS[P.bias_off + row];
+        }
+        let o = P.out_off + tok * P.out_stride + row;
+        if (P.accumulate != 0u) {
+            v += Y[o];
+        }
+        Y[o] = v;
+    }
+}

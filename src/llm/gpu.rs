@@ -1,0 +1,381 @@
+//! The decoder on the GPU: the same layers as [`Weights::forward`], as WGSL kernels (src/kernels/wgsl/).
+//!
+//! [`GpuWeights`] uploads every matrix once, still quantized. A [`GpuSession`] is one conversation: the KV cache
+//! and activations live on the GPU, and every kernel launch of a step (all layers, the final norm, the output
+//! projection, the active adapters' low-rank products) is built once, with its bind group, when the session
+//! starts. A step then writes the new tokens' embeddings and the step's position into two small buffers, records
+//! the launches into one compute pass, submits once, and reads back only the logits: no buffer or bind group is
+//! created per token.
+
+use super::lora::{Adapter, Target};
+use super::model::{Mat, Weights};
+use super::quant::{self, GgmlType};
+use crate::kernels::gpu::{Dispatch, Gpu, GpuMatrix, Grid, Kernel, MatvecParams};
+use crate::{Error, Result};
+
+/// One layer on the GPU.
+#[derive(Debug)]
+struct GpuLayer {
+    mats: [GpuMatrix; 7],
+    attn_norm: wgpu::Buffer,
+    ffn_norm: wgpu::Buffer,
+    bias: [Option<wgpu::Buffer>; 3],
+}
+
+/// A model's weights resident on the GPU.
+#[derive(Debug)]
+pub struct GpuWeights {
+    layers: Vec<GpuLayer>,
+    output_norm: wgpu::Buffer,
+    output: GpuMatrix,
+}
+
+fn upload(gpu: &Gpu, m: &Mat, data: &[u8]) -> Result<GpuMatrix> {
+    gpu.upload_matrix(m.ty, m.bytes(data), m.rows, m.cols)
+}
+
+impl GpuWeights {
+    /// Upload `w`'s matrices (read from the model bytes `data`) and norms.
+    pub fn upload(gpu: &Gpu, w: &Weights, data: &[u8]) -> Result<GpuWeights> {
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            let mats = [
+                upload(gpu, &l.wq, data)?,
+                upload(gpu, &l.wk, data)?,
+                upload(gpu, &l.wv, data)?,
+                upload(gpu, &l.wo, data)?,
+                upload(gpu, &l.w_gate, data)?,
+                upload(gpu, &l.w_up, data)?,
+                upload(gpu, &l.w_down, data)?,
+            ];
+            let b = |v: &Option<Vec<f32>>| v.as_ref().map(|v| gpu.f32_buffer("bias", v));
+            layers.push(GpuLayer {
+                mats,
+                attn_norm: gpu.f32_buffer("attn_norm", &l.attn_norm),
+                ffn_norm: gpu.f32_buffer("ffn_norm", &l.ffn_norm),
+                bias: [b(&l.bq), b(&l.bk), b(&l.bv)],
+            });
+        }
+        Ok(GpuWeights {
+            layers,
+            output_norm: gpu.f32_buffer("output_norm", &w.output_norm),
+            output: upload(gpu, &w.output, data)?,
+        })
+    }
+}
+
+/// One conversation on the GPU: KV cache, activations and the launches of a step, built once.
+pub struct GpuSession<'a> {
+    gpu: &'a Gpu,
+    cpu: &'a Weights,
+    data: &'a [u8],
+    n_ctx: usize,
+    batch: usize,
+    /// Tokens in the cache.
+    pub len: usize,
+    x: wgpu::Buffer,
+    step: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    dispatches: Vec<Dispatch>,
+    output: Vec<Dispatch>,
+    // Kept alive for the bind groups that use them.
+    _keep: Vec<wgpu::Buffer>,
+    _adapters: Vec<GpuMatrix>,
+}
+
+impl std::fmt::Debug for GpuSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuSession")
+            .field("n_ctx", &self.n_ctx)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl<'a> GpuSession<'a> {
+    /// A session for up to `n_ctx` tokens, fed at most `batch` tokens per step, with `lora` applied throughout.
+    pub fn new(
+        gpu: &'a Gpu,
+        gw: &'a GpuWeights,
+        cpu: &'a Weights,
+        data: &'a [u8],
+        n_ctx: usize,
+        batch: usize,
+        lora: &[(&Adapter, f32)],
+    ) -> Result<GpuSession<'a>> {
+        gpu.check()?;
+        let c = &cpu.cfg;
+        if n_ctx == 0 || n_ctx > c.n_ctx_train.max(1 << 16) {
+            return Err(Error::Config(format!("context size {n_ctx} out of range")));
+        }
+        let batch = batch.clamp(1, 512).min(n_ctx);
+        let (d, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
+        let (q_dim, kv_dim) = (c.n_head * hd, c.n_kv_head * hd);
+        let kv_total = (c.n_layer * n_ctx * kv_dim * 4) as u64;
+        if kv_total > gpu.info.max_storage_binding {
+            return Err(Error::Device(format!(
+                "a {n_ctx}-token KV cache needs {kv_total} bytes per buffer, over the device's {}-byte binding",
+                gpu.info.max_storage_binding
+            )));
+        }
+        let f = |label: &str, n: usize| gpu.buffer(label, (n * 4) as u64, STORAGE);
+        let x = f("x", batch * d);
+        let h = f("h", batch * d);
+        let q = f("q", batch * q_dim);
+        let k = f("k", batch * kv_dim);
+        let v = f("v", batch * kv_dim);
+        let att = f("att", batch * q_dim);
+        let g = f("g", batch * ff);
+        let u = f("u", batch * ff);
+        let scores = f("scores", batch * c.n_head * n_ctx);
+        let kc = gpu.buffer("k cache", kv_total, STORAGE);
+        let vc = gpu.buffer("v cache", kv_total, STORAGE);
+        let logits = f("logits", c.n_vocab);
+        let staging = gpu.buffer(
+            "logits staging",
+            (c.n_vocab * 4) as u64,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let cs: Vec<f32> = cpu
+            .rope_table(0, n_ctx)
+            .into_iter()
+            .flat_map(|(c, s)| [c, s])
+            .collect();
+        let cs = gpu.f32_buffer("rope cos/sin", &cs);
+        let step = gpu.uniform(&[0, 0, 0, 0]);
+        let mut keep = vec![h.clone(), q.clone(), k.clone(), v.clone(), att.clone()];
+        keep.extend([
+            g.clone(),
+            u.clone(),
+            scores.clone(),
+            kc.clone(),
+            vc.clone(),
+            cs.clone(),
+        ]);
+        let mut adapters = Vec::new();
+        let mut ds: Vec<Dispatch> = Vec::new();
+        let mv =
+            |m: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, bias, acc: bool, scale: f32| {
+                gpu.matvec_dispatches(
+                    m,
+                    x,
+                    y,
+                    bias,
+                    MatvecParams {
+                        in_stride: m.cols as u32,
+                        out_stride: m.rows as u32,
+                        accumulate: acc,
+                        scale,
+                        ..Default::default()
+                    },
+                )
+            };
+        let half = c.rope_dim / 2;
+        let groups_rope = (c.n_head * half + kv_dim) as u32;
+        for (li, l) in gw.layers.iter().enumerate() {
+            let cache_off = (li * n_ctx * kv_dim) as u32;
+            let norm_p = gpu.uniform(&[d as u32, 0, c.eps.to_bits(), 0]);
+            ds.push(gpu.dispatch(
+                Kernel::RmsNorm,
+                &[&x, &l.attn_norm, &h, &norm_p, &step],
+                Grid::TokensX,
+            ));
+            // (matrix index, input, output, accumulate into the output)
+            let plan: [(usize, &wgpu::Buffer, &wgpu::Buffer, bool); 7] = [
+                (0, &h, &q, false),
+                (1, &h, &k, false),
+                (2, &h, &v, false),
+                (3, &att, &x, true),
+                (4, &h, &g, false),
+                (5, &h, &u, false),
+                (6, &g, &x, true),
+            ];
+            let mut lora_ds = |idx: usize,
+                               input: &wgpu::Buffer,
+                               out: &wgpu::Buffer|
+             -> Result<Vec<Dispatch>> {
+                let mut out_ds = Vec::new();
+                for &(a, weight) in lora {
+                    let Some(lm) = a.get(li, Target::ALL[idx]) else {
+                        continue;
+                    };
+                    if weight == 0.0 {
+                        continue;
+                    }
+                    let to_bytes =
+                        |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+                    let am =
+                        gpu.upload_matrix(GgmlType::F32, &to_bytes(&lm.a), lm.rank, lm.cols)?;
+                    // B is kept transposed (rank × rows); the kernel wants rows × rank.
+                    let mut b = vec![0.0f32; lm.rows * lm.rank];
+                    for j in 0..lm.rank {
+                        for r in 0..lm.rows {
+                            b[r * lm.rank + j] = lm.bt[j * lm.rows + r];
+                        }
+                    }
+                    let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
+                    let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
+                    out_ds.extend(mv(&am, input, &t, None, false, 1.0));
+                    out_ds.extend(mv(&bm, &t, out, None, true, weight * lm.scale));
+                    keep.push(t);
+                    adapters.push(am);
+                    adapters.push(bm);
+                }
+                Ok(out_ds)
+            };
+            for (idx, input, out, acc) in &plan[..3] {
+                let bias = l.bias[*idx].as_ref();
+                ds.extend(mv(&l.mats[*idx], input, out, bias, *acc, 1.0));
+                ds.extend(lora_ds(*idx, input, out)?);
+            }
+            let rope_p = gpu.uniform(&[
+                c.n_head as u32,
+                c.n_kv_head as u32,
+                hd as u32,
+                half as u32,
+                c.rope_neox as u32,
+                cache_off,
+                0,
+                0,
+            ]);
+            ds.push(gpu.dispatch(
+                Kernel::Rope,
+                &[&q, &k, &v, &kc, &vc, &cs, &rope_p, &step],
+                Grid::Flat(groups_rope),
+            ));
+            let att_p = gpu.uniform(&[
+                c.n_head as u32,
+                c.n_kv_head as u32,
+                hd as u32,
+                n_ctx as u32,
+                cache_off,
+                (1.0 / (hd as f32).sqrt()).to_bits(),
+                0,
+                0,
+            ]);
+            ds.push(gpu.dispatch(
+                Kernel::Attention,
+                &[&q, &kc, &vc, &scores, &att, &att_p, &step],
+                Grid::TokensY(c.n_head as u32),
+            ));
+            let (idx, input, out, acc) = plan[3];
+            ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
+            ds.extend(lora_ds(idx, input, out)?);
+            let norm_p2 = gpu.uniform(&[d as u32, 0, c.eps.to_bits(), 0]);
+            ds.push(gpu.dispatch(
+                Kernel::RmsNorm,
+                &[&x, &l.ffn_norm, &h, &norm_p2, &step],
+                Grid::TokensX,
+            ));
+            for (idx, input, out, acc) in &plan[4..6] {
+                ds.extend(mv(&l.mats[*idx], input, out, None, *acc, 1.0));
+                ds.extend(lora_ds(*idx, input, out)?);
+            }
+            let sw_p = gpu.uniform(&[ff as u32, 0, 0, 0]);
+            ds.push(gpu.dispatch(
+                Kernel::SwiGlu,
+                &[&g, &u, &sw_p, &step],
+                Grid::Flat(ff as u32),
+            ));
+            let (idx, input, out, acc) = plan[6];
+            ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
+            ds.extend(lora_ds(idx, input, out)?);
+            keep.extend([norm_p, norm_p2, rope_p, att_p, sw_p]);
+        }
+        let final_p = gpu.uniform(&[d as u32, 1, c.eps.to_bits(), 0]);
+        ds.push(gpu.dispatch(
+            Kernel::RmsNorm,
+            &[&x, &gw.output_norm, &h, &final_p, &step],
+            Grid::One,
+        ));
+        // The output projection runs for one token (the last), whatever the step's size.
+        let out_ds = mv(&gw.output, &h, &logits, None, false, 1.0);
+        keep.push(final_p);
+        Ok(GpuSession {
+            gpu,
+            cpu,
+            data,
+            n_ctx,
+            batch,
+            len: 0,
+            x,
+            step,
+            logits,
+            staging,
+            dispatches: ds,
+            output: out_ds,
+            _keep: keep,
+            _adapters: adapters,
+        })
+    }
+}
+
+impl GpuSession<'_> {
+    /// Capacity in tokens.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Run `tokens` (at positions `len..`) through the model, in steps of at most the session's batch; returns
+    /// the last token's logits. One submission per step.
+    pub async fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = &self.cpu.cfg;
+        if tokens.is_empty() {
+            return Err(Error::InvalidQuery("no tokens to run".into()));
+        }
+        if self.len + tokens.len() > self.n_ctx {
+            return Err(Error::ContextOverflow {
+                tokens: self.len + tokens.len(),
+                context: self.n_ctx,
+            });
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(Error::InvalidQuery(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.n_vocab
+            )));
+        }
+        let d = c.n_embd;
+        let emb = self.cpu.tok_embd.bytes(self.data);
+        let emb_row = self.cpu.tok_embd.ty.row_bytes(d).unwrap();
+        let mut logits = Vec::new();
+        for part in tokens.chunks(self.batch) {
+            let mut x = vec![0.0f32; part.len() * d];
+            for (i, &t) in part.iter().enumerate() {
+                let row = &emb[t as usize * emb_row..(t as usize + 1) * emb_row];
+                quant::dequantize_row(self.cpu.tok_embd.ty, row, &mut x[i * d..(i + 1) * d]);
+            }
+            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.gpu.queue.write_buffer(&self.x, 0, &xb);
+            let step: Vec<u8> = [self.len as u32, part.len() as u32, 0, 0]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            self.gpu.queue.write_buffer(&self.step, 0, &step);
+            let n = part.len() as u32;
+            let size = (c.n_vocab * 4) as u64;
+            let (logits_buf, staging, output) = (&self.logits, &self.staging, &self.output);
+            let gpu = self.gpu;
+            gpu.run(&self.dispatches, n, |enc| {
+                {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("output"),
+                        timestamp_writes: None,
+                    });
+                    for o in output {
+                        o.record(&mut pass, 1);
+                    }
+                }
+                enc.copy_buffer_to_buffer(logits_buf, 0, staging, 0, size);
+            })?;
+            self.len += part.len();
+            logits = gpu.read_mapped(&self.staging, c.n_vocab).await?;
+        }
+        Ok(logits)
+    }
+}
