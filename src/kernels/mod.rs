@@ -36,3 +36,30 @@ impl std::str::FromStr for DevicePref {
         }
     }
 }
+
+/// Which backend a model runs on, as chosen by `use_device`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReport {
+    /// `"cpu"` or `"gpu"`.
+    pub kind: String,
+    /// The GPU adapter's name, on the GPU.
+    pub name: Option<String>,
+    /// The graphics API under it (Vulkan, Metal, Dx12, BrowserWebGpu), on the GPU.
+    pub backend: Option<String>,
+    /// A software adapter (lavapipe, SwiftShader).
+    pub software: bool,
+    /// Why `auto` chose the CPU, when it did.
+    pub notice: Option<String>,
+}
+
+impl DeviceReport {
+    /// The CPU, with an optional reason.
+    pub fn cpu(notice: Option<String>) -> DeviceReport {
+        DeviceReport {
+            kind: "cpu".into(),
+            notice,
+            ..Default::default()
+        }
+    }
+}

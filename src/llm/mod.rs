@@ -49,6 +49,24 @@ pub struct Model {
     /// `general.name`, when present.
     pub name: Option<String>,
     adapters: Vec<(String, Adapter)>,
+    #[cfg(feature = "gpu")]
+    gpu: Option<GpuBackend>,
+}
+
+/// A GPU and the model's weights uploaded to it.
+#[cfg(feature = "gpu")]
+pub struct GpuBackend {
+    /// The device.
+    pub gpu: crate::kernels::gpu::Gpu,
+    weights: gpu::GpuWeights,
+}
+
+#[cfg(feature = "gpu")]
+impl GpuBackend {
+    /// The weights on the GPU.
+    pub fn weights(&self) -> &gpu::GpuWeights {
+        &self.weights
+    }
 }
 
 impl std::fmt::Debug for Model {
@@ -242,12 +260,19 @@ impl Model {
             template_from_file,
             name,
             adapters: Vec::new(),
+            #[cfg(feature = "gpu")]
+            gpu: None,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.weights.cfg
+    }
+
+    /// The model file's bytes (weights are read from them in place).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
     }
 
     /// Bytes of the model file held in memory.
@@ -416,18 +441,128 @@ impl Model {
             .collect()
     }
 
-    /// Generate an answer to `prompt` (token ids) in a fresh cache. `on_token` sees each token as it comes and
-    /// returns `false` to stop (the result then says [`StopReason::Aborted`]).
+    /// Generate an answer to `prompt` (token ids) in a fresh cache, on the CPU. `on_token` sees each token as it
+    /// comes and returns `false` to stop (the result then says [`StopReason::Aborted`]).
     pub fn generate(
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
+        let (n_ctx, lora) = self.prepare(prompt, opts)?;
+        let mut stepper = CpuStepper {
+            model: self,
+            cache: self.new_cache(n_ctx)?,
+            lora,
+            batch: opts.batch.max(1),
+        };
+        run_ready(self.generate_core(&mut stepper, prompt, opts, on_token))
+    }
+
+    /// Choose where this model runs: `Cpu`; `Gpu` (an error when no GPU answers or the weights do not fit);
+    /// `Auto` (a hardware GPU when one answers and takes the weights, else the CPU — a software adapter such as
+    /// lavapipe or SwiftShader is slower than the CPU path — with the reason in the report's `notice`).
+    pub async fn use_device(
+        &mut self,
+        pref: crate::kernels::DevicePref,
+    ) -> Result<crate::kernels::DeviceReport> {
+        use crate::kernels::{DevicePref, DeviceReport};
+        #[cfg(feature = "gpu")]
+        {
+            self.gpu = None;
+            if pref == DevicePref::Cpu {
+                return Ok(DeviceReport::cpu(None));
+            }
+            let auto = pref == DevicePref::Auto;
+            let g = match crate::kernels::gpu::Gpu::new().await {
+                Ok(g) => g,
+                Err(e) if auto => return Ok(DeviceReport::cpu(Some(e.to_string()))),
+                Err(e) => return Err(e),
+            };
+            if auto && g.info.software {
+                return Ok(DeviceReport::cpu(Some(format!(
+                    "the only GPU adapter is a software one ({}); the CPU path is faster",
+                    g.info.name
+                ))));
+            }
+            let weights = match gpu::GpuWeights::upload(&g, &self.weights, &self.data) {
+                Ok(w) => w,
+                Err(e) if auto => return Ok(DeviceReport::cpu(Some(e.to_string()))),
+                Err(e) => return Err(e),
+            };
+            self.gpu = Some(GpuBackend { gpu: g, weights });
+            Ok(self.device())
+        }
+        #[cfg(not(feature = "gpu"))]
+        match pref {
+            DevicePref::Gpu => Err(Error::FeatureDisabled("GPU", "gpu")),
+            DevicePref::Auto => Ok(DeviceReport::cpu(Some(
+                "this build has no GPU support (cargo feature gpu)".into(),
+            ))),
+            DevicePref::Cpu => Ok(DeviceReport::cpu(None)),
+        }
+    }
+
+    /// Where the model runs now.
+    pub fn device(&self) -> crate::kernels::DeviceReport {
+        #[cfg(feature = "gpu")]
+        if let Some(b) = &self.gpu {
+            return crate::kernels::DeviceReport {
+                kind: "gpu".into(),
+                name: Some(b.gpu.info.name.clone()),
+                backend: Some(b.gpu.info.backend.clone()),
+                software: b.gpu.info.software,
+                notice: None,
+            };
+        }
+        crate::kernels::DeviceReport::cpu(None)
+    }
+
+    /// The GPU in use, if any.
+    #[cfg(feature = "gpu")]
+    pub fn gpu(&self) -> Option<&GpuBackend> {
+        self.gpu.as_ref()
+    }
+
+    /// [`Model::generate`] on the device chosen with [`Model::use_device`] (the CPU by default; on the GPU every
+    /// step is one submission and only logits come back). A lost GPU fails the request it happens in with
+    /// `Error::Device`; later requests run on the CPU until `use_device` is called again.
+    pub async fn generate_async(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        #[cfg(feature = "gpu")]
+        if let Some(b) = self.gpu.as_ref().filter(|b| b.gpu.check().is_ok()) {
+            let (n_ctx, lora) = self.prepare(prompt, opts)?;
+            let session = gpu::GpuSession::new(
+                &b.gpu,
+                &b.weights,
+                &self.weights,
+                &self.data,
+                n_ctx,
+                opts.batch,
+                &lora,
+            )?;
+            let mut stepper = GpuStepper(session);
+            return self
+                .generate_core(&mut stepper, prompt, opts, on_token)
+                .await;
+        }
+        self.generate(prompt, opts, on_token)
+    }
+
+    /// Check a request; the context size and the adapters it uses.
+    fn prepare(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+    ) -> Result<(usize, Vec<(&Adapter, f32)>)> {
         if prompt.is_empty() {
             return Err(Error::InvalidQuery("the prompt has no tokens".into()));
         }
-        let mut sampler = Sampler::new(opts.sampler)?;
+        Sampler::new(opts.sampler)?;
         let lora = self.active_adapters(&opts.adapters)?;
         if opts.stop.iter().any(|s| s.is_empty()) {
             return Err(Error::Config("a stop string is empty".into()));
@@ -443,13 +578,20 @@ impl Model {
                 context: n_ctx,
             });
         }
-        let mut cache = self.new_cache(n_ctx)?;
-        let batch = opts.batch.max(1);
+        Ok((n_ctx, lora))
+    }
+
+    /// The generation loop, over any backend's forward pass.
+    async fn generate_core<S: Stepper>(
+        &self,
+        stepper: &mut S,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generation> {
+        let mut sampler = Sampler::new(opts.sampler)?;
         let t0 = now_ms();
-        let mut logits = Vec::new();
-        for part in prompt.chunks(batch) {
-            logits = self.forward_with(&mut cache, part, false, &lora)?;
-        }
+        let mut logits = stepper.step(prompt).await?;
         let prefill_ms = now_ms() - t0;
         let top_logits = sampler::top_k(&logits, opts.top_logits);
         let mut history = prompt.to_vec();
@@ -519,10 +661,10 @@ impl Model {
             if ids.len() >= opts.max_tokens {
                 break StopReason::MaxTokens;
             }
-            if cache.len >= cache.n_ctx() {
+            if stepper.len() >= stepper.n_ctx() {
                 break StopReason::ContextFull;
             }
-            logits = self.forward_with(&mut cache, &[id], false, &lora)?;
+            logits = stepper.step(&[id]).await?;
         };
         if !matches!(stop_reason, StopReason::Stop(_)) {
             text.push_str(&utf8.finish());
@@ -544,5 +686,65 @@ impl Model {
             prefill_ms,
             decode_ms,
         })
+    }
+}
+
+/// One backend's forward pass inside a generation: run tokens, get the last one's logits.
+trait Stepper {
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    fn len(&self) -> usize;
+    fn n_ctx(&self) -> usize;
+}
+
+struct CpuStepper<'a> {
+    model: &'a Model,
+    cache: KvCache,
+    lora: Vec<(&'a Adapter, f32)>,
+    batch: usize,
+}
+
+impl Stepper for CpuStepper<'_> {
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        for part in tokens.chunks(self.batch) {
+            logits = self
+                .model
+                .forward_with(&mut self.cache, part, false, &self.lora)?;
+        }
+        Ok(logits)
+    }
+    fn len(&self) -> usize {
+        self.cache.len
+    }
+    fn n_ctx(&self) -> usize {
+        self.cache.n_ctx()
+    }
+}
+
+/// Drive a future that never waits (the CPU path) to its end.
+fn run_ready<F: std::future::Future<Output = Result<T>>, T>(f: F) -> Result<T> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => Err(Error::Config(
+            "internal: a CPU generation waited on something".into(),
+        )),
+    }
+}
+
+#[cfg(feature = "gpu")]
+struct GpuStepper<'a>(gpu::GpuSession<'a>);
+
+#[cfg(feature = "gpu")]
+impl Stepper for GpuStepper<'_> {
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.0.forward(tokens).await
+    }
+    fn len(&self) -> usize {
+        self.0.len
+    }
+    fn n_ctx(&self) -> usize {
+        self.0.n_ctx()
     }
 }
