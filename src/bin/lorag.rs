@@ -220,6 +220,10 @@ struct GenerateArgs {
     /// GGUF-LoRA file, optionally with a weight (default 1). Repeat for a weighted mix.
     #[arg(long = "adapter", value_name = "PATH[:WEIGHT]")]
     adapters: Vec<String>,
+    /// Where to run: auto (a hardware GPU when one answers, else the CPU, with a notice), gpu (any GPU adapter,
+    /// software ones included, or an error), cpu.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// `PATH[:WEIGHT]`: the weight is the part after the last `:` when it parses as a number.
@@ -1306,6 +1310,19 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let pref: lorag::kernels::DevicePref =
+        a.device.parse().map_err(|e: lorag::Error| e.to_string())?;
+    let device = lorag::kernels::block_on(model.use_device(pref)).map_err(|e| e.to_string())?;
+    if !a.json {
+        match (&device.name, &device.notice) {
+            (Some(n), _) => eprintln!(
+                "[device: GPU {n} ({})]",
+                device.backend.as_deref().unwrap_or("?")
+            ),
+            (None, Some(why)) => eprintln!("[device: CPU — {why}]"),
+            (None, None) => eprintln!("[device: CPU]"),
+        }
+    }
     let mut uses = Vec::new();
     let mut adapter_info = Vec::new();
     for (i, arg) in a.adapters.iter().enumerate() {
@@ -1365,15 +1382,14 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
         ..Default::default()
     };
     let json = a.json;
-    let out = model
-        .generate(&prompt, &opts, &mut |ev| {
-            if !json {
-                print!("{}", ev.text);
-                let _ = std::io::stdout().flush();
-            }
-            true
-        })
-        .map_err(|e| e.to_string())?;
+    let out = lorag::kernels::block_on(model.generate_async(&prompt, &opts, &mut |ev| {
+        if !json {
+            print!("{}", ev.text);
+            let _ = std::io::stdout().flush();
+        }
+        true
+    }))
+    .map_err(|e| e.to_string())?;
     let tok = &model.tokenizer;
     if json {
         let top: Vec<_> = out
@@ -1384,6 +1400,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
         let v = serde_json::json!({
             "model": path.display().to_string(),
             "adapters": adapter_info,
+            "device": device,
             "prompt_ids": out.prompt_ids,
             "top5_next": top,
             "generated_ids": out.ids,

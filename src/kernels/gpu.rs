@@ -71,19 +71,8 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// Run a future to completion on the current thread (native: wgpu's futures complete once the device is
-/// polled, which the code awaiting them does itself).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn block_on<F: Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::yield_now();
-    }
-}
+pub use super::block_on;
 
 /// A one-shot slot a wgpu callback fills.
 struct Slot<T> {

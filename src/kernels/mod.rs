@@ -10,6 +10,20 @@
 #[cfg(feature = "gpu")]
 pub mod gpu;
 
+/// Run a future to completion on the current thread. Native only: wgpu's futures complete once the device is
+/// polled, which the code awaiting them does itself; the CPU path never waits.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Which backend a caller asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
