@@ -479,7 +479,39 @@ fn doc_info(doc: JsValue) -> Result<crate::DocInfo, JsValue> {
 #[cfg(feature = "llm")]
 #[wasm_bindgen(js_name = Generator)]
 pub struct JsGenerator {
-    inner: crate::llm::Model,
+    // Shared with the promises of `generateAsync` / `useDevice`; a call while one of those holds it mutably (or,
+    // for changes, while a generation runs) is refused with a typed error instead of a panic.
+    inner: std::rc::Rc<std::cell::RefCell<crate::llm::Model>>,
+}
+
+#[cfg(feature = "llm")]
+fn busy() -> JsValue {
+    js_error(Error::Config(
+        "the generator is busy (a generateAsync or useDevice call has not finished)".into(),
+    ))
+}
+
+/// The `onToken` callback as the generator's, remembering what it throws.
+#[cfg(feature = "llm")]
+fn token_callback<'a>(
+    on_token: &'a Option<js_sys::Function>,
+    thrown: &'a mut Option<JsValue>,
+) -> impl FnMut(&crate::llm::TokenEvent) -> bool + 'a {
+    move |ev| {
+        let Some(f) = on_token else { return true };
+        let o = js_sys::Object::new();
+        let id = ev.id.map_or(JsValue::NULL, JsValue::from);
+        let _ = js_sys::Reflect::set(&o, &"id".into(), &id);
+        let _ = js_sys::Reflect::set(&o, &"text".into(), &ev.text.into());
+        let _ = js_sys::Reflect::set(&o, &"index".into(), &(ev.index as u32).into());
+        match f.call1(&JsValue::NULL, &o) {
+            Ok(v) => v.as_bool() != Some(false),
+            Err(e) => {
+                *thrown = Some(e);
+                false
+            }
+        }
+    }
 }
 
 #[cfg(feature = "llm")]
@@ -490,32 +522,37 @@ impl JsGenerator {
     #[wasm_bindgen(constructor)]
     pub fn new(bytes: Vec<u8>) -> Result<JsGenerator, JsValue> {
         crate::llm::Model::from_bytes(bytes)
-            .map(|inner| JsGenerator { inner })
+            .map(|m| JsGenerator {
+                inner: std::rc::Rc::new(std::cell::RefCell::new(m)),
+            })
             .map_err(js_error)
     }
 
     /// Configuration (architecture, layers, heads, vocabulary, …) and name.
     #[wasm_bindgen(getter)]
     pub fn info(&self) -> Result<JsValue, JsValue> {
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
         to_js(&serde_json::json!({
-            "name": self.inner.name,
-            "config": self.inner.config(),
-            "fileBytes": self.inner.file_bytes(),
-            "templateFromFile": self.inner.template_from_file,
+            "name": m.name,
+            "config": m.config(),
+            "fileBytes": m.file_bytes(),
+            "templateFromFile": m.template_from_file,
+            "device": m.device(),
         }))
     }
 
     /// Token ids of `text` (BOS first when the model wants it); `parseSpecial` turns `<|im_start|>` written in
     /// the text into its control token.
     pub fn encode(&self, text: &str, parse_special: Option<bool>) -> Result<Vec<u32>, JsValue> {
-        self.inner
-            .encode(text, parse_special.unwrap_or(false))
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        m.encode(text, parse_special.unwrap_or(false))
             .map_err(js_error)
     }
 
     /// Text of token ids.
-    pub fn decode(&self, ids: Vec<u32>) -> String {
-        self.inner.tokenizer.decode(&ids)
+    pub fn decode(&self, ids: Vec<u32>) -> Result<String, JsValue> {
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        Ok(m.tokenizer.decode(&ids))
     }
 
     /// The chat template applied to `[{role, content}, …]` with the assistant turn opened, as token ids.
@@ -523,7 +560,8 @@ impl JsGenerator {
     pub fn chat_prompt(&self, messages: JsValue) -> Result<Vec<u32>, JsValue> {
         let msgs: Vec<crate::llm::Message> = serde_wasm_bindgen::from_value(messages)
             .map_err(|e| js_error(Error::Config(format!("messages: {e}"))))?;
-        self.inner.chat_prompt(&msgs).map_err(js_error)
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        m.chat_prompt(&msgs).map_err(js_error)
     }
 
     /// Load a LoRA adapter and keep it resident under `name` (replacing one of that name): a GGUF-LoRA file's
@@ -537,25 +575,26 @@ impl JsGenerator {
         bytes: &[u8],
         config: Option<String>,
     ) -> Result<JsValue, JsValue> {
-        let a = self
-            .inner
+        let mut m = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        let a = m
             .adapter_from_bytes(bytes, config.as_deref().map(str::as_bytes))
             .map_err(js_error)?;
-        let info = self.inner.add_adapter(name, a).map_err(js_error)?;
+        let info = m.add_adapter(name, a).map_err(js_error)?;
         to_js(&info)
     }
 
     /// Drop the adapter called `name`; `false` if there was none.
     #[wasm_bindgen(js_name = removeAdapter)]
-    pub fn remove_adapter(&mut self, name: &str) -> bool {
-        self.inner.remove_adapter(name)
+    pub fn remove_adapter(&mut self, name: &str) -> Result<bool, JsValue> {
+        let mut m = self.inner.try_borrow_mut().map_err(|_| busy())?;
+        Ok(m.remove_adapter(name))
     }
 
     /// The resident adapters: `[{name, format, targets, layers, rank, params, bytes}]`.
     #[wasm_bindgen(getter)]
     pub fn adapters(&self) -> Result<JsValue, JsValue> {
-        let list: Vec<serde_json::Value> = self
-            .inner
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        let list: Vec<serde_json::Value> = m
             .adapters()
             .map(|(name, a)| {
                 let mut v = serde_json::to_value(a.info()).unwrap_or_default();
@@ -578,28 +617,70 @@ impl JsGenerator {
         on_token: Option<js_sys::Function>,
     ) -> Result<JsValue, JsValue> {
         let opts: crate::llm::GenerateOptions = from_js(options)?;
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
         let mut thrown = None;
-        let out = self
-            .inner
-            .generate(&prompt, &opts, &mut |ev| {
-                let Some(f) = &on_token else { return true };
-                let o = js_sys::Object::new();
-                let id = ev.id.map_or(JsValue::NULL, JsValue::from);
-                let _ = js_sys::Reflect::set(&o, &"id".into(), &id);
-                let _ = js_sys::Reflect::set(&o, &"text".into(), &ev.text.into());
-                let _ = js_sys::Reflect::set(&o, &"index".into(), &(ev.index as u32).into());
-                match f.call1(&JsValue::NULL, &o) {
-                    Ok(v) => v.as_bool() != Some(false),
-                    Err(e) => {
-                        thrown = Some(e);
-                        false
-                    }
-                }
-            })
+        let out = m
+            .generate(&prompt, &opts, &mut token_callback(&on_token, &mut thrown))
             .map_err(js_error)?;
         if let Some(e) = thrown {
             return Err(e);
         }
         to_js(&out)
+    }
+
+    /// `generate` on the device chosen with `useDevice` (the CPU until then), as a Promise: on WebGPU each step
+    /// is one submission and the logits are read back asynchronously, so the page stays responsive.
+    #[wasm_bindgen(js_name = generateAsync)]
+    pub fn generate_async(
+        &self,
+        prompt: Vec<u32>,
+        options: JsValue,
+        on_token: Option<js_sys::Function>,
+    ) -> Result<js_sys::Promise, JsValue> {
+        let opts: crate::llm::GenerateOptions = from_js(options)?;
+        let inner = self.inner.clone();
+        // Held across the awaits on purpose: every other access uses try_borrow(_mut) and gets `busy`, never a
+        // panic.
+        #[allow(clippy::await_holding_refcell_ref)]
+        Ok(wasm_bindgen_futures::future_to_promise(async move {
+            let m = inner.try_borrow().map_err(|_| busy())?;
+            let mut thrown = None;
+            let out = m
+                .generate_async(&prompt, &opts, &mut token_callback(&on_token, &mut thrown))
+                .await
+                .map_err(js_error)?;
+            if let Some(e) = thrown {
+                return Err(e);
+            }
+            to_js(&out)
+        }))
+    }
+
+    /// Choose where the model runs: `"auto"` (a hardware WebGPU adapter when there is one, else the CPU, with the
+    /// reason in `notice`), `"gpu"` (any WebGPU adapter, or an error) or `"cpu"`. Resolves to `{kind, name,
+    /// backend, software, notice}`. Where there is no `navigator.gpu` (Node, workers, older browsers) `auto`
+    /// resolves to the CPU and `gpu` rejects with `code: "Device"`.
+    #[wasm_bindgen(js_name = useDevice)]
+    pub fn use_device(&self, device: Option<String>) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        // Held across the await on purpose (see generateAsync).
+        #[allow(clippy::await_holding_refcell_ref)]
+        wasm_bindgen_futures::future_to_promise(async move {
+            let pref: crate::kernels::DevicePref = device
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .map_err(js_error)?;
+            let mut m = inner.try_borrow_mut().map_err(|_| busy())?;
+            let report = m.use_device(pref).await.map_err(js_error)?;
+            to_js(&report)
+        })
+    }
+
+    /// Where the model runs now: `{kind, name, backend, software, notice}`.
+    #[wasm_bindgen(getter)]
+    pub fn device(&self) -> Result<JsValue, JsValue> {
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        to_js(&m.device())
     }
 }

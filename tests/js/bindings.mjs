@@ -10,15 +10,15 @@ const lorag = require(new URL("pkg/node/lorag.js", root).pathname);
 const read = (p) => readFileSync(new URL(p, root));
 
 let passed = 0;
-const test = (name, fn) => {
-  fn();
+const test = async (name, fn) => {
+  await fn();
   passed++;
   console.log(`ok - ${name}`);
 };
 
-test("version", () => assert.equal(lorag.version(), JSON.parse(JSON.stringify(lorag.version()))));
+await test("version", () => assert.equal(lorag.version(), JSON.parse(JSON.stringify(lorag.version()))));
 
-test("ingest markdown returns a plain Document", () => {
+await test("ingest markdown returns a plain Document", () => {
   const src = read("examples/docs/handbook.md");
   const doc = lorag.ingest("handbook.md", src, undefined);
   assert.equal(doc.format, "markdown");
@@ -35,7 +35,7 @@ test("ingest markdown returns a plain Document", () => {
   assert.ok(text.length > 0);
 });
 
-test("token chunker over every example format", () => {
+await test("token chunker over every example format", () => {
   const chunker = new lorag.Chunker(
     read("models/all-MiniLM-L6-v2-int8/tokenizer.json"),
     read("models/all-MiniLM-L6-v2-int8/sentence_bert_config.json"),
@@ -61,7 +61,7 @@ test("token chunker over every example format", () => {
   assert.equal(pdf.at(-1).pages[1], 2);
 });
 
-test("chunk() takes the Document object back", () => {
+await test("chunk() takes the Document object back", () => {
   const chunker = new lorag.Chunker(undefined, undefined, { size: 200, overlap: 20 });
   assert.equal(chunker.unit, "chars");
   const doc = lorag.ingest("faq.txt", read("examples/docs/faq.txt"), null);
@@ -69,7 +69,7 @@ test("chunk() takes the Document object back", () => {
   assert.ok(chunks.every((c) => [...c.text].length <= 200));
 });
 
-test("errors are typed", () => {
+await test("errors are typed", () => {
   const expectCode = (fn, code) => {
     try {
       fn();
@@ -106,7 +106,7 @@ const minilm = () =>
     modules_json: read(MINILM + "modules.json"),
   });
 
-test("embedder from bytes matches the onnxruntime reference", () => {
+await test("embedder from bytes matches the onnxruntime reference", () => {
   const dir = MINILM;
   const embedder = minilm();
   assert.equal(embedder.dim, 384);
@@ -131,7 +131,7 @@ test("embedder from bytes matches the onnxruntime reference", () => {
   }
 });
 
-test("knowledge base: index the examples, search, update, save and reload, refuse a flipped byte", () => {
+await test("knowledge base: index the examples, search, update, save and reload, refuse a flipped byte", () => {
   const dir = MINILM;
   const embedder = minilm();
   const chunker = new lorag.Chunker(read(dir + "tokenizer.json"), read(dir + "sentence_bert_config.json"), { size: 128, overlap: 16 });
@@ -183,7 +183,7 @@ test("knowledge base: index the examples, search, update, save and reload, refus
   assert.ok(kb.search(q, question, { k: 50 }).every((h) => h.chunk.doc_id !== "faq.txt"));
 });
 
-test("generator: reference tokens, streaming, abort, typed errors", () => {
+await test("generator: reference tokens, streaming, abort, typed errors, LoRA, devices", async () => {
   const ref = JSON.parse(readFileSync(new URL("../shared/reference/smollm2_135m_q4_1.json", root)));
   const raw = ref.results.find((c) => c.case === "raw_base");
   const chat = ref.results.find((c) => c.case === "chat_base");
@@ -242,6 +242,16 @@ test("generator: reference tokens, streaming, abort, typed errors", () => {
   assert.throws(() => gen.generate(prompt, { maxTokens: 1, adapters: [{ name: "bad" }] }), (e) => e.code === "NotFound");
   assert.equal(gen.removeAdapter("gguf"), true);
   assert.deepEqual(gen.adapters.map((a) => a.name), ["peft"]);
+
+  // Devices: Node has no WebGPU. auto says so and stays on the CPU; gpu is a typed rejection, not a crash.
+  const report = await gen.useDevice("auto");
+  assert.equal(report.kind, "cpu");
+  assert.match(report.notice, /WebGPU/);
+  await assert.rejects(gen.useDevice("gpu"), (e) => e.code === "Device");
+  await assert.rejects(gen.useDevice("tpu"), (e) => e.code === "Config");
+  assert.equal(gen.device.kind, "cpu");
+  const viaPromise = await gen.generateAsync(prompt, { maxTokens: 10, sampler: { greedy: true } });
+  assert.deepEqual(viaPromise.ids, raw.greedy_ids);
 });
 
 console.log(`${passed} JS binding tests passed`);
