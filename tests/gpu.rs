@@ -337,3 +337,418 @@ gpu_test!(
     smollm2_on_the_gpu_gives_the_reference_tokens,
     smollm_reference
 );
+
+/// Faults: a kernel that does not compile is an error naming it; a device lost mid-conversation fails that
+/// request with `Error::Device`, and the next request runs (on the CPU) and gives the CPU's tokens.
+async fn faults() {
+    let Some(g) = gpu().await else { return };
+    let e = g.compile("broken", "fn main( {").await.unwrap_err();
+    assert!(matches!(e, Error::Device(_)), "{e}");
+    assert!(e.to_string().contains("kernel broken"), "{e}");
+    drop(g);
+    let Some(mut m) = on_gpu(common::tiny::tiny(|_, _| {})).await else {
+        return;
+    };
+    let prompt: Vec<u32> = (0..6).map(|i| (i * 41 % 256) as u32).collect();
+    let opts = GenerateOptions {
+        max_tokens: 4,
+        sampler: SamplerConfig::greedy(),
+        ..Default::default()
+    };
+    let want = m.generate(&prompt, &opts, &mut |_| true).unwrap();
+    let on_gpu_out = m
+        .generate_async(&prompt, &opts, &mut |_| true)
+        .await
+        .unwrap();
+    assert_eq!(on_gpu_out.ids, want.ids);
+    let b = m.gpu().unwrap();
+    let mut lost_midway = |ev: &lorag::llm::TokenEvent| {
+        if ev.index == 1 {
+            b.gpu.device.destroy();
+        }
+        true
+    };
+    let e = m
+        .generate_async(&prompt, &opts, &mut lost_midway)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Device(_)), "{e}");
+    let after = m
+        .generate_async(&prompt, &opts, &mut |_| true)
+        .await
+        .unwrap();
+    assert_eq!(after.ids, want.ids);
+    assert_eq!(
+        m.device().kind,
+        "gpu",
+        "the lost device is still attached until use_device"
+    );
+    let r = m.use_device(DevicePref::Cpu).await.unwrap();
+    assert_eq!(r.kind, "cpu");
+}
+gpu_test!(faults_are_typed_errors_and_a_lost_device_falls_back, faults);
+
+// ---- The element-wise and attention kernels, one by one, against f64 references ----
+
+use lorag::kernels::gpu::{Grid, Kernel};
+
+const U: f64 = 1.0 / (1u64 << 24) as f64; // f32 unit roundoff
+
+fn rand_vec(rng: &mut common::Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0 * scale)
+        .collect()
+}
+
+/// Run one launch for a step of `n` tokens at `pos0`, then read `out` back.
+#[allow(clippy::too_many_arguments)]
+async fn launch(
+    g: &Gpu,
+    kernel: Kernel,
+    buffers: &[&wgpu::Buffer],
+    step: &wgpu::Buffer,
+    grid: Grid,
+    pos0: u32,
+    n: u32,
+    out: &wgpu::Buffer,
+    len: usize,
+) -> Vec<f32> {
+    let words: Vec<u8> = [pos0, n, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    g.queue.write_buffer(step, 0, &words);
+    let d = g.dispatch(kernel, buffers, grid);
+    let staging = g.buffer(
+        "staging",
+        (len * 4) as u64,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    );
+    g.run(&[d], n, |enc| {
+        enc.copy_buffer_to_buffer(out, 0, &staging, 0, (len * 4) as u64)
+    })
+    .unwrap();
+    g.read_mapped(&staging, len).await.unwrap()
+}
+
+/// RMSNorm over 3 tokens of widths 45 and 300 (fewer and more than the 256 invocations). The mean of squares sums
+/// d terms (relative error ≤ d·u), the square root and division add a few ulps, the two products two more: the
+/// output's relative error is at most (d/2 + 8)·u.
+async fn rmsnorm() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(21);
+    for d in [45usize, 300] {
+        let n = 3;
+        let x = rand_vec(&mut rng, n * d, 2.0);
+        let w = rand_vec(&mut rng, d, 1.5);
+        let eps = 1e-5f32;
+        let (xb, wb) = (g.f32_buffer("x", &x), g.f32_buffer("w", &w));
+        let y = g.f32_buffer("y", &vec![0.0; n * d]);
+        let p = g.uniform(&[d as u32, 0, eps.to_bits(), 0]);
+        let step = g.uniform(&[0, 0, 0, 0]);
+        let got = launch(
+            &g,
+            Kernel::RmsNorm,
+            &[&xb, &wb, &y, &p, &step],
+            &step,
+            Grid::TokensX,
+            0,
+            n as u32,
+            &y,
+            n * d,
+        )
+        .await;
+        for t in 0..n {
+            let xs = &x[t * d..(t + 1) * d];
+            let ms = xs.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let s = 1.0 / (ms + eps as f64).sqrt();
+            for i in 0..d {
+                let want = xs[i] as f64 * s * w[i] as f64;
+                let tol = (d as f64 / 2.0 + 8.0) * U * want.abs() + 1e-30;
+                let v = got[t * d + i] as f64;
+                assert!(
+                    (v - want).abs() <= tol,
+                    "rmsnorm d={d} t={t} i={i}: {v} vs {want}"
+                );
+            }
+        }
+        // `last`: only the step's last token, into row 0.
+        let p = g.uniform(&[d as u32, 1, eps.to_bits(), 0]);
+        let y2 = g.f32_buffer("y2", &vec![0.0; d]);
+        let last = launch(
+            &g,
+            Kernel::RmsNorm,
+            &[&xb, &wb, &y2, &p, &step],
+            &step,
+            Grid::One,
+            0,
+            n as u32,
+            &y2,
+            d,
+        )
+        .await;
+        assert_eq!(&last[..], &got[(n - 1) * d..]);
+    }
+}
+gpu_test!(rmsnorm_kernel_matches_the_reference, rmsnorm);
+
+/// SwiGLU on 3 tokens × 50: g/(1 + e^−g)·u. WGSL's exp is within (3 + 2|g|) ulps; the addition, division and
+/// product add three roundings.
+async fn swiglu() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(22);
+    let (n, per) = (3usize, 50usize);
+    let gv = rand_vec(&mut rng, n * per, 6.0);
+    let uv = rand_vec(&mut rng, n * per, 2.0);
+    let (gb, ub) = (g.f32_buffer("g", &gv), g.f32_buffer("u", &uv));
+    let p = g.uniform(&[per as u32, 0, 0, 0]);
+    let step = g.uniform(&[0, 0, 0, 0]);
+    let got = launch(
+        &g,
+        Kernel::SwiGlu,
+        &[&gb, &ub, &p, &step],
+        &step,
+        Grid::Flat(per as u32),
+        0,
+        n as u32,
+        &gb,
+        n * per,
+    )
+    .await;
+    for i in 0..n * per {
+        let (x, u) = (gv[i] as f64, uv[i] as f64);
+        let want = x / (1.0 + (-x).exp()) * u;
+        let tol = (8.0 + 2.0 * x.abs()) * 2.0 * U * want.abs() + 1e-30;
+        assert!(
+            (got[i] as f64 - want).abs() <= tol,
+            "swiglu {i}: {} vs {want}",
+            got[i]
+        );
+    }
+}
+gpu_test!(swiglu_kernel_matches_the_reference, swiglu);
+
+/// RoPE on 3 tokens at positions 5..8, 3 query heads and 1 KV head of 10 dims of which 8 rotate (partial rotary),
+/// pairs and NeoX halves: each rotated value is x0·c − x1·s (or x0·s + x1·c), two products and a sum, so within
+/// 2u·(|x0·c| + |x1·s|) (3u with a fused multiply-add); unrotated dims and v are copied exactly; k and v land at
+/// their positions in the cache and nothing else there changes.
+async fn rope() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(23);
+    let (n, nh, nkv, hd, half, n_ctx, pos0) =
+        (3usize, 3usize, 1usize, 10usize, 4usize, 12usize, 5usize);
+    let cache_off = n_ctx * nkv * hd; // layer 1 of 2
+    for neox in [false, true] {
+        let q = rand_vec(&mut rng, n * nh * hd, 1.0);
+        let k = rand_vec(&mut rng, n * nkv * hd, 1.0);
+        let v = rand_vec(&mut rng, n * nkv * hd, 1.0);
+        let mut cs = Vec::new();
+        for p in 0..n_ctx {
+            for i in 0..half {
+                let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / (2 * half) as f64);
+                cs.extend([a.cos() as f32, a.sin() as f32]);
+            }
+        }
+        let (qb, kb, vb) = (
+            g.f32_buffer("q", &q),
+            g.f32_buffer("k", &k),
+            g.f32_buffer("v", &v),
+        );
+        let kc = g.f32_buffer("kc", &vec![0.0; 2 * cache_off]);
+        let vc = g.f32_buffer("vc", &vec![0.0; 2 * cache_off]);
+        let csb = g.f32_buffer("cs", &cs);
+        let p = g.uniform(&[
+            nh as u32,
+            nkv as u32,
+            hd as u32,
+            half as u32,
+            neox as u32,
+            cache_off as u32,
+            0,
+            0,
+        ]);
+        let step = g.uniform(&[0, 0, 0, 0]);
+        let per = (nh * half + nkv * hd) as u32;
+        let bufs = [&qb, &kb, &vb, &kc, &vc, &csb, &p, &step];
+        let gq = launch(
+            &g,
+            Kernel::Rope,
+            &bufs,
+            &step,
+            Grid::Flat(per),
+            pos0 as u32,
+            n as u32,
+            &qb,
+            q.len(),
+        )
+        .await;
+        let gk = g
+            .read_mapped(
+                &{
+                    let s = g.buffer(
+                        "s",
+                        (2 * cache_off * 4) as u64,
+                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    );
+                    g.run(&[], 0, |enc| {
+                        enc.copy_buffer_to_buffer(&kc, 0, &s, 0, (2 * cache_off * 4) as u64)
+                    })
+                    .unwrap();
+                    s
+                },
+                2 * cache_off,
+            )
+            .await
+            .unwrap();
+        let gv = g
+            .read_mapped(
+                &{
+                    let s = g.buffer(
+                        "s",
+                        (2 * cache_off * 4) as u64,
+                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    );
+                    g.run(&[], 0, |enc| {
+                        enc.copy_buffer_to_buffer(&vc, 0, &s, 0, (2 * cache_off * 4) as u64)
+                    })
+                    .unwrap();
+                    s
+                },
+                2 * cache_off,
+            )
+            .await
+            .unwrap();
+        let rot = |x: &[f32], t: usize| -> Vec<(f64, f64)> {
+            // (value, tolerance) per dim of one head
+            let mut out: Vec<(f64, f64)> = x.iter().map(|&v| (v as f64, 0.0)).collect();
+            for i in 0..half {
+                let (a, b) = if neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let c = cs[((pos0 + t) * half + i) * 2] as f64;
+                let s = cs[((pos0 + t) * half + i) * 2 + 1] as f64;
+                let (x0, x1) = (x[a] as f64, x[b] as f64);
+                out[a] = (x0 * c - x1 * s, 3.0 * U * ((x0 * c).abs() + (x1 * s).abs()));
+                out[b] = (x0 * s + x1 * c, 3.0 * U * ((x0 * s).abs() + (x1 * c).abs()));
+            }
+            out
+        };
+        for t in 0..n {
+            for h in 0..nh {
+                let o = t * nh * hd + h * hd;
+                for (d, (want, tol)) in rot(&q[o..o + hd], t).into_iter().enumerate() {
+                    assert!(
+                        (gq[o + d] as f64 - want).abs() <= tol,
+                        "q t{t} h{h} d{d} neox {neox}"
+                    );
+                }
+            }
+            let src = t * nkv * hd;
+            let dst = cache_off + (pos0 + t) * nkv * hd;
+            for (d, (want, tol)) in rot(&k[src..src + hd], t).into_iter().enumerate() {
+                assert!(
+                    (gk[dst + d] as f64 - want).abs() <= tol,
+                    "k t{t} d{d} neox {neox}"
+                );
+            }
+            assert_eq!(&gv[dst..dst + hd], &v[src..src + hd]);
+        }
+        let written = cache_off + pos0 * hd..cache_off + (pos0 + n) * hd;
+        for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
+            assert_eq!((gk[i], gv[i]), (0.0, 0.0), "cache slot {i} touched");
+        }
+    }
+}
+gpu_test!(rope_kernel_matches_the_reference, rope);
+
+/// Causal attention for 3 tokens at positions 6..9 over a cache of 20 with 4 query heads sharing 2 KV heads of 10
+/// dims. Each score is a 10-term dot product (error δ ≤ 10u·Σ|q·k|·scale); softmax weights then err by at most
+/// 2δ_max relative plus a few ulps for exp and the division, and the output sums len terms: the bound is
+/// Σ p_j|v_j| · (4δ_max + (len + 10)·u).
+async fn attention() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(24);
+    let (n, nh, nkv, hd, n_ctx, pos0) = (3usize, 4usize, 2usize, 10usize, 20usize, 6usize);
+    let kv_dim = nkv * hd;
+    let q = rand_vec(&mut rng, n * nh * hd, 1.5);
+    let mut kc = rand_vec(&mut rng, 2 * n_ctx * kv_dim, 1.5);
+    let mut vc = rand_vec(&mut rng, 2 * n_ctx * kv_dim, 1.0);
+    // Positions after the last token hold garbage the kernel must not read.
+    let cache_off = n_ctx * kv_dim;
+    for i in cache_off + (pos0 + n) * kv_dim..2 * cache_off {
+        kc[i] = f32::NAN;
+        vc[i] = f32::NAN;
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qb, kb, vb) = (
+        g.f32_buffer("q", &q),
+        g.f32_buffer("kc", &kc),
+        g.f32_buffer("vc", &vc),
+    );
+    let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
+    let ob = g.f32_buffer("out", &vec![0.0; n * nh * hd]);
+    let p = g.uniform(&[
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        n_ctx as u32,
+        cache_off as u32,
+        scale.to_bits(),
+        0,
+        0,
+    ]);
+    let step = g.uniform(&[0, 0, 0, 0]);
+    let got = launch(
+        &g,
+        Kernel::Attention,
+        &[&qb, &kb, &vb, &sb, &ob, &p, &step],
+        &step,
+        Grid::TokensY(nh as u32),
+        pos0 as u32,
+        n as u32,
+        &ob,
+        n * nh * hd,
+    )
+    .await;
+    for t in 0..n {
+        let len = pos0 + t + 1;
+        for h in 0..nh {
+            let kvh = h / (nh / nkv);
+            let qv = &q[t * nh * hd + h * hd..][..hd];
+            let mut s = Vec::new();
+            let mut dmax = 0f64;
+            for j in 0..len {
+                let kj = &kc[cache_off + j * kv_dim + kvh * hd..][..hd];
+                let dot: f64 = qv.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let mag: f64 = qv
+                    .iter()
+                    .zip(kj)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                dmax = dmax.max(hd as f64 * U * mag * scale as f64);
+                s.push(dot * scale as f64);
+            }
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let mut want = 0.0;
+                let mut mag = 0.0;
+                for j in 0..len {
+                    let vj = vc[cache_off + j * kv_dim + kvh * hd + d] as f64;
+                    want += e[j] / sum * vj;
+                    mag += e[j] / sum * vj.abs();
+                }
+                let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
+                let v = got[t * nh * hd + h * hd + d] as f64;
+                assert!(
+                    (v - want).abs() <= tol,
+                    "attention t{t} h{h} d{d}: {v} vs {want} (tol {tol})"
+                );
+            }
+        }
+    }
+}
+gpu_test!(attention_kernel_matches_the_reference, attention);

@@ -407,6 +407,16 @@ impl Gpu {
         block_on(Gpu::new())
     }
 
+    /// Compile a WGSL module; a compile error is `Error::Device` naming the kernel.
+    pub async fn compile(&self, name: &str, src: &str) -> Result<wgpu::ShaderModule> {
+        shader(&self.device, name, src).await
+    }
+
+    /// Treat the device as lost from now on (a failure that means it is unusable).
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+
     /// `Err` once the device is lost.
     pub fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {

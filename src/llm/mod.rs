@@ -546,9 +546,13 @@ impl Model {
                 &lora,
             )?;
             let mut stepper = GpuStepper(session);
-            return self
+            let r = self
                 .generate_core(&mut stepper, prompt, opts, on_token)
                 .await;
+            if matches!(r, Err(Error::Device(_))) {
+                b.gpu.mark_lost();
+            }
+            return r;
         }
         self.generate(prompt, opts, on_token)
     }
