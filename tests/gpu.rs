@@ -147,6 +147,20 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>) {
             );
         }
         let got = g.matvec(&m, &xs, n).await.unwrap();
+        // Several tokens go through the tiled pipeline (each weight decoded once for the tile), one token through
+        // the plain one; each token's sum runs in the same order in both, so the bits agree.
+        for t in 0..n {
+            let one = g
+                .matvec(&m, &xs[t * cols..(t + 1) * cols], 1)
+                .await
+                .unwrap();
+            assert_eq!(
+                &one[..],
+                &got[t * rows..(t + 1) * rows],
+                "{} tiled vs single",
+                ty.name()
+            );
+        }
         let rb = ty.row_bytes(cols).unwrap();
         let mut deq = vec![0.0f32; cols];
         for t in 0..n {

@@ -61,7 +61,7 @@ pub struct Gpu {
     lost: Arc<AtomicBool>,
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
-    matvec: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    matvec: Mutex<Vec<((u32, u32), wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
 }
 
@@ -231,11 +231,22 @@ pub struct Dispatch {
     pub bind_group: wgpu::BindGroup,
     /// Workgroup counts.
     pub grid: Grid,
+    /// For steps of several tokens: a pipeline handling `TILE` tokens per workgroup (same bindings).
+    pub tiled: Option<wgpu::ComputePipeline>,
 }
+
+/// Tokens per workgroup of the tiled matvec pipeline (prefill).
+pub const TILE: u32 = 8;
 
 impl Dispatch {
     /// Record into a compute pass for a step of `n` tokens.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        if let (Some(p), Grid::TokensZ(x, y), true) = (&self.tiled, self.grid, n > 1) {
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, &self.bind_group, &[]);
+            pass.dispatch_workgroups(x, y, n.div_ceil(TILE));
+            return;
+        }
         let (x, y, z) = self.grid.groups(n);
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
@@ -352,6 +363,16 @@ impl Gpu {
             },
             count: None,
         };
+        let uniform = |binding| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
         let matvec_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("matvec"),
             entries: &[
@@ -359,16 +380,8 @@ impl Gpu {
                 storage(1, true),
                 storage(2, false),
                 storage(3, true),
-                wgpu::BindGroupLayoutEntry {
-                    binding: 4,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                },
+                uniform(4),
+                uniform(5),
             ],
         });
         let mut kernels = Vec::new();
@@ -538,9 +551,9 @@ impl Gpu {
         })
     }
 
-    fn matvec_pipeline(&self, ty: GgmlType) -> wgpu::ComputePipeline {
+    fn matvec_pipeline(&self, ty: GgmlType, tile: u32) -> wgpu::ComputePipeline {
         let mut cache = self.matvec.lock().unwrap();
-        if let Some((_, p)) = cache.iter().find(|(t, _)| *t == ty.id()) {
+        if let Some((_, p)) = cache.iter().find(|(k, _)| *k == (ty.id(), tile)) {
             return p.clone();
         }
         let layout = self
@@ -558,28 +571,30 @@ impl Gpu {
                 module: &self.matvec_module,
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[("TY", ty.id() as f64)],
+                    constants: &[("TY", ty.id() as f64), ("TT", tile as f64)],
                     ..Default::default()
                 },
                 cache: None,
             });
-        cache.push((ty.id(), p.clone()));
+        cache.push(((ty.id(), tile), p.clone()));
         p
     }
 
-    /// The dispatches computing `y (+)= scale · W·x (+ bias)` for `n` tokens: `x` holds token t's input at
-    /// `in_off + t·in_stride`, `y` gets row r of token t at `out_off + t·out_stride + r`. Built once, recorded
-    /// as often as needed (the buffers' contents may change between recordings).
-    #[allow(clippy::too_many_arguments)]
+    /// The dispatches computing `y (+)= scale · W·x (+ bias)` for the step's tokens (`step` holds `[pos0, n,
+    /// 0, 0]`): `x` holds token t's input at `in_off + t·in_stride`, `y` gets row r of token t at
+    /// `out_off + t·out_stride + r`. Built once, recorded as often as needed (the buffers' contents may change
+    /// between recordings); steps of several tokens use the tiled pipeline.
     pub fn matvec_dispatches(
         &self,
         m: &GpuMatrix,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         bias: Option<&wgpu::Buffer>,
+        step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
-        let pipeline = self.matvec_pipeline(m.ty);
+        let pipeline = self.matvec_pipeline(m.ty, 1);
+        let tiled = self.matvec_pipeline(m.ty, TILE);
         let dummy;
         let bias_buf = match bias {
             Some(b) => b,
@@ -627,6 +642,10 @@ impl Gpu {
                             binding: 4,
                             resource: uniform.as_entire_binding(),
                         },
+                        wgpu::BindGroupEntry {
+                            binding: 5,
+                            resource: step.as_entire_binding(),
+                        },
                     ],
                 });
                 let groups = rows.div_ceil(4) as u32;
@@ -635,6 +654,7 @@ impl Gpu {
                     pipeline: pipeline.clone(),
                     bind_group,
                     grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
+                    tiled: Some(tiled.clone()),
                 }
             })
             .collect()
@@ -672,6 +692,7 @@ impl Gpu {
             pipeline,
             bind_group,
             grid,
+            tiled: None,
         }
     }
 
@@ -753,11 +774,13 @@ impl Gpu {
             size,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
+        let step = self.uniform(&[0, n as u32, 0, 0]);
         let d = self.matvec_dispatches(
             m,
             &x,
             &y,
             None,
+            &step,
             MatvecParams {
                 in_stride: m.cols as u32,
                 out_stride: m.rows as u32,

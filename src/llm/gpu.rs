@@ -166,6 +166,7 @@ impl<'a> GpuSession<'a> {
                     x,
                     y,
                     bias,
+                    &step,
                     MatvecParams {
                         in_stride: m.cols as u32,
                         out_stride: m.rows as u32,

@@ -4,8 +4,11 @@
 // weight is computed with the same operations, in the same association, as the scalar reference
 // (quant::dequantize_row_ref), so weights are bit-identical; only the order of the sum differs.
 //
-// A workgroup of 64 invocations handles 4 rows (16 lanes per row); lanes take units round-robin and are summed
-// in workgroup memory. Workgroups are laid out in x and y (more than 65,535 row groups) and z is the token.
+// A workgroup of 64 invocations handles 4 rows (16 lanes per row) for TT tokens (a register tile: each weight
+// is decoded once and used for all TT tokens, which is what makes prefill cheaper than TT separate products);
+// lanes take units round-robin and are summed in workgroup memory. Workgroups are laid out in x and y (more than
+// 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each token's sum runs in the same
+// order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines give identical bits.
 
 struct Params {
     rows: u32,
@@ -23,16 +26,28 @@ struct Params {
 }
 
 override TY: u32 = 0u;
+override TT: u32 = 1u;
+const TMAX: u32 = 8u;
+struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<storage, read> BIAS: array<f32>;
 @group(0) @binding(4) var<uniform> P: Params;
+@group(0) @binding(5) var<uniform> STEP: Step;
 
 const LANES: u32 = 16u;
 const RPW: u32 = 4u;
-var<workgroup> part: array<f32, 64>;
+var<workgroup> part: array<f32, 512>;
+var<private> acc: array<f32, 8>;
+var<private> xo: array<u32, 8>;
+var<private> nt: u32;
+
+// acc[t] += w · x_t[j] for the tile's tokens.
+fn put(j: u32, w: f32) {
+    for (var t = 0u; t < nt; t++) { acc[t] += w * X[xo[t] + j]; }
+}
 
 fn byte_at(off: u32) -> u32 {
     return (W[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
@@ -59,24 +74,23 @@ fn scale_min_k4(j: u32, sc: u32) -> vec2<u32> {
     return vec2<u32>(s, m);
 }
 
-// Dot product of unit u of row r with x (starting at xo).
-fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
+// Unit u of row r dotted with the tile's inputs (xo[t] = start of unit u in token t's input), into acc[t].
+fn unit_dot(r: u32, u: u32) {
     let rb = P.w_off + r * P.row_bytes;
-    var acc = 0.0;
     switch TY {
         case 0u: { // F32
             let n = min(32u, P.cols - u * 32u);
             let w0 = (rb >> 2u) + u * 32u;
-            for (var e = 0u; e < n; e++) { acc += bitcast<f32>(W[w0 + e]) * X[xo + e]; }
+            for (var e = 0u; e < n; e++) { put(e, bitcast<f32>(W[w0 + e])); }
         }
         case 1u: { // F16
             let n = min(32u, P.cols - u * 32u);
-            for (var e = 0u; e < n; e++) { acc += f16_at(rb + (u * 32u + e) * 2u) * X[xo + e]; }
+            for (var e = 0u; e < n; e++) { put(e, f16_at(rb + (u * 32u + e) * 2u)); }
         }
         case 30u: { // BF16
             let n = min(32u, P.cols - u * 32u);
             for (var e = 0u; e < n; e++) {
-                acc += bitcast<f32>(u16_at(rb + (u * 32u + e) * 2u) << 16u) * X[xo + e];
+                put(e, bitcast<f32>(u16_at(rb + (u * 32u + e) * 2u) << 16u));
             }
         }
         case 2u: { // Q4_0: d f16 | qs[16]
@@ -84,8 +98,8 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
             let d = f16_at(b);
             for (var j = 0u; j < 16u; j++) {
                 let v = byte_at(b + 2u + j);
-                acc += d * f32(i32(v & 15u) - 8) * X[xo + j];
-                acc += d * f32(i32(v >> 4u) - 8) * X[xo + j + 16u];
+                put(j, d * f32(i32(v & 15u) - 8));
+                put(j + 16u, d * f32(i32(v >> 4u) - 8));
             }
         }
         case 3u: { // Q4_1: d f16 | m f16 | qs[16]
@@ -94,8 +108,8 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
             let m = f16_at(b + 2u);
             for (var j = 0u; j < 16u; j++) {
                 let v = byte_at(b + 4u + j);
-                acc += (d * f32(v & 15u) + m) * X[xo + j];
-                acc += (d * f32(v >> 4u) + m) * X[xo + j + 16u];
+                put(j, (d * f32(v & 15u) + m));
+                put(j + 16u, (d * f32(v >> 4u) + m));
             }
         }
         case 6u: { // Q5_0: d f16 | qh u32 | qs[16]
@@ -106,8 +120,8 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
                 let v = byte_at(b + 6u + j);
                 let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
                 let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
-                acc += d * f32(i32(lo) - 16) * X[xo + j];
-                acc += d * f32(i32(hi) - 16) * X[xo + j + 16u];
+                put(j, d * f32(i32(lo) - 16));
+                put(j + 16u, d * f32(i32(hi) - 16));
             }
         }
         case 7u: { // Q5_1: d f16 | m f16 | qh u32 | qs[16]
@@ -119,14 +133,14 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
                 let v = byte_at(b + 8u + j);
                 let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
                 let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
-                acc += (d * f32(lo) + m) * X[xo + j];
-                acc += (d * f32(hi) + m) * X[xo + j + 16u];
+                put(j, (d * f32(lo) + m));
+                put(j + 16u, (d * f32(hi) + m));
             }
         }
         case 8u: { // Q8_0: d f16 | qs i8[32]
             let b = rb + u * 34u;
             let d = f16_at(b);
-            for (var j = 0u; j < 32u; j++) { acc += d * i8_of(byte_at(b + 2u + j)) * X[xo + j]; }
+            for (var j = 0u; j < 32u; j++) { put(j, d * i8_of(byte_at(b + 2u + j))); }
         }
         case 12u: { // Q4_K: d f16 | dmin f16 | scales[12] | qs[128]; unit = sub-block s of super-block u / 8
             let s = u % 8u;
@@ -138,7 +152,7 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
             let shift = (s % 2u) * 4u;
             for (var l = 0u; l < 32u; l++) {
                 let q = (byte_at(q0 + l) >> shift) & 15u;
-                acc += (d1 * f32(q) - m1) * X[xo + l];
+                put(l, (d1 * f32(q) - m1));
             }
         }
         case 13u: { // Q5_K: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
@@ -151,7 +165,7 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
             let shift = (s % 2u) * 4u;
             for (var l = 0u; l < 32u; l++) {
                 let q = ((byte_at(q0 + l) >> shift) & 15u) | (((byte_at(b + 16u + l) >> s) & 1u) << 4u);
-                acc += (d1 * f32(q) - m1) * X[xo + l];
+                put(l, (d1 * f32(q) - m1));
             }
         }
         case 14u: { // Q6_K: ql[128] | qh[64] | scales i8[16] | d f16
@@ -166,12 +180,11 @@ fn unit_dot(r: u32, u: u32, xo: u32) -> f32 {
                 let high = (byte_at(b + 128u + 32u * n + l) >> (2u * g)) & 3u;
                 let q = i32(low | (high << 4u)) - 32;
                 let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + l) / 16u));
-                acc += (d * sc) * f32(q) * X[xo + l];
+                put(l, (d * sc) * f32(q));
             }
         }
         default: {}
     }
-    return acc;
 }
 
 @compute @workgroup_size(64)
@@ -182,32 +195,35 @@ fn main(
 ) {
     let row = (wg.x + wg.y * nwg.x) * RPW + li / LANES;
     let lane = li % LANES;
-    let tok = wg.z;
-    var acc = 0.0;
+    let tok0 = wg.z * TT;
+    nt = min(TT, STEP.n - min(STEP.n, tok0));
+    for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
         let units = (P.cols + 31u) / 32u;
-        let x0 = P.in_off + tok * P.in_stride;
         for (var u = lane; u < units; u += LANES) {
-            acc += unit_dot(row, u, x0 + u * 32u);
+            for (var t = 0u; t < nt; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
+            unit_dot(row, u);
         }
     }
-    part[li] = acc;
+    for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }
     workgroupBarrier();
     for (var s = LANES / 2u; s > 0u; s = s / 2u) {
         if (lane < s) {
-            part[li] += part[li + s];
+            for (var t = 0u; t < TT; t++) { part[t * 64u + li] += part[t * 64u + li + s]; }
         }
         workgroupBarrier();
     }
     if (lane == 0u && row < P.rows) {
-        var v = part[li] * P.scale;
-        if (P.has_bias != 0u) {
-            v += BIAS[P.bias_off + row];
+        for (var t = 0u; t < nt; t++) {
+            var v = part[t * 64u + li] * P.scale;
+            if (P.has_bias != 0u) {
+                v += BIAS[P.bias_off + row];
+            }
+            let o = P.out_off + (tok0 + t) * P.out_stride + row;
+            if (P.accumulate != 0u) {
+                v += Y[o];
+            }
+            Y[o] = v;
         }
-        let o = P.out_off + tok * P.out_stride + row;
-        if (P.accumulate != 0u) {
-            v += Y[o];
-        }
-        Y[o] = v;
     }
 }
