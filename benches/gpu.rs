@@ -1,0 +1,137 @@
+//! GPU kernel and generation speed, for the machines that have a GPU (on a software adapter the figures only
+//! show that it runs): the matvec kernel's bandwidth and arithmetic on a 4096 × 4096 matrix per format, one token
+//! and a tile of 64, and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
+//! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3).
+//!   cargo bench --bench gpu
+use lorag::kernels::gpu::Gpu;
+use lorag::kernels::{block_on, DevicePref};
+use lorag::llm::quant::GgmlType;
+use lorag::llm::{GenerateOptions, Model, SamplerConfig};
+use std::time::Instant;
+
+fn main() {
+    let g = match Gpu::new_blocking() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("no GPU: {e}");
+            return;
+        }
+    };
+    println!(
+        "adapter: {} ({}, {}{})",
+        g.info.name,
+        g.info.backend,
+        g.info.device_type,
+        if g.info.software { ", software" } else { "" }
+    );
+    let (rows, cols) = (4096usize, 4096usize);
+    let mut s = 0x1234_5678u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    println!(
+        "{:<6} {:>6} {:>10} {:>10} {:>10}",
+        "type", "tokens", "ms", "GB/s", "GFLOP/s"
+    );
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut w: Vec<u8> = (0..rows * rb).map(|_| next() as u8).collect();
+        // Keep every scale a small normal number (f16 0x2000 ≈ 2^-7) so no NaN or infinity appears.
+        let scale_offsets: &[usize] = match ty {
+            GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => &[],
+        };
+        if ty == GgmlType::F32 {
+            for c in w.chunks_exact_mut(4) {
+                c.copy_from_slice(&0.01f32.to_le_bytes());
+            }
+        } else if ty == GgmlType::F16 {
+            for c in w.chunks_exact_mut(2) {
+                c.copy_from_slice(&0x2000u16.to_le_bytes());
+            }
+        } else {
+            for b in w.chunks_exact_mut(ty.block_bytes()) {
+                for &o in scale_offsets {
+                    b[o..o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+                }
+            }
+        }
+        let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
+        for n in [1usize, 64] {
+            let x = vec![0.5f32; n * cols];
+            block_on(g.matvec(&m, &x, n)).unwrap(); // warm-up (pipelines)
+            let reps = 5;
+            let t = Instant::now();
+            for _ in 0..reps {
+                block_on(g.matvec(&m, &x, n)).unwrap();
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
+            let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
+            println!(
+                "{:<6} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1}",
+                ty.name()
+            );
+        }
+    }
+    drop(g);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bytes =
+        std::fs::read(root.join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .expect("scripts/fetch-models first");
+    let lp: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("../shared/peers/data/llm_prompt.json")).unwrap(),
+    )
+    .unwrap();
+    let cpu = Model::from_bytes(bytes.clone()).unwrap();
+    let mut gpu = Model::from_bytes(bytes).unwrap();
+    block_on(gpu.use_device(DevicePref::Gpu)).unwrap();
+    let prompt = cpu.encode(lp["prompt"].as_str().unwrap(), false).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 64,
+        sampler: SamplerConfig::greedy(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let reps: usize = std::env::var("GPU_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (mut cp, mut cd, mut gp, mut gd) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let c = cpu.generate(&prompt, &opts, &mut |_| true).unwrap();
+        let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
+        assert_eq!(c.ids, o.ids, "GPU and CPU greedy tokens differ");
+        cp.push(c.prefill_tok_s());
+        cd.push(c.decode_tok_s());
+        gp.push(o.prefill_tok_s());
+        gd.push(o.decode_tok_s());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("SmolLM2-135M Q4_1, {} prompt tokens, 64 generated (same tokens on both), medians of {reps}:", prompt.len());
+    println!(
+        "  CPU: prefill {:.1} tok/s, decode {:.1} tok/s",
+        med(&mut cp),
+        med(&mut cd)
+    );
+    println!(
+        "  GPU: prefill {:.1} tok/s, decode {:.1} tok/s",
+        med(&mut gp),
+        med(&mut gd)
+    );
+}
