@@ -28,9 +28,10 @@ macro_rules! gpu_test {
 
 /// The GPU, or `None` where this environment legitimately has none (Node; a native machine without Vulkan when
 /// LORAG_REQUIRE_GPU is not set). Where one must exist, its absence fails the test.
-async fn gpu() -> Option<Gpu> {
+#[allow(clippy::arc_with_non_send_sync)] // wasm's WebGPU handles are neither; one thread there
+async fn gpu() -> Option<std::sync::Arc<Gpu>> {
     match Gpu::new().await {
-        Ok(g) => Some(g),
+        Ok(g) => Some(std::sync::Arc::new(g)),
         Err(e) => {
             assert!(matches!(e, Error::Device(_)), "{e:?}");
             #[cfg(target_arch = "wasm32")]
@@ -215,11 +216,11 @@ use lorag::llm::gpu::GpuSession;
 use lorag::llm::{GenerateOptions, Model, SamplerConfig};
 use std::sync::atomic::Ordering;
 
-/// The model on the GPU (forced, software adapters included), or `None` where there is legitimately none.
+/// The model on a GPU of its own (software adapters included), or `None` where there is legitimately none.
 async fn on_gpu(bytes: Vec<u8>) -> Option<Model> {
-    gpu().await?;
+    let g = gpu().await?;
     let mut m = Model::from_bytes(bytes).unwrap();
-    let r = m.use_device(DevicePref::Gpu).await.unwrap();
+    let r = m.attach_gpu(g).unwrap();
     assert_eq!(r.kind, "gpu");
     Some(m)
 }

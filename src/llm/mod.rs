@@ -57,7 +57,7 @@ pub struct Model {
 #[cfg(feature = "gpu")]
 pub struct GpuBackend {
     /// The device.
-    pub gpu: crate::kernels::gpu::Gpu,
+    pub gpu: std::sync::Arc<crate::kernels::gpu::Gpu>,
     weights: gpu::GpuWeights,
 }
 
@@ -485,13 +485,14 @@ impl Model {
                     g.info.name
                 ))));
             }
-            let weights = match gpu::GpuWeights::upload(&g, &self.weights, &self.data) {
-                Ok(w) => w,
-                Err(e) if auto => return Ok(DeviceReport::cpu(Some(e.to_string()))),
-                Err(e) => return Err(e),
-            };
-            self.gpu = Some(GpuBackend { gpu: g, weights });
-            Ok(self.device())
+            #[allow(clippy::arc_with_non_send_sync)]
+            // wasm's WebGPU handles are neither; one thread there
+            let g = std::sync::Arc::new(g);
+            match self.attach_gpu(g) {
+                Ok(r) => Ok(r),
+                Err(e) if auto => Ok(DeviceReport::cpu(Some(e.to_string()))),
+                Err(e) => Err(e),
+            }
         }
         #[cfg(not(feature = "gpu"))]
         match pref {
@@ -501,6 +502,19 @@ impl Model {
             ))),
             DevicePref::Cpu => Ok(DeviceReport::cpu(None)),
         }
+    }
+
+    /// Run on `gpu`, a device opened once and shared (with other models, or across tests): the weights are
+    /// uploaded to it and compiled kernels are reused.
+    #[cfg(feature = "gpu")]
+    pub fn attach_gpu(
+        &mut self,
+        gpu: std::sync::Arc<crate::kernels::gpu::Gpu>,
+    ) -> Result<crate::kernels::DeviceReport> {
+        self.gpu = None;
+        let weights = gpu::GpuWeights::upload(&gpu, &self.weights, &self.data)?;
+        self.gpu = Some(GpuBackend { gpu, weights });
+        Ok(self.device())
     }
 
     /// Where the model runs now.
