@@ -276,18 +276,18 @@ impl Adapter {
         Ok(())
     }
 
+    /// Every adapted matrix: (layer, target, matrix), in layer and target order.
+    pub fn mats(&self) -> impl Iterator<Item = (usize, Target, &LoraMat)> {
+        self.layers.iter().enumerate().flat_map(|(l, ms)| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| ms[t.index()].as_ref().map(|m| (l, t, m)))
+        })
+    }
+
     /// A summary.
     pub fn info(&self) -> AdapterInfo {
-        let mats: Vec<(usize, Target, &LoraMat)> = self
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(l, ms)| {
-                Target::ALL
-                    .into_iter()
-                    .filter_map(move |t| ms[t.index()].as_ref().map(|m| (l, t, m)))
-            })
-            .collect();
+        let mats: Vec<(usize, Target, &LoraMat)> = self.mats().collect();
         let mut targets: Vec<Target> = mats.iter().map(|m| m.1).collect();
         targets.sort();
         targets.dedup();
@@ -311,16 +311,7 @@ impl Adapter {
     /// (scale = alpha / rank): alpha is taken from the first matrix, and a matrix whose scale differs has its B
     /// multiplied by the difference, so loading the file gives the same products.
     pub fn to_gguf(&self, arch: Arch) -> Vec<u8> {
-        let mats: Vec<(usize, Target, &LoraMat)> = self
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(l, ms)| {
-                Target::ALL
-                    .into_iter()
-                    .filter_map(move |t| ms[t.index()].as_ref().map(|m| (l, t, m)))
-            })
-            .collect();
+        let mats: Vec<(usize, Target, &LoraMat)> = self.mats().collect();
         let alpha = mats
             .first()
             .map_or(1.0, |m| m.2.scale * m.2.rank as f32)
@@ -406,16 +397,7 @@ impl Adapter {
             return Err(err("adapter.lora.alpha", format!("{alpha} is not finite")));
         }
         let mut out = Adapter::empty(base.cfg.n_layer, AdapterFormat::Gguf);
-        let mut pairs: std::collections::BTreeMap<(usize, Target), [Option<usize>; 2]> =
-            Default::default();
-        for (i, t) in g.tensors.iter().enumerate() {
-            let (layer, target, which) = parse_gguf_name(&t.name)?;
-            let slot = &mut pairs.entry((layer, target)).or_default()[which];
-            if slot.is_some() {
-                return Err(err(&t.name, "appears twice"));
-            }
-            *slot = Some(i);
-        }
+        let pairs = pair_up(g.tensors.iter().map(|t| t.name.as_str()), parse_gguf_name)?;
         for ((layer, target), [a, b]) in pairs {
             let stem = format!("blk.{layer}.{}.weight", target.gguf_name());
             let (Some(a), Some(b)) = (a, b) else {
@@ -460,23 +442,17 @@ impl Adapter {
     pub fn from_peft(config_json: &[u8], safetensors: &[u8], base: &Weights) -> Result<Adapter> {
         let cfg = PeftConfig::parse(config_json)?;
         let st = SafeTensors::parse(safetensors, SafetensorsLimits::default())?;
-        let mut pairs: std::collections::BTreeMap<(usize, Target), [Option<usize>; 2]> =
-            Default::default();
-        for (i, t) in st.tensors.iter().enumerate() {
-            let (layer, target, which) = parse_peft_name(&t.name)?;
+        let pairs = pair_up(st.tensors.iter().map(|t| t.name.as_str()), |name| {
+            let (layer, target, which) = parse_peft_name(name)?;
             let key = format!("model.layers.{layer}.{}", target.peft_path());
             if !cfg.targets(&key, target) {
                 return Err(err(
-                    &t.name,
+                    name,
                     "its module is not in adapter_config.json's target_modules",
                 ));
             }
-            let slot = &mut pairs.entry((layer, target)).or_default()[which];
-            if slot.is_some() {
-                return Err(err(&t.name, "appears twice"));
-            }
-            *slot = Some(i);
-        }
+            Ok((layer, target, which))
+        })?;
         let mut out = Adapter::empty(base.cfg.n_layer, AdapterFormat::Peft);
         for ((layer, target), [a, b]) in pairs {
             let key = format!("model.layers.{layer}.{}", target.peft_path());
@@ -549,17 +525,24 @@ pub fn hf_rows_to_gguf(m: &[f32], rows: usize, cols: usize, heads: usize) -> Vec
     out
 }
 
-/// The inverse of [`hf_rows_to_gguf`].
-pub fn gguf_rows_to_hf(m: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let mut out = vec![0.0; m.len()];
-    for g in 0..rows {
-        let (h, j) = (g / hd, g % hd);
-        let (i, c) = (j / 2, j % 2);
-        let hf = h * hd + c * hd / 2 + i;
-        out[hf * cols..(hf + 1) * cols].copy_from_slice(&m[g * cols..(g + 1) * cols]);
+/// The indices of each (layer, target)'s A (`[0]`) and B (`[1]`) tensors among `names`, each name read by `parse`
+/// into (layer, target, 0 for A / 1 for B); a tensor named twice is an error.
+type Pairs = std::collections::BTreeMap<(usize, Target), [Option<usize>; 2]>;
+
+fn pair_up<'a>(
+    names: impl Iterator<Item = &'a str>,
+    parse: impl Fn(&str) -> Result<(usize, Target, usize)>,
+) -> Result<Pairs> {
+    let mut pairs = Pairs::new();
+    for (i, name) in names.enumerate() {
+        let (layer, target, which) = parse(name)?;
+        let slot = &mut pairs.entry((layer, target)).or_default()[which];
+        if slot.is_some() {
+            return Err(err(name, "appears twice"));
+        }
+        *slot = Some(i);
     }
-    out
+    Ok(pairs)
 }
 
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {

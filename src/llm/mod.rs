@@ -392,13 +392,9 @@ impl Model {
             )));
         }
         let mut checked = Adapter::empty(self.weights.cfg.n_layer, adapter.format);
-        for l in 0..self.weights.cfg.n_layer.max(adapter.n_layers()) {
-            for t in Target::ALL {
-                if let Some(m) = adapter.get(l, t) {
-                    let tensor = format!("blk.{l}.{}", t.gguf_name());
-                    checked.set(&self.weights, &tensor, l, t, m.clone())?;
-                }
-            }
+        for (l, t, m) in adapter.mats() {
+            let tensor = format!("blk.{l}.{}", t.gguf_name());
+            checked.set(&self.weights, &tensor, l, t, m.clone())?;
         }
         let info = checked.info();
         match self.adapters.iter_mut().find(|a| a.0 == name) {
