@@ -434,16 +434,7 @@ async fn launch(
         .collect();
     g.queue.write_buffer(step, 0, &words);
     let d = g.dispatch(kernel, buffers, grid);
-    let staging = g.buffer(
-        "staging",
-        (len * 4) as u64,
-        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-    );
-    g.run(&[d], n, |enc| {
-        enc.copy_buffer_to_buffer(out, 0, &staging, 0, (len * 4) as u64)
-    })
-    .unwrap();
-    g.read_mapped(&staging, len).await.unwrap()
+    g.run_and_read(&[d], n, out, len).await.unwrap()
 }
 
 /// RMSNorm over 3 tokens of widths 45 and 300 (fewer and more than the 256 invocations). The mean of squares sums
@@ -597,42 +588,8 @@ async fn rope() {
             q.len(),
         )
         .await;
-        let gk = g
-            .read_mapped(
-                &{
-                    let s = g.buffer(
-                        "s",
-                        (2 * cache_off * 4) as u64,
-                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    );
-                    g.run(&[], 0, |enc| {
-                        enc.copy_buffer_to_buffer(&kc, 0, &s, 0, (2 * cache_off * 4) as u64)
-                    })
-                    .unwrap();
-                    s
-                },
-                2 * cache_off,
-            )
-            .await
-            .unwrap();
-        let gv = g
-            .read_mapped(
-                &{
-                    let s = g.buffer(
-                        "s",
-                        (2 * cache_off * 4) as u64,
-                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    );
-                    g.run(&[], 0, |enc| {
-                        enc.copy_buffer_to_buffer(&vc, 0, &s, 0, (2 * cache_off * 4) as u64)
-                    })
-                    .unwrap();
-                    s
-                },
-                2 * cache_off,
-            )
-            .await
-            .unwrap();
+        let gk = g.run_and_read(&[], 0, &kc, 2 * cache_off).await.unwrap();
+        let gv = g.run_and_read(&[], 0, &vc, 2 * cache_off).await.unwrap();
         let rot = |x: &[f32], t: usize| -> Vec<(f64, f64)> {
             // (value, tolerance) per dim of one head
             let mut out: Vec<(f64, f64)> = x.iter().map(|&v| (v as f64, 0.0)).collect();

@@ -763,16 +763,10 @@ impl Gpu {
             )));
         }
         let x = self.f32_buffer("x", xs);
-        let size = (n * m.rows * 4) as u64;
         let y = self.buffer(
             "y",
-            size,
+            (n * m.rows * 4) as u64,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        );
-        let staging = self.buffer(
-            "staging",
-            size,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
         let step = self.uniform(&[0, n as u32, 0, 0]);
         let d = self.matvec_dispatches(
@@ -788,10 +782,29 @@ impl Gpu {
                 ..Default::default()
             },
         );
-        self.run(&d, n as u32, |enc| {
-            enc.copy_buffer_to_buffer(&y, 0, &staging, 0, size)
+        self.run_and_read(&d, n as u32, &y, n * m.rows).await
+    }
+
+    /// Run `dispatches` for `n` tokens, then read the first `len` f32 values of `src` (a `COPY_SRC` buffer)
+    /// through a staging buffer made for the call: one submission. For tests and one-off calls (no dispatches:
+    /// just a read); a generation step reuses its own staging buffer.
+    pub async fn run_and_read(
+        &self,
+        dispatches: &[Dispatch],
+        n: u32,
+        src: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let size = (len * 4) as u64;
+        let staging = self.buffer(
+            "staging",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        self.run(dispatches, n, |enc| {
+            enc.copy_buffer_to_buffer(src, 0, &staging, 0, size)
         })?;
-        self.read_mapped(&staging, n * m.rows).await
+        self.read_mapped(&staging, len).await
     }
 }
 
