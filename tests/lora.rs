@@ -9,6 +9,7 @@ mod common;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
+use common::reference::{case, ids};
 use common::tiny::{rewrite, tiny, tiny_as_qwen2};
 use lorag::llm::gguf::GgufWriter;
 use lorag::llm::lora::LoraMat;
@@ -21,7 +22,6 @@ use lorag::Error;
 
 const SMOLLM: &[u8] =
     include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-const REFERENCE: &str = include_str!("../../shared/reference/smollm2_135m_q4_1.json");
 const PEFT_CONFIG: &[u8] =
     include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_config.json");
 const PEFT_WEIGHTS: &[u8] =
@@ -32,25 +32,6 @@ const GGUF_LORA: &[u8] = include_bytes!(
 
 fn smollm() -> Model {
     Model::from_bytes(SMOLLM.to_vec()).expect("SmolLM2 loads")
-}
-
-fn case(name: &str) -> serde_json::Value {
-    let r: serde_json::Value = serde_json::from_str(REFERENCE).unwrap();
-    r["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["case"] == name)
-        .unwrap()
-        .clone()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn uses(list: &[(&str, f32)]) -> Vec<AdapterUse> {

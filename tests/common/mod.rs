@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 #[cfg(feature = "llm")]
+pub mod reference;
+#[cfg(feature = "llm")]
 pub mod tiny;
 
 /// all-MiniLM-L6-v2's tokenizer.json and sentence_bert_config.json, from `scripts/fetch-models`.
