@@ -186,6 +186,270 @@ pub fn exact_top_k(base: &[Vec<f32>], query: &[f32], k: usize) -> Vec<(usize, f3
     scored
 }
 
+/// SQuAD's answer normalization: lower case, punctuation removed, the articles a / an / the removed,
+/// whitespace collapsed.
+pub fn normalize_answer(s: &str) -> String {
+    let lower = s.to_lowercase();
+    let no_punct: String = lower
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    no_punct
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn best(golds: &[String], f: impl Fn(&str) -> f64) -> f64 {
+    golds.iter().map(|g| f(g)).fold(0.0, f64::max)
+}
+
+/// 1 when the normalized prediction equals a normalized gold answer.
+pub fn exact_match(pred: &str, golds: &[String]) -> f64 {
+    let p = normalize_answer(pred);
+    best(golds, |g| f64::from(u8::from(normalize_answer(g) == p)))
+}
+
+/// 1 when a normalized gold answer occurs in the normalized prediction (on word boundaries): the fair
+/// "did it say it" measure for sentence-long generated answers.
+pub fn contains_answer(pred: &str, golds: &[String]) -> f64 {
+    let p = format!(" {} ", normalize_answer(pred));
+    best(golds, |g| {
+        let g = normalize_answer(g);
+        f64::from(u8::from(!g.is_empty() && p.contains(&format!(" {g} "))))
+    })
+}
+
+/// SQuAD token F1 (bag of normalized words), best over the gold answers.
+pub fn token_f1(pred: &str, golds: &[String]) -> f64 {
+    let p = normalize_answer(pred);
+    let pt: Vec<&str> = p.split_whitespace().collect();
+    best(golds, |g| {
+        let g = normalize_answer(g);
+        let gt: Vec<&str> = g.split_whitespace().collect();
+        if pt.is_empty() || gt.is_empty() {
+            return f64::from(u8::from(pt.is_empty() && gt.is_empty()));
+        }
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        for w in &gt {
+            *counts.entry(w).or_default() += 1;
+        }
+        let mut common = 0;
+        for w in &pt {
+            if let Some(c) = counts.get_mut(w).filter(|c| **c > 0) {
+                *c -= 1;
+                common += 1;
+            }
+        }
+        if common == 0 {
+            return 0.0;
+        }
+        let (pr, rc) = (
+            common as f64 / pt.len() as f64,
+            common as f64 / gt.len() as f64,
+        );
+        2.0 * pr * rc / (pr + rc)
+    })
+}
+
+/// ROUGE-L F1 (longest common subsequence of normalized words), best over the gold answers.
+pub fn rouge_l(pred: &str, golds: &[String]) -> f64 {
+    let p = normalize_answer(pred);
+    let pt: Vec<&str> = p.split_whitespace().collect();
+    best(golds, |g| {
+        let g = normalize_answer(g);
+        let gt: Vec<&str> = g.split_whitespace().collect();
+        if pt.is_empty() || gt.is_empty() {
+            return 0.0;
+        }
+        let mut row = vec![0usize; gt.len() + 1];
+        for a in &pt {
+            let mut prev = 0;
+            for (j, b) in gt.iter().enumerate() {
+                let keep = row[j + 1];
+                row[j + 1] = if a == b {
+                    prev + 1
+                } else {
+                    row[j + 1].max(row[j])
+                };
+                prev = keep;
+            }
+        }
+        let lcs = row[gt.len()] as f64;
+        if lcs == 0.0 {
+            return 0.0;
+        }
+        let (pr, rc) = (lcs / pt.len() as f64, lcs / gt.len() as f64);
+        2.0 * pr * rc / (pr + rc)
+    })
+}
+
+/// One question of a QA set (one line of its JSONL file).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QaItem {
+    /// Unique id.
+    pub id: String,
+    /// The question.
+    pub question: String,
+    /// Acceptable answers (short: the fact that must be said).
+    pub answers: Vec<String>,
+    /// Documents that hold the answer (document ids, i.e. file names).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// A passage of the gold document that states the answer; a source counts as gold when its text contains
+    /// it (whitespace-insensitive), else when its document is one of `sources`.
+    #[serde(default)]
+    pub evidence: Option<String>,
+}
+
+impl QaItem {
+    /// Whether a chunk (`doc_id`, `text`) is a gold source for this question.
+    pub fn is_gold(&self, doc_id: &str, text: &str) -> bool {
+        let in_doc = self
+            .sources
+            .iter()
+            .any(|s| doc_id == s || doc_id.ends_with(&format!("/{s}")));
+        match &self.evidence {
+            Some(e) => {
+                let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+                in_doc && squash(text).contains(&squash(e))
+            }
+            None => in_doc,
+        }
+    }
+}
+
+/// Parse a QA set: JSONL, one [`QaItem`] per non-empty line; ids must be unique.
+pub fn parse_qa(bytes: &[u8]) -> Result<Vec<QaItem>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| bad("qa set", 0, e))?;
+    let mut out: Vec<QaItem> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: QaItem = serde_json::from_str(line).map_err(|e| bad("qa set", i + 1, e))?;
+        if item.answers.is_empty() || item.question.trim().is_empty() {
+            return Err(bad(
+                "qa set",
+                i + 1,
+                "a question and at least one answer are needed",
+            ));
+        }
+        if out.iter().any(|o| o.id == item.id) {
+            return Err(bad("qa set", i + 1, format!("duplicate id {:?}", item.id)));
+        }
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// One answered question, scored.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct QaScore {
+    /// Exact match.
+    pub em: f64,
+    /// Token F1.
+    pub f1: f64,
+    /// ROUGE-L F1.
+    pub rouge_l: f64,
+    /// Gold answer contained in the answer.
+    pub contains: f64,
+    /// A gold source was among the sources given (None: no sources in this mode).
+    pub source_hit: Option<bool>,
+    /// The answer cites at least one source that was given.
+    pub cites: bool,
+    /// The answer cites a gold source.
+    pub cites_gold: bool,
+    /// Citations of numbers that were not given.
+    pub invalid_citations: usize,
+    /// Question to last token, milliseconds.
+    pub latency_ms: f64,
+    /// Answer tokens.
+    pub answer_tokens: usize,
+    /// Decoding time, milliseconds.
+    pub decode_ms: f64,
+}
+
+impl QaScore {
+    /// Text metrics of `answer` against the item's gold answers (the source and timing fields are the
+    /// caller's).
+    pub fn text(item: &QaItem, answer: &str) -> QaScore {
+        QaScore {
+            em: exact_match(answer, &item.answers),
+            f1: token_f1(answer, &item.answers),
+            rouge_l: rouge_l(answer, &item.answers),
+            contains: contains_answer(answer, &item.answers),
+            ..Default::default()
+        }
+    }
+}
+
+/// Means over a QA set.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct QaSummary {
+    /// Questions.
+    pub questions: usize,
+    /// Mean exact match.
+    pub em: f64,
+    /// Mean token F1.
+    pub f1: f64,
+    /// Mean ROUGE-L.
+    pub rouge_l: f64,
+    /// Share of answers containing a gold answer.
+    pub contains: f64,
+    /// Share of questions with a gold source among the sources given (None: no retrieval).
+    pub source_recall: Option<f64>,
+    /// Share of answers citing at least one given source.
+    pub citation_rate: f64,
+    /// Share of answers citing a gold source.
+    pub cites_gold: f64,
+    /// Invalid citations in all.
+    pub invalid_citations: usize,
+    /// Mean latency, milliseconds.
+    pub latency_ms: f64,
+    /// Generated tokens per second of decoding, over all answers.
+    pub decode_tok_s: f64,
+}
+
+impl QaSummary {
+    /// Summarize scored answers.
+    pub fn of(scores: &[QaScore]) -> QaSummary {
+        let n = scores.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&QaScore) -> f64| scores.iter().map(f).sum::<f64>() / n;
+        let hits: Vec<bool> = scores.iter().filter_map(|s| s.source_hit).collect();
+        let tokens: usize = scores
+            .iter()
+            .map(|s| s.answer_tokens.saturating_sub(1))
+            .sum();
+        let decode: f64 = scores.iter().map(|s| s.decode_ms).sum();
+        QaSummary {
+            questions: scores.len(),
+            em: mean(&|s| s.em),
+            f1: mean(&|s| s.f1),
+            rouge_l: mean(&|s| s.rouge_l),
+            contains: mean(&|s| s.contains),
+            source_recall: (!hits.is_empty())
+                .then(|| hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64),
+            citation_rate: mean(&|s| f64::from(u8::from(s.cites))),
+            cites_gold: mean(&|s| f64::from(u8::from(s.cites_gold))),
+            invalid_citations: scores.iter().map(|s| s.invalid_citations).sum(),
+            latency_ms: mean(&|s| s.latency_ms),
+            decode_tok_s: if decode > 0.0 {
+                tokens as f64 / (decode / 1e3)
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +532,66 @@ mod tests {
                 ..
             })
         ));
+    }
+    fn golds(g: &[&str]) -> Vec<String> {
+        g.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn answer_metrics_by_hand() {
+        // Normalization: case, punctuation, articles, whitespace.
+        assert_eq!(
+            normalize_answer("  The Laser-Cutter, an induction!  "),
+            "laser cutter induction"
+        );
+        assert_eq!(
+            exact_match("The laser cutter.", &golds(&["laser cutter"])),
+            1.0
+        );
+        assert_eq!(
+            exact_match("a laser cutter here", &golds(&["laser cutter"])),
+            0.0
+        );
+        // F1: pred {one, guest, per, visit} vs gold {one, guest}: P = 2/4, R = 2/2, F1 = 2/3.
+        let f = token_f1("One guest per visit", &golds(&["one guest", "zzz"]));
+        assert!((f - 2.0 / 3.0).abs() < 1e-12, "{f}");
+        // Repeated words count once per occurrence: pred [a1 b a1] vs gold [a1 a1 c]: common 2, P 2/3, R 2/3.
+        assert!((token_f1("x y x", &golds(&["x x z"])) - 2.0 / 3.0).abs() < 1e-12);
+        // ROUGE-L: pred [w x y z] vs gold [w y q z]: LCS = w y z (3); P 3/4, R 3/4 → 0.75.
+        assert!((rouge_l("w x y z", &golds(&["w y q z"])) - 0.75).abs() < 1e-12);
+        // Order matters for ROUGE-L, not for F1: [z y x] vs [x y z]: LCS 1 → 1/3; F1 1.
+        assert!((rouge_l("z y x", &golds(&["x y z"])) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((token_f1("z y x", &golds(&["x y z"])) - 1.0).abs() < 1e-12);
+        // Contains: on word boundaries only.
+        assert_eq!(
+            contains_answer("It costs 10 euros.", &golds(&["10 euros"])),
+            1.0
+        );
+        assert_eq!(
+            contains_answer("It costs 110 euros.", &golds(&["10 euros"])),
+            0.0
+        );
+        assert_eq!(contains_answer("anything", &golds(&["the"])), 0.0);
+        assert_eq!(token_f1("", &golds(&["x"])), 0.0);
+    }
+
+    #[test]
+    fn qa_sets_parse_and_refuse() {
+        let ok = br#"{"id": "a", "question": "Q?", "answers": ["x"], "sources": ["faq.txt"], "evidence": "one  guest"}
+
+{"id": "b", "question": "R?", "answers": ["y"]}"#;
+        let items = parse_qa(ok).unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_gold("examples/docs/faq.txt", "may bring one\nguest per visit"));
+        assert!(!items[0].is_gold("examples/docs/faq.txt", "parking"));
+        assert!(!items[0].is_gold("other.txt", "one guest"));
+        for bad in [
+            &br#"{"id": "a", "question": "Q?", "answers": []}"#[..],
+            br#"{"id": "a", "question": " ", "answers": ["x"]}"#,
+            b"{\"id\": \"a\", \"question\": \"Q\", \"answers\": [\"x\"]}\n{\"id\": \"a\", \"question\": \"Q\", \"answers\": [\"x\"]}",
+            b"not json",
+        ] {
+            assert!(matches!(parse_qa(bad), Err(Error::Model { file: "qa set", .. })));
+        }
     }
 }

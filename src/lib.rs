@@ -13,7 +13,12 @@
 //! - [`KnowledgeBase`]: chunks + vectors → an updatable hybrid index (HNSW segments + exact tail + BM25),
 //!   searched with filters, fusion and MMR, saved as one validated knowledge pack.
 //! - [`llm`]: a quantized GGUF language model (llama family, Qwen2) with its tokenizer and chat template, run on
-//!   the CPU; greedy or sampled generation, streamed.
+//!   the CPU or a GPU; greedy or sampled generation, streamed; LoRA adapters.
+//! - [`prompt`]: retrieved chunks → numbered sources in the chat template, fitted to a token budget;
+//!   citations in the answer mapped back to them.
+//! - [`pipeline`]: the whole path, `Rag::ask`: query → hybrid search → prompt → generator (with adapters) →
+//!   answer with sources and checked citations, in four modes (base, rag, finetuned, hybrid); interaction log
+//!   records that export as chat-format fine-tuning data.
 //!
 //! Untrusted input never panics: every failure is an [`Error`], and sizes are checked against
 //! [`Limits`] before work starts.
@@ -30,6 +35,10 @@ pub mod kernels;
 mod limits;
 #[cfg(feature = "llm")]
 pub mod llm;
+#[cfg(all(feature = "onnx", feature = "index", feature = "llm"))]
+pub mod pipeline;
+#[cfg(feature = "llm")]
+pub mod prompt;
 #[cfg(feature = "tokenizer")]
 mod wordpiece;
 
@@ -48,6 +57,8 @@ pub use index::{
 };
 pub use ingest::{detect_format, ingest, Block, BlockKind, Document, IngestOptions, Warning};
 pub use limits::Limits;
+#[cfg(all(feature = "onnx", feature = "index", feature = "llm"))]
+pub use pipeline::{Answer, AskOptions, LogRecord, Mode, Rag};
 
 /// The crate version, for the CLI and the JS side.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -305,7 +305,11 @@ impl Gpu {
         if !has_webgpu() {
             return Err(dev_err("WebGPU is not available here (no navigator.gpu)"));
         }
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        // Vulkan / Metal / DX12 / browser WebGPU; not the GL fallback, whose EGL probing prints to stderr on
+        // machines without a display and is no compute target. WGPU_BACKEND still overrides.
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = wgpu::Backends::PRIMARY;
+        let instance = wgpu::Instance::new(desc.with_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
