@@ -885,7 +885,8 @@ fn index_inputs(
 ) -> Result<(lorag::index::UpsertStats, usize), String> {
     let mut total = lorag::index::UpsertStats::default();
     let mut failed = 0;
-    for (name, bytes) in inputs {
+    let t0 = std::time::Instant::now();
+    for (i, (name, bytes)) in inputs.iter().enumerate() {
         let doc = match ingest(name, bytes, &IngestOptions::default()) {
             Ok(d) => d,
             Err(e) => {
@@ -908,9 +909,15 @@ fn index_inputs(
             })
             .map_err(|e| format!("{name}: {e}"))?;
         if !quiet {
+            // A progress line per file: position, count, elapsed time and a simple estimate of what is left.
+            let done = i + 1;
+            let secs = t0.elapsed().as_secs_f64();
+            let left = secs / done as f64 * (inputs.len() - done) as f64;
             eprintln!(
-                "  {name}: {n} chunks ({} embedded, {} unchanged)",
-                stats.embedded, stats.kept
+                "  [{done}/{}, {secs:.1} s, ~{left:.0} s left] {name}: {n} chunks ({} embedded, {} unchanged)",
+                inputs.len(),
+                stats.embedded,
+                stats.kept
             );
         }
         total.kept += stats.kept;
