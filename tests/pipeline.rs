@@ -277,10 +277,42 @@ fn citations_map_to_the_sources_given() {
     assert!(!c[2].valid());
 }
 
+/// Give the browser's event loop a turn: headless Chromium's test driver gives up on a page that does not answer
+/// for 30 s, and this test computes for longer than that in one piece.
+#[cfg(target_arch = "wasm32")]
+async fn breathe() {
+    use wasm_bindgen::JsValue;
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let set_timeout: js_sys::Function =
+            js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
+                .unwrap()
+                .into();
+        set_timeout
+            .call2(&JsValue::NULL, &resolve, &JsValue::from(0))
+            .unwrap();
+    });
+    wasm_bindgen_futures::JsFuture::from(p).await.unwrap();
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+async fn breathe() {}
+
+#[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn ask_in_four_modes_over_the_bundled_documents() {
+    lorag::kernels::block_on(four_modes())
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn ask_in_four_modes_over_the_bundled_documents() {
+    four_modes().await
+}
+
+async fn four_modes() {
     let embedder = minilm();
     let kb = examples_kb(&embedder);
+    breathe().await;
     let mut model = smollm();
     let adapter = model.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap();
     model.add_adapter("synthetic", adapter).unwrap();
@@ -346,6 +378,7 @@ fn ask_in_four_modes_over_the_bundled_documents() {
         .collect();
     let got: Vec<String> = a.retrieved.iter().map(|r| r.chunk_id.clone()).collect();
     assert_eq!(got, direct);
+    breathe().await;
     // The answer is what the generator gives for that prompt, streamed as it came.
     let ids = model.chat_prompt(&a.messages).unwrap();
     assert_eq!(a.prompt_tokens, ids.len());
@@ -361,6 +394,7 @@ fn ask_in_four_modes_over_the_bundled_documents() {
     assert_eq!(a.text, g.text.trim());
     assert_eq!(streamed.trim(), a.text);
     assert!(a.answer_tokens <= 12 && a.answer_tokens > 0);
+    breathe().await;
 
     // base: no retrieval, the plain system turn.
     let b = rag
@@ -402,6 +436,7 @@ fn ask_in_four_modes_over_the_bundled_documents() {
         )
         .unwrap();
     assert_eq!(f.text, by_hand.text.trim());
+    breathe().await;
 
     // hybrid: sources and adapter.
     let h = rag
@@ -409,6 +444,7 @@ fn ask_in_four_modes_over_the_bundled_documents() {
         .unwrap();
     assert_eq!(h.sources, a.sources);
     assert_eq!(h.adapters, f.adapters);
+    breathe().await;
 
     // Requests that do not make sense are refused before any work.
     let mut bad = short(Mode::Finetuned);
