@@ -74,8 +74,9 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// One question's settings.
-#[derive(Debug, Clone, PartialEq)]
+/// One question's settings (from JS: camelCase fields, all optional; `search` keeps [`SearchOptions`]' names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
 pub struct AskOptions {
     /// What answers.
     pub mode: Mode,
@@ -253,6 +254,37 @@ pub struct Prepared {
     start_ms: f64,
 }
 
+impl Prepared {
+    /// The answer, once the generator has run on [`Prepared::prompt`] with [`Prepared::generate`].
+    pub fn into_answer(self, g: Generation) -> Answer {
+        let p = self;
+        let text = g.text.trim().to_string();
+        let citations = cite(&text, &p.prompt.sources);
+        Answer {
+            question: p.question,
+            mode: p.opts.mode,
+            adapters: p.generate.adapters.clone(),
+            retrieval_query: p.retrieval_query,
+            retrieved: p.retrieved,
+            sources: p.prompt.sources,
+            dropped: p.prompt.dropped,
+            citations,
+            messages: p.prompt.messages,
+            prompt_tokens: p.prompt.ids.len(),
+            answer_tokens: g.ids.len(),
+            context: p.prompt.context,
+            stop_reason: g.stop_reason,
+            timings: Timings {
+                prefill_ms: g.prefill_ms,
+                decode_ms: g.decode_ms,
+                total_ms: crate::llm::now_ms() - p.start_ms,
+                ..p.timings
+            },
+            text,
+        }
+    }
+}
+
 /// The pipeline over borrowed parts: a generator, and for `rag` / `hybrid` an embedder and a knowledge base.
 pub struct Rag<'a> {
     /// The generator (adapters already loaded into it).
@@ -372,30 +404,7 @@ impl<'a> Rag<'a> {
 
     /// The answer from a prepared question and its generation.
     pub fn finish(&self, p: Prepared, g: Generation) -> Answer {
-        let text = g.text.trim().to_string();
-        let citations = cite(&text, &p.prompt.sources);
-        Answer {
-            question: p.question,
-            mode: p.opts.mode,
-            adapters: p.generate.adapters.clone(),
-            retrieval_query: p.retrieval_query,
-            retrieved: p.retrieved,
-            sources: p.prompt.sources,
-            dropped: p.prompt.dropped,
-            citations,
-            messages: p.prompt.messages,
-            prompt_tokens: p.prompt.ids.len(),
-            answer_tokens: g.ids.len(),
-            context: p.prompt.context,
-            stop_reason: g.stop_reason,
-            timings: Timings {
-                prefill_ms: g.prefill_ms,
-                decode_ms: g.decode_ms,
-                total_ms: crate::llm::now_ms() - p.start_ms,
-                ..p.timings
-            },
-            text,
-        }
+        p.into_answer(g)
     }
 
     /// Answer `question` on the CPU; `on_token` sees the answer as it streams and returns `false` to stop.

@@ -677,6 +677,77 @@ impl JsGenerator {
         })
     }
 
+    /// Answer `question` from the knowledge base (the pipeline: embed the query with `embedder`, hybrid search in
+    /// `kb`, a cited prompt fitted to the context, generation on the CPU). `options`: `{mode: "base" | "rag" |
+    /// "finetuned" | "hybrid", search: {k, mode, filter, fusion, mmr_lambda, …}, adapters: [{name, weight}],
+    /// generate: {maxTokens, sampler, stop, …}, prompt: {system, sourceFormat, userFormat, context, …},
+    /// history: [{role, content}], queryTurns}`. `onToken({id, text, index})` streams the answer (return `false`
+    /// to stop). Returns `{question, mode, text, sources: [{number, chunkId, docId, title, headingPath, pages,
+    /// span, score, text, trimmed}], citations: [{number, at, chunkId, docId, span, pages}] (chunkId null: a
+    /// number that was not a source), dropped, retrieved, messages, promptTokens, answerTokens, timings, …}`.
+    #[cfg(all(feature = "onnx", feature = "index"))]
+    pub fn ask(
+        &self,
+        embedder: &JsEmbedder,
+        kb: &JsKnowledgeBase,
+        question: &str,
+        options: JsValue,
+        on_token: Option<js_sys::Function>,
+    ) -> Result<JsValue, JsValue> {
+        let opts: crate::AskOptions = from_js(options)?;
+        let m = self.inner.try_borrow().map_err(|_| busy())?;
+        let rag = crate::Rag::new(&m, &embedder.inner, &kb.inner);
+        let mut thrown = None;
+        let answer = rag
+            .ask(question, &opts, &mut token_callback(&on_token, &mut thrown))
+            .map_err(js_error)?;
+        if let Some(e) = thrown {
+            return Err(e);
+        }
+        to_js(&answer)
+    }
+
+    /// `ask` with generation on the device chosen with `useDevice`, as a Promise. Retrieval and the prompt are
+    /// done before this returns (the embedder and knowledge base are free again at once); the Promise resolves
+    /// to the answer.
+    #[cfg(all(feature = "onnx", feature = "index"))]
+    #[wasm_bindgen(js_name = askAsync)]
+    pub fn ask_async(
+        &self,
+        embedder: &JsEmbedder,
+        kb: &JsKnowledgeBase,
+        question: &str,
+        options: JsValue,
+        on_token: Option<js_sys::Function>,
+    ) -> Result<js_sys::Promise, JsValue> {
+        let opts: crate::AskOptions = from_js(options)?;
+        let prepared = {
+            let m = self.inner.try_borrow().map_err(|_| busy())?;
+            crate::Rag::new(&m, &embedder.inner, &kb.inner)
+                .prepare(question, &opts)
+                .map_err(js_error)?
+        };
+        let inner = self.inner.clone();
+        // Held across the awaits on purpose (see generateAsync).
+        #[allow(clippy::await_holding_refcell_ref)]
+        Ok(wasm_bindgen_futures::future_to_promise(async move {
+            let m = inner.try_borrow().map_err(|_| busy())?;
+            let mut thrown = None;
+            let g = m
+                .generate_async(
+                    &prepared.prompt.ids,
+                    &prepared.generate,
+                    &mut token_callback(&on_token, &mut thrown),
+                )
+                .await
+                .map_err(js_error)?;
+            if let Some(e) = thrown {
+                return Err(e);
+            }
+            to_js(&prepared.into_answer(g))
+        }))
+    }
+
     /// Where the model runs now: `{kind, name, backend, software, notice}`.
     #[wasm_bindgen(getter)]
     pub fn device(&self) -> Result<JsValue, JsValue> {

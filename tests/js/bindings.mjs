@@ -254,4 +254,50 @@ await test("generator: reference tokens, streaming, abort, typed errors, LoRA, d
   assert.deepEqual(viaPromise.ids, raw.greedy_ids);
 });
 
+await test("ask: the pipeline over the examples, streamed, with sources and citations; async; typed refusals", async () => {
+  const dir = MINILM;
+  const embedder = minilm();
+  const chunker = new lorag.Chunker(read(dir + "tokenizer.json"), read(dir + "sentence_bert_config.json"), {});
+  const kb = new lorag.KnowledgeBase({ name: "all-MiniLM-L6-v2-int8", dim: embedder.dim, hash: embedder.identity }, {});
+  for (const name of ["handbook.md", "safety.html", "faq.txt", "courses.pdf"]) {
+    const doc = lorag.ingest(name, read("examples/docs/" + name), undefined);
+    kb.upsertDocument(doc, chunker.chunk(doc), (texts) => embedder.embed(texts, "passage"));
+  }
+  const gen = new lorag.Generator(read("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  const question = "How much does a replacement key fob cost?";
+  const opts = { mode: "rag", search: { k: 3 }, generate: { maxTokens: 16, sampler: { greedy: true } } };
+  let streamed = "";
+  const a = gen.ask(embedder, kb, question, opts, (ev) => { streamed += ev.text; });
+  assert.equal(a.mode, "rag");
+  assert.equal(streamed.trim(), a.text);
+  assert.deepEqual(a.sources.map((s) => s.number), [1, 2, 3]);
+  // The gold passage is a source, and it is in the prompt the generator saw.
+  const gold = a.sources.find((s) => s.text.includes("A replacement fob costs 10 euros."));
+  assert.ok(gold, JSON.stringify(a.sources.map((s) => s.chunkId)));
+  assert.equal(gold.docId, "faq.txt");
+  assert.ok(a.messages[1].content.includes(`[${gold.number}] Harbor Lane Makerspace: frequently asked questions`));
+  // The same retrieval the knowledge base gives for the query (hybrid, k 3).
+  const hits = kb.search(embedder.embed([question], "query"), question, { k: 3 });
+  assert.deepEqual(a.retrieved.map((r) => r.chunkId), hits.map((h) => h.chunk.id));
+  // Generation is the generator's own on that prompt.
+  const direct = gen.generate(gen.chatPrompt(a.messages), { maxTokens: 16, sampler: { greedy: true }, context: a.context });
+  assert.equal(a.text, direct.text.trim());
+  assert.equal(a.promptTokens, direct.promptIds.length);
+  for (const c of a.citations) assert.equal(c.chunkId === null, !a.sources.some((s) => s.number === c.number));
+  // askAsync: the same answer through a Promise.
+  const b = await gen.askAsync(embedder, kb, question, opts);
+  assert.equal(b.text, a.text);
+  // Stop from the callback.
+  let n = 0;
+  const stopped = gen.ask(embedder, kb, question, opts, () => ++n < 3);
+  assert.equal(stopped.stopReason.kind, "aborted");
+  assert.equal(stopped.answerTokens, 3);
+  // Refusals are typed and happen before any work.
+  assert.throws(() => gen.ask(embedder, kb, question, { mode: "finetuned" }), (e) => e.code === "Config");
+  assert.throws(() => gen.ask(embedder, kb, question, { mode: "hybrid", adapters: [{ name: "none" }] }), (e) => e.code === "NotFound");
+  assert.throws(() => gen.ask(embedder, kb, " ", {}), (e) => e.code === "InvalidQuery");
+  assert.throws(() => gen.ask(embedder, kb, question, { mode: "sideways" }), (e) => e.code === "Config");
+  assert.throws(() => gen.ask(embedder, kb, question, { prompt: { context: 50 } }), (e) => e.code === "Config");
+});
+
 console.log(`${passed} JS binding tests passed`);
