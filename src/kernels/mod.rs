@@ -24,6 +24,69 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
+/// Let the JS event loop run (a macrotask turn), so the page can paint streamed tokens and deliver events (an
+/// abort) during long work: `scheduler.yield()` where there is one, else a `MessageChannel` message (not clamped
+/// to 4 ms like a nested `setTimeout`), else `setTimeout(0)`. Natively a no-op.
+pub async fn yield_now() {
+    #[cfg(target_arch = "wasm32")]
+    {
+        use wasm_bindgen::{JsCast, JsValue};
+        let global = js_sys::global();
+        let get =
+            |o: &JsValue, k: &str| js_sys::Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED);
+        let scheduler = get(&global, "scheduler");
+        let promise = if let Some(f) = get(&scheduler, "yield").dyn_ref::<js_sys::Function>() {
+            f.call0(&scheduler)
+                .ok()
+                .and_then(|p| p.dyn_into::<js_sys::Promise>().ok())
+        } else {
+            None
+        };
+        let promise = promise.unwrap_or_else(|| {
+            js_sys::Promise::new(&mut |resolve, _| {
+                // Node: setImmediate, unclamped and without keeping a port open.
+                if let Some(si) = get(&global, "setImmediate").dyn_ref::<js_sys::Function>() {
+                    if si.call1(&JsValue::NULL, &resolve).is_ok() {
+                        return;
+                    }
+                }
+                let channel = get(&global, "MessageChannel")
+                    .dyn_into::<js_sys::Function>()
+                    .ok()
+                    .and_then(|c| js_sys::Reflect::construct(&c, &js_sys::Array::new()).ok());
+                if let Some(ch) = channel {
+                    let (p1, p2) = (get(&ch, "port1"), get(&ch, "port2"));
+                    let port = p1.clone();
+                    let resolve = resolve.clone();
+                    // Close the channel once its message arrives, then resolve.
+                    let on_message =
+                        wasm_bindgen::closure::Closure::once_into_js(move |_: JsValue| {
+                            if let Some(close) = get(&port, "close").dyn_ref::<js_sys::Function>() {
+                                let _ = close.call0(&port);
+                            }
+                            let _ = resolve.call0(&JsValue::NULL);
+                        });
+                    let _ = js_sys::Reflect::set(&p1, &"onmessage".into(), &on_message);
+                    if let Some(post) = get(&p2, "postMessage").dyn_ref::<js_sys::Function>() {
+                        if post.call1(&p2, &JsValue::NULL).is_ok() {
+                            return;
+                        }
+                    }
+                }
+                match get(&global, "setTimeout").dyn_ref::<js_sys::Function>() {
+                    Some(st) => {
+                        let _ = st.call2(&JsValue::NULL, &resolve, &JsValue::from(0));
+                    }
+                    None => {
+                        let _ = resolve.call0(&JsValue::NULL);
+                    }
+                }
+            })
+        });
+        let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+    }
+}
+
 /// Which backend a caller asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -451,6 +451,7 @@ impl Model {
             cache: self.new_cache(n_ctx)?,
             lora,
             batch: opts.batch.max(1),
+            yield_between: false,
         };
         run_ready(self.generate_core(&mut stepper, prompt, opts, on_token))
     }
@@ -564,7 +565,16 @@ impl Model {
             }
             return r;
         }
-        self.generate(prompt, opts, on_token)
+        let (n_ctx, lora) = self.prepare(prompt, opts)?;
+        let mut stepper = CpuStepper {
+            model: self,
+            cache: self.new_cache(n_ctx)?,
+            lora,
+            batch: opts.batch.max(1),
+            yield_between: cfg!(target_arch = "wasm32"),
+        };
+        self.generate_core(&mut stepper, prompt, opts, on_token)
+            .await
     }
 
     /// Check a request; the context size and the adapters it uses.
@@ -715,6 +725,9 @@ struct CpuStepper<'a> {
     cache: KvCache,
     lora: Vec<(&'a Adapter, f32)>,
     batch: usize,
+    /// Give the JS event loop a turn after each step (wasm's async path), so tokens stream out and an abort
+    /// from the page arrives while the answer is being generated.
+    yield_between: bool,
 }
 
 impl Stepper for CpuStepper<'_> {
@@ -724,6 +737,9 @@ impl Stepper for CpuStepper<'_> {
             logits = self
                 .model
                 .forward_with(&mut self.cache, part, false, &self.lora)?;
+            if self.yield_between {
+                crate::kernels::yield_now().await;
+            }
         }
         Ok(logits)
     }

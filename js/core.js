@@ -1,0 +1,342 @@
+// The `Lorag` facade: one object that loads the models (from URLs or bytes), ingests documents, searches and
+// answers, over the wasm bindings. Platform entry points (node.js, web.js) hand it the bindings and a storage.
+//
+// Errors are `LoragError`s with a `code`: the crate's codes (Config, NotFound, Model, …) plus Download,
+// Integrity and Disposed from this layer.
+
+export class LoragError extends Error {
+  constructor(code, message, options) {
+    super(message, options);
+    this.name = "LoragError";
+    this.code = code;
+  }
+}
+
+const wrap = (e) => (e instanceof Error && e.name === "LoragError" ? e : new LoragError("Internal", String(e?.message ?? e), { cause: e }));
+
+// The files of a sentence-transformers folder: binding name → path in the folder, required or not.
+const EMBEDDER_FILES = [
+  ["model_onnx", "model.onnx", true],
+  ["tokenizer_json", "tokenizer.json", true],
+  ["config_json", "config.json", false],
+  ["pooling_config_json", "1_Pooling/config.json", false],
+  ["sentence_bert_config_json", "sentence_bert_config.json", false],
+  ["modules_json", "modules.json", false],
+];
+
+const hex = (buf) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, "0")).join("");
+
+/// Download `url` completely (with progress), check it, and only then hand it back (and cache it).
+async function download(url, { onProgress, sha256, optional = false, cache, kind = "model file" } = {}) {
+  const cached = cache ? await cache.match(url).catch(() => undefined) : undefined;
+  if (cached) {
+    const bytes = new Uint8Array(await cached.arrayBuffer());
+    if (!sha256 || hex(await crypto.subtle.digest("SHA-256", bytes)) === sha256) {
+      onProgress?.({ stage: "download", url, loaded: bytes.length, total: bytes.length, cached: true });
+      return bytes;
+    }
+    await cache.delete(url); // a corrupt entry is never used
+  }
+  let res;
+  try {
+    res = await fetch(url);
+  } catch (e) {
+    throw new LoragError("Download", `${url}: ${e.message}`, { cause: e });
+  }
+  if (res.status === 404 && optional) return undefined;
+  if (!res.ok) throw new LoragError("Download", `${url}: HTTP ${res.status} ${res.statusText}`);
+  const type = res.headers.get("content-type") ?? "";
+  if (type.includes("text/html")) {
+    throw new LoragError("Download", `${url}: the server sent an HTML page, not the ${kind} (a login wall or a wrong URL?)`);
+  }
+  const total = Number(res.headers.get("content-length")) || undefined;
+  const parts = [];
+  let loaded = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    parts.push(value);
+    loaded += value.length;
+    onProgress?.({ stage: "download", url, loaded, total });
+  }
+  if (total !== undefined && loaded !== total) {
+    throw new LoragError("Download", `${url}: got ${loaded} of ${total} bytes`);
+  }
+  const bytes = new Uint8Array(loaded);
+  let at = 0;
+  for (const p of parts) {
+    bytes.set(p, at);
+    at += p.length;
+  }
+  if (sha256) {
+    const got = hex(await crypto.subtle.digest("SHA-256", bytes));
+    if (got !== sha256) throw new LoragError("Integrity", `${url}: sha256 ${got}, expected ${sha256}`);
+  }
+  if (cache) {
+    try {
+      await cache.put(url, new Response(bytes, { headers: { "content-type": "application/octet-stream" } }));
+    } catch (e) {
+      // Quota: the model is used from memory this time; nothing half-written is left (put is atomic).
+      onProgress?.({ stage: "cache", url, error: `not cached: ${e.name === "QuotaExceededError" ? "storage quota exceeded" : e.message}` });
+    }
+  }
+  return bytes;
+}
+
+const joinUrl = (base, path) => (base.endsWith("/") ? base : base + "/") + path;
+
+/// `source`: Uint8Array | { bytes } | { url, sha256? } | string (a URL).
+async function loadOne(source, opts) {
+  if (source instanceof Uint8Array) return source;
+  if (source instanceof ArrayBuffer) return new Uint8Array(source);
+  if (typeof source === "string") return download(source, opts);
+  if (source?.bytes) return source.bytes instanceof Uint8Array ? source.bytes : new Uint8Array(source.bytes);
+  if (source?.url) return download(source.url, { ...opts, sha256: source.sha256 });
+  throw new LoragError("Config", `expected bytes, a URL or { url } / { bytes }, got ${typeof source}`);
+}
+
+/// The embedder's files: `{ url }` (a folder: Hugging Face `resolve/main/` URLs work), `{ files: { model_onnx,
+/// tokenizer_json, … } }` (each bytes or a URL), or both (files override paths in the folder).
+async function loadEmbedderFiles(spec, opts) {
+  const out = {};
+  for (const [key, path, required] of EMBEDDER_FILES) {
+    const given = spec.files?.[key];
+    if (given !== undefined) {
+      out[key] = typeof given === "string" && spec.url && !/^[a-z]+:/.test(given) ? await download(joinUrl(spec.url, given), opts) : await loadOne(given, opts);
+    } else if (spec.url) {
+      const bytes = await download(joinUrl(spec.url, path), { ...opts, optional: !required, sha256: spec.sha256?.[key] });
+      if (bytes) out[key] = bytes;
+    } else if (required) {
+      throw new LoragError("Config", `embedder: ${key} is missing (give { url } or files.${key})`);
+    }
+  }
+  return out;
+}
+
+export function makeLorag({ loadBindings, storage }) {
+  let bindingsPromise;
+  const bindings = () => (bindingsPromise ??= loadBindings());
+
+  class Lorag {
+    #b;
+    #embedder;
+    #chunker;
+    #kb;
+    #gen;
+    #name;
+    #storageOpts;
+    #disposed = false;
+    #busy = Promise.resolve();
+
+    constructor(token, b, parts) {
+      if (token !== Lorag.#token) throw new LoragError("Config", "use Lorag.create() or Lorag.open()");
+      this.#b = b;
+      ({ embedder: this.#embedder, chunker: this.#chunker, kb: this.#kb, gen: this.#gen, name: this.#name, storage: this.#storageOpts } = parts);
+    }
+    static #token = Symbol("Lorag");
+
+    /// `Lorag.create({ embedder, generator, adapters, device, chunk, index, cache, onProgress, pack, name,
+    /// storage })`.
+    static async create(opts = {}) {
+      const b = await bindings();
+      const onProgress = opts.onProgress;
+      const cache = opts.cache === false || !globalThis.caches ? undefined : await globalThis.caches.open(opts.cacheName ?? "lorag-models-v1").catch(() => undefined);
+      const dl = { onProgress, cache };
+      if (!opts.embedder) throw new LoragError("Config", "create: an embedder is required ({ url } or { files })");
+      const files = await loadEmbedderFiles(opts.embedder, dl);
+      let embedder, chunker, kb, gen;
+      try {
+        embedder = new b.Embedder(files, opts.embedder.config);
+        chunker = new b.Chunker(files.tokenizer_json, files.sentence_bert_config_json, opts.chunk ?? {});
+        const name = opts.embedder.name ?? (opts.embedder.url ? opts.embedder.url.replace(/\/+$/, "").split("/").slice(-1)[0] : "embedder");
+        const id = { name, dim: embedder.dim, hash: embedder.identity };
+        kb = opts.pack ? b.KnowledgeBase.fromBytes(await loadOne(opts.pack, dl), id) : new b.KnowledgeBase(id, opts.index ?? {});
+        if (opts.generator) {
+          gen = new b.Generator(await loadOne(opts.generator, { ...dl, kind: "GGUF model" }));
+          for (const [aname, spec] of Object.entries(opts.adapters ?? {})) {
+            await Lorag.#loadAdapterInto(gen, aname, spec, dl);
+          }
+          if (opts.device) {
+            const report = await gen.useDevice(opts.device);
+            onProgress?.({ stage: "device", ...report });
+          }
+        }
+        return new Lorag(Lorag.#token, b, { embedder, chunker, kb, gen, name: opts.name ?? "default", storage: opts.storage });
+      } catch (e) {
+        for (const o of [embedder, chunker, kb, gen]) o?.free?.();
+        throw wrap(e);
+      }
+    }
+
+    /// Reopen a saved knowledge pack: `Lorag.open(name, opts)` reads it from the storage, then as `create`.
+    static async open(name, opts = {}) {
+      if (!storage) throw new LoragError("Config", "no storage on this platform: pass the pack bytes as create({ pack })");
+      const bytes = await storage.read(name, opts.storage);  // a missing pack is NotFound
+      return Lorag.create({ ...opts, pack: bytes, name });
+    }
+
+    static async #loadAdapterInto(gen, name, spec, dl) {
+      // spec: bytes / URL of a GGUF-LoRA, or { safetensors, config } (PEFT; each bytes or URL), or { url } of a
+      // PEFT folder.
+      if (spec?.safetensors || (spec?.url && spec.peft)) {
+        const st = spec.safetensors ? await loadOne(spec.safetensors, dl) : await download(joinUrl(spec.url, "adapter_model.safetensors"), dl);
+        const cfg = spec.config ? await loadOne(spec.config, dl) : await download(joinUrl(spec.url, "adapter_config.json"), dl);
+        return gen.loadAdapter(name, st, new TextDecoder().decode(cfg));
+      }
+      return gen.loadAdapter(name, await loadOne(spec, dl));
+    }
+
+    #check() {
+      if (this.#disposed) throw new LoragError("Disposed", "this Lorag was disposed");
+    }
+
+    #needGen() {
+      this.#check();
+      if (!this.#gen) throw new LoragError("Config", "no generator: pass create({ generator })");
+    }
+
+    /// Documents: `[{ id, bytes | text, metadata? }]` or `File`s. Ingest, chunk, embed (only new or changed
+    /// chunks), index. Returns `{ documents, kept, embedded, removed, failed: [{ id, error }] }`.
+    async add(docs, { onProgress } = {}) {
+      this.#check();
+      const list = Array.isArray(docs) ? docs : [docs];
+      const total = { documents: 0, kept: 0, embedded: 0, removed: 0, failed: [] };
+      for (let i = 0; i < list.length; i++) {
+        const d = list[i];
+        const id = d.id ?? d.name;
+        try {
+          const bytes = d.bytes ?? (d.text !== undefined ? new TextEncoder().encode(d.text) : new Uint8Array(await d.arrayBuffer()));
+          const doc = this.#b.ingest(id, bytes, d.options);
+          if (d.metadata) Object.assign(doc.metadata, d.metadata);
+          const chunks = this.#chunker.chunk(doc);
+          const s = this.#kb.upsertDocument(doc, chunks, (texts) => this.#embedder.embed(texts, "passage"));
+          total.documents++;
+          total.kept += s.kept;
+          total.embedded += s.embedded;
+          total.removed += s.removed;
+        } catch (e) {
+          total.failed.push({ id, error: wrap(e) });
+        }
+        onProgress?.({ stage: "index", id, done: i + 1, total: list.length });
+      }
+      return total;
+    }
+
+    /// Delete a document (by id) or a chunk (`doc#n`); returns the number of chunks removed.
+    remove(id) {
+      this.#check();
+      try {
+        if (this.#kb.documents().some((d) => d.id === id)) return this.#kb.deleteDocument(id);
+        this.#kb.deleteChunk(id);
+        return 1;
+      } catch (e) {
+        throw wrap(e);
+      }
+    }
+
+    /// `search(query, { k, mode, filter, fusion, mmr_lambda, ef, min_score })` → hits `[{ chunk, score, … }]`.
+    search(query, opts = {}) {
+      this.#check();
+      try {
+        const v = opts.mode === "bm25" ? undefined : this.#embedder.embed([query], "query");
+        return this.#kb.search(v, query, { k: 5, ...opts });
+      } catch (e) {
+        throw wrap(e);
+      }
+    }
+
+    /// Answer, streamed: `for await (const ev of rag.ask(q, opts))` yields `{ type: "token", text, id, index }`
+    /// events, then one `{ type: "answer", answer }`. `opts`: `{ mode, k, search, adapters, maxTokens, generate,
+    /// prompt, history, signal }` (an AbortSignal stops generation; the answer then says `aborted`).
+    async *ask(question, opts = {}) {
+      this.#needGen();
+      const { k, maxTokens, signal, ...rest } = opts;
+      const options = { ...rest, search: { ...(k ? { k } : {}), ...(opts.search ?? {}) }, generate: { ...(maxTokens ? { maxTokens } : {}), ...(opts.generate ?? {}) } };
+      const queue = [];
+      let wake;
+      let stop = false;
+      let done = false;
+      let result;
+      let error;
+      // One request at a time through the generator; later ones wait their turn.
+      const turn = this.#busy.then(() =>
+        this.#gen.askAsync(this.#embedder, this.#kb, question, options, (ev) => {
+          queue.push({ type: "token", ...ev });
+          wake?.();
+          return !(stop || signal?.aborted);
+        }),
+      );
+      this.#busy = turn.catch(() => {});
+      turn.then(
+        (r) => ((result = r), (done = true), wake?.()),
+        (e) => ((error = e), (done = true), wake?.()),
+      );
+      try {
+        for (;;) {
+          while (queue.length) yield queue.shift();
+          if (done) break;
+          await new Promise((r) => (wake = r));
+          wake = undefined;
+        }
+        if (error) throw wrap(error);
+        yield { type: "answer", answer: result };
+      } finally {
+        stop = true; // the consumer left early: stop generating
+      }
+    }
+
+    /// Load (or replace) an adapter: bytes / URL of a GGUF-LoRA, or `{ safetensors, config }` (PEFT).
+    async loadAdapter(name, spec, { onProgress } = {}) {
+      this.#needGen();
+      try {
+        return await Lorag.#loadAdapterInto(this.#gen, name, spec, { onProgress });
+      } catch (e) {
+        throw wrap(e);
+      }
+    }
+
+    removeAdapter(name) {
+      this.#needGen();
+      return this.#gen.removeAdapter(name);
+    }
+
+    get adapters() {
+      return this.#gen ? this.#gen.adapters : [];
+    }
+
+    get device() {
+      return this.#gen ? this.#gen.device : { kind: "cpu" };
+    }
+
+    get stats() {
+      this.#check();
+      return { documents: this.#kb.documents().length, chunks: this.#kb.length, memory: this.#kb.memory() };
+    }
+
+    /// The knowledge pack's bytes (validated again by whatever loads them).
+    toBytes() {
+      this.#check();
+      return this.#kb.toBytes();
+    }
+
+    /// Save the knowledge pack atomically under `name` (default: the one it was opened with) in the platform's
+    /// storage. The bytes are taken before the first await: searches and asks may go on meanwhile.
+    async save(name = this.#name) {
+      this.#check();
+      if (!storage) throw new LoragError("Config", "no storage on this platform: use toBytes()");
+      const bytes = this.#kb.toBytes();
+      await storage.write(name, bytes, this.#storageOpts);
+      return { name, bytes: bytes.length };
+    }
+
+    /// Free the wasm memory; every later call throws `Disposed`.
+    dispose() {
+      if (this.#disposed) return;
+      this.#disposed = true;
+      for (const o of [this.#embedder, this.#chunker, this.#kb, this.#gen]) o?.free?.();
+    }
+  }
+
+  return Lorag;
+}

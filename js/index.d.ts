@@ -1,0 +1,118 @@
+// Types for the `lorag` package (the Lorag facade; the low-level classes are typed in ./node/lorag.d.ts etc.).
+
+export type Bytes = Uint8Array | ArrayBuffer;
+/** Bytes, a URL, `{ url, sha256? }` (checked before use and before caching) or `{ bytes }`. */
+export type Source = Bytes | string | { url: string; sha256?: string } | { bytes: Bytes };
+
+export interface EmbedderSpec {
+  /** A sentence-transformers folder URL (Hugging Face `…/resolve/main/` works): model.onnx, tokenizer.json, configs. */
+  url?: string;
+  /** Files by binding name; a relative string is a path inside `url`. */
+  files?: Partial<Record<"model_onnx" | "tokenizer_json" | "config_json" | "pooling_config_json" | "sentence_bert_config_json" | "modules_json", Source>>;
+  /** sha256 (hex) per file name, checked before use. */
+  sha256?: Partial<Record<string, string>>;
+  /** Identity recorded in knowledge packs (default: the folder's name). */
+  name?: string;
+  config?: { normalize?: boolean; query_prefix?: string; passage_prefix?: string; batch_size?: number; max_seq_length?: number };
+}
+
+/** A GGUF-LoRA file, or PEFT's two files. */
+export type AdapterSpec = Source | { safetensors: Source; config: Source } | { url: string; peft: true };
+
+export type ProgressEvent =
+  | { stage: "download"; url: string; loaded: number; total?: number; cached?: boolean }
+  | { stage: "cache"; url: string; error: string }
+  | { stage: "device"; kind: "cpu" | "gpu"; name?: string; backend?: string; software?: boolean; notice?: string }
+  | { stage: "index"; id: string; done: number; total: number };
+
+export interface CreateOptions {
+  embedder: EmbedderSpec;
+  generator?: Source;
+  adapters?: Record<string, AdapterSpec>;
+  device?: "auto" | "gpu" | "cpu";
+  chunk?: { size?: number; overlap?: number; prefix_headings?: boolean };
+  index?: Record<string, unknown>;
+  /** A knowledge pack to start from (validated; must come from the same embedder). */
+  pack?: Source;
+  /** Name under which save() stores the pack (default "default"). */
+  name?: string;
+  /** Node: `{ dir }` for packs (default ./lorag-data). */
+  storage?: { dir?: string };
+  /** Cache downloaded models in the Cache API where there is one (default true). */
+  cache?: boolean;
+  cacheName?: string;
+  onProgress?: (ev: ProgressEvent) => void;
+}
+
+export interface DocumentInput {
+  id: string;
+  bytes?: Uint8Array;
+  text?: string;
+  metadata?: Record<string, string>;
+}
+
+export interface SearchOptions {
+  k?: number;
+  mode?: "hybrid" | "exact" | "hnsw" | "bm25";
+  ef?: number;
+  min_score?: number;
+  filter?: unknown;
+  fusion?: unknown;
+  mmr_lambda?: number;
+}
+
+export interface Source_ {
+  number: number; chunkId: string; docId: string; title: string | null; headingPath: string[];
+  pages: [number, number] | null; span: { start: number; end: number }; score: number; text: string; trimmed: boolean;
+}
+export interface Citation {
+  number: number; at: { start: number; end: number }; chunkId: string | null; docId: string | null;
+  span: { start: number; end: number } | null; pages: [number, number] | null;
+}
+export interface Answer {
+  question: string; mode: Mode; text: string; sources: Source_[]; citations: Citation[]; dropped: string[];
+  retrieved: { chunkId: string; score: number }[]; messages: { role: string; content: string }[];
+  promptTokens: number; answerTokens: number; context: number;
+  stopReason: { kind: "eos" | "stop" | "maxTokens" | "contextFull" | "aborted"; value?: string };
+  timings: { retrievalMs: number; promptMs: number; prefillMs: number; decodeMs: number; totalMs: number };
+  adapters: { name: string; weight: number }[];
+}
+export type Mode = "base" | "rag" | "finetuned" | "hybrid";
+export interface AskOptions {
+  mode?: Mode;
+  k?: number;
+  search?: SearchOptions;
+  adapters?: { name: string; weight?: number }[];
+  maxTokens?: number;
+  generate?: Record<string, unknown>;
+  prompt?: Record<string, unknown>;
+  history?: { role: "user" | "assistant"; content: string }[];
+  queryTurns?: number;
+  signal?: AbortSignal;
+}
+export type AskEvent = { type: "token"; text: string; id: number | null; index: number } | { type: "answer"; answer: Answer };
+
+export declare class LoragError extends Error {
+  name: "LoragError";
+  /** The crate's codes (Config, NotFound, Model, ContextOverflow, …) and Download, Integrity, Storage, Disposed. */
+  code: string;
+}
+
+export declare class Lorag {
+  static create(options: CreateOptions): Promise<Lorag>;
+  /** Node: the pack saved under `name`. */
+  static open(name: string, options: CreateOptions): Promise<Lorag>;
+  add(docs: DocumentInput | File | (DocumentInput | File)[], options?: { onProgress?: (ev: ProgressEvent) => void }):
+    Promise<{ documents: number; kept: number; embedded: number; removed: number; failed: { id: string; error: LoragError }[] }>;
+  remove(id: string): number;
+  search(query: string, options?: SearchOptions): { chunk: Record<string, unknown>; score: number; vector_score?: number; keyword_score?: number }[];
+  ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent>;
+  loadAdapter(name: string, spec: AdapterSpec, options?: { onProgress?: (ev: ProgressEvent) => void }): Promise<Record<string, unknown>>;
+  removeAdapter(name: string): boolean;
+  readonly adapters: Record<string, unknown>[];
+  readonly device: { kind: "cpu" | "gpu"; name?: string; notice?: string };
+  readonly stats: { documents: number; chunks: number; memory: Record<string, number> };
+  toBytes(): Uint8Array;
+  save(name?: string): Promise<{ name: string; bytes: number }>;
+  dispose(): void;
+}
