@@ -12,6 +12,14 @@ export class LoragError extends Error {
   }
 }
 
+/// A knowledge pack's name as storage uses it: 1-128 letters, digits, '.', '_' or '-', not starting with '.'.
+export function packName(name) {
+  if (typeof name !== "string" || !/^[\w.-]{1,128}$/.test(name) || name.startsWith(".")) {
+    throw new LoragError("Config", `pack name ${JSON.stringify(name)}: 1-128 letters, digits, '.', '_' or '-'`);
+  }
+  return name;
+}
+
 const wrap = (e) => (e instanceof Error && e.name === "LoragError" ? e : new LoragError("Internal", String(e?.message ?? e), { cause: e }));
 
 // The files of a sentence-transformers folder: binding name → path in the folder, required or not.

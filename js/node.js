@@ -2,15 +2,12 @@
 import { createRequire } from "node:module";
 import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
 import path from "node:path";
-import { makeLorag, LoragError } from "./core.js";
+import { makeLorag, LoragError, packName } from "./core.js";
 
 const require = createRequire(import.meta.url);
 
 function packPath(name, opts = {}) {
-  if (typeof name !== "string" || !/^[\w.-]{1,128}$/.test(name) || name.startsWith(".")) {
-    throw new LoragError("Config", `pack name ${JSON.stringify(name)}: 1-128 letters, digits, '.', '_' or '-'`);
-  }
-  return path.join(opts.dir ?? "lorag-data", `${name}.lorag`);
+  return path.join(opts.dir ?? "lorag-data", `${packName(name)}.lorag`);
 }
 
 const files = {

@@ -1,13 +1,47 @@
-// Browser entry (a page or a module Worker, no bundler): the `web` wasm build, initialized on first use.
-// Knowledge packs: toBytes() / create({ pack }) for now; OPFS / IndexedDB storage comes with the web app.
+// Browser entry (a page or a module Worker, no bundler): the `web` wasm build, initialized on first use, and
+// knowledge packs in the Origin Private File System (atomic: createWritable writes a swap file that replaces the
+// pack only on close; an interrupted save leaves the previous pack).
 import init, * as bindings from "./web/lorag.js";
-import { makeLorag, LoragError } from "./core.js";
+import { makeLorag, LoragError, packName } from "./core.js";
+
+async function folder(opts = {}) {
+  const root = await navigator.storage.getDirectory();
+  return opts.dir ? root.getDirectoryHandle(packName(opts.dir), { create: true }) : root;
+}
+
+const opfs = {
+  async read(name, opts) {
+    const file = `${packName(name)}.lorag`;
+    try {
+      const handle = await (await folder(opts)).getFileHandle(file);
+      return new Uint8Array(await (await handle.getFile()).arrayBuffer());
+    } catch (e) {
+      throw new LoragError(e.name === "NotFoundError" ? "NotFound" : "Storage", `OPFS ${file}: ${e.message}`, { cause: e });
+    }
+  },
+  async write(name, bytes, opts) {
+    const file = `${packName(name)}.lorag`;
+    let w;
+    try {
+      const handle = await (await folder(opts)).getFileHandle(file, { create: true });
+      if (!handle.createWritable) throw new LoragError("Storage", "this browser has no OPFS createWritable here: use toBytes()");
+      w = await handle.createWritable();
+      await w.write(bytes);
+      await w.close();
+    } catch (e) {
+      await w?.abort().catch(() => {});
+      if (e instanceof LoragError) throw e;
+      const quota = e.name === "QuotaExceededError";
+      throw new LoragError(quota ? "Quota" : "Storage", `OPFS ${file}: ${quota ? "storage quota exceeded; the previous pack is intact" : e.message}`, { cause: e });
+    }
+  },
+};
 
 export const Lorag = makeLorag({
   loadBindings: async () => {
     await init();
     return bindings;
   },
-  storage: undefined,
+  storage: globalThis.navigator?.storage?.getDirectory ? opfs : undefined,
 });
 export { LoragError };

@@ -25,8 +25,10 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// Let the JS event loop run (a macrotask turn), so the page can paint streamed tokens and deliver events (an
-/// abort) during long work: `scheduler.yield()` where there is one, else a `MessageChannel` message (not clamped
-/// to 4 ms like a nested `setTimeout`), else `setTimeout(0)`. Natively a no-op.
+/// abort) during long work: `setImmediate` (Node), else a `MessageChannel` message (not clamped to 4 ms like a
+/// nested `setTimeout`, and queued behind messages already waiting, so a worker sees an abort message), else
+/// `setTimeout(0)`. Not `scheduler.yield()`: its continuation runs ahead of waiting tasks, so a worker busy
+/// generating would never read the abort. Natively a no-op.
 pub async fn yield_now() {
     #[cfg(target_arch = "wasm32")]
     {
@@ -34,15 +36,7 @@ pub async fn yield_now() {
         let global = js_sys::global();
         let get =
             |o: &JsValue, k: &str| js_sys::Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED);
-        let scheduler = get(&global, "scheduler");
-        let promise = if let Some(f) = get(&scheduler, "yield").dyn_ref::<js_sys::Function>() {
-            f.call0(&scheduler)
-                .ok()
-                .and_then(|p| p.dyn_into::<js_sys::Promise>().ok())
-        } else {
-            None
-        };
-        let promise = promise.unwrap_or_else(|| {
+        let promise = {
             js_sys::Promise::new(&mut |resolve, _| {
                 // Node: setImmediate, unclamped and without keeping a port open.
                 if let Some(si) = get(&global, "setImmediate").dyn_ref::<js_sys::Function>() {
@@ -82,7 +76,7 @@ pub async fn yield_now() {
                     }
                 }
             })
-        });
+        };
         let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
     }
 }

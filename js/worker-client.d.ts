@@ -1,0 +1,20 @@
+import type { AskEvent, AskOptions, CreateOptions, DocumentInput, ProgressEvent, SearchOptions, AdapterSpec } from "./index.js";
+export { LoragError } from "./index.js";
+
+/** The Lorag API with all compute in a Worker (or a SharedWorker serving several tabs) running lorag's worker.js. */
+export declare class LoragWorker {
+  static create(options: CreateOptions, init: { worker: Worker | SharedWorker }): Promise<LoragWorker>;
+  static open(name: string, options: CreateOptions, init: { worker: Worker | SharedWorker }): Promise<LoragWorker>;
+  add(docs: DocumentInput | DocumentInput[], options?: { onProgress?: (ev: ProgressEvent) => void }): Promise<{ documents: number; kept: number; embedded: number; removed: number; failed: { id: string; error: { code: string; message: string } }[] }>;
+  remove(id: string): Promise<number>;
+  search(query: string, options?: SearchOptions): Promise<{ chunk: Record<string, unknown>; score: number }[]>;
+  ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent>;
+  loadAdapter(name: string, spec: AdapterSpec): Promise<Record<string, unknown>>;
+  removeAdapter(name: string): Promise<boolean>;
+  save(name?: string): Promise<{ name: string; bytes: number }>;
+  toBytes(): Promise<Uint8Array>;
+  stats(): Promise<{ documents: number; chunks: number; memory: Record<string, number> }>;
+  adapters(): Promise<Record<string, unknown>[]>;
+  device(): Promise<{ kind: "cpu" | "gpu"; name?: string; notice?: string }>;
+  dispose(): Promise<void>;
+}

@@ -1,0 +1,87 @@
+// The page side of tests/browser/lorag.mjs: the npm package's LoragWorker driving pkg/npm/worker.js in a module
+// Worker (or a SharedWorker), exposed to the test driver as window.run(kind).
+import { LoragWorker } from "/pkg/npm/worker-client.js";
+
+const origin = location.origin;
+const docs = ["handbook.md", "safety.html", "faq.txt", "courses.pdf"];
+
+window.run = async (kind) => {
+  const out = { progress: [], events: [] };
+  try {
+    const worker = kind === "shared" ? new SharedWorker("/pkg/npm/worker.js", { type: "module", name: "lorag" }) : new Worker("/pkg/npm/worker.js", { type: "module" });
+    const t0 = performance.now();
+    const rag = await LoragWorker.create(
+      {
+        embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` },
+        generator: `${origin}/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`,
+        device: "cpu",
+        cache: kind !== "nocache",
+        onProgress: (ev) => out.progress.push(ev.stage),
+      },
+      { worker },
+    );
+    out.createMs = performance.now() - t0;
+    const bytes = await Promise.all(docs.map(async (id) => ({ id, bytes: new Uint8Array(await (await fetch(`/examples/docs/${id}`)).arrayBuffer()) })));
+    out.added = await rag.add(bytes);
+    out.hits = (await rag.search("Where is the nearest defibrillator?", { k: 2 })).map((h) => h.chunk.id);
+    // Streamed: the page's main thread keeps running while the worker generates.
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    for await (const ev of rag.ask("How much does a replacement key fob cost?", { k: 2, maxTokens: 8 })) {
+      out.events.push(ev.type === "token" ? { type: "token", text: ev.text, ticks } : { type: "answer", answer: ev.answer });
+    }
+    clearInterval(timer);
+    // Abort from the page.
+    const ctl = new AbortController();
+    let n = 0;
+    for await (const ev of rag.ask("What should I do if there is a fire?", { mode: "base", maxTokens: 32, signal: ctl.signal })) {
+      if (ev.type === "token" && ++n === 2) ctl.abort();
+      if (ev.type === "answer") out.aborted = ev.answer;
+    }
+    // Typed errors cross the worker boundary.
+    try {
+      for await (const _ of rag.ask("q", { mode: "finetuned" }));
+    } catch (e) {
+      out.error = { name: e.name, code: e.code };
+    }
+    // OPFS: save atomically, reopen in the worker, same search.
+    out.saved = await rag.save("makerspace");
+    const again = await LoragWorker.open("makerspace", { embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` } }, { worker });
+    out.reopenedHits = (await again.search("Where is the nearest defibrillator?", { k: 2 })).map((h) => h.chunk.id);
+    await again.dispose();
+    try {
+      await LoragWorker.open("absent", { embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` } }, { worker });
+    } catch (e) {
+      out.missing = e.code;
+    }
+    await rag.dispose();
+    try {
+      await rag.search("x");
+    } catch (e) {
+      out.afterDispose = e.code;
+    }
+    out.ok = true;
+  } catch (e) {
+    out.ok = false;
+    out.error = `${e.code ?? e.name}: ${e.message}`;
+  }
+  return out;
+};
+
+// Several tabs, one SharedWorker: each page gets its own Lorag in the same worker; requests are served in order.
+window.runShared = async (question) => {
+  try {
+    const worker = new SharedWorker("/pkg/npm/worker.js", { type: "module", name: "lorag-shared" });
+    const rag = await LoragWorker.create({ embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` }, cache: false }, { worker });
+    const added = [];
+    for (const id of docs) {
+      const bytes = new Uint8Array(await (await fetch(`/examples/docs/${id}`)).arrayBuffer());
+      added.push((await rag.add([{ id, bytes }])).documents);
+    }
+    const hits = (await rag.search(question, { k: 1, mode: "exact" })).map((h) => h.chunk.id);
+    await rag.dispose();
+    return { ok: true, added, hits };
+  } catch (e) {
+    return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
+  }
+};

@@ -1,0 +1,66 @@
+// The npm package in real headless Chromium (playwright-core, /usr/bin/chromium), pages on 127.0.0.1 under a
+// strict CSP: LoragWorker (lorag/worker) drives a module Worker that downloads the models over HTTP, indexes the
+// bundled documents, searches and answers (streamed to the page while its main thread keeps running), aborts,
+// passes typed errors back, and saves / reopens the pack in OPFS. Needs scripts/build-npm [--dev]. Run by
+// scripts/test.
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+import { serve } from "./serve.mjs";
+
+const root = new URL("../../", import.meta.url).pathname;
+const { server, origin } = await serve(root);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
+});
+try {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  await page.goto(`${origin}/tests/browser/lorag.html`);
+  const out = await page.evaluate(() => window.run("dedicated"));
+  assert.ok(out.ok, out.error);
+  assert.ok(out.progress.includes("download") && out.progress.includes("device"), out.progress.join());
+  assert.equal(out.added.documents, 4);
+  assert.equal(out.added.failed.length, 0);
+  assert.match(out.hits[0], /^safety\.html#/);
+  const tokens = out.events.filter((e) => e.type === "token");
+  const answer = out.events.at(-1).answer;
+  assert.equal(out.events.at(-1).type, "answer");
+  assert.ok(tokens.length > 0);
+  assert.equal(tokens.map((t) => t.text).join("").trim(), answer.text);
+  assert.ok(answer.sources.some((s) => s.docId === "faq.txt" && s.text.includes("A replacement fob costs 10 euros.")));
+  // The page's timer kept firing while the worker generated: the main thread was free.
+  assert.ok(tokens.at(-1).ticks > tokens[0].ticks, `ticks ${tokens[0].ticks} → ${tokens.at(-1).ticks}`);
+  assert.equal(out.aborted.stopReason.kind, "aborted");
+  // Stopped, not run to its 32 tokens: the abort crosses to the worker while a token or two more are in flight.
+  assert.ok(out.aborted.answerTokens >= 2 && out.aborted.answerTokens < 32, `${out.aborted.answerTokens}`);
+  assert.deepEqual(out.error, { name: "LoragError", code: "Config" });
+  assert.ok(out.saved.bytes > 1000);
+  assert.deepEqual(out.reopenedHits, out.hits);
+  assert.equal(out.missing, "NotFound");
+  assert.equal(out.afterDispose, "Disposed");
+  // Two tabs on one SharedWorker at the same time: both served, each with its own knowledge base.
+  const second = await browser.newPage();
+  second.on("pageerror", (e) => errors.push(String(e)));
+  await second.goto(`${origin}/tests/browser/lorag.html`);
+  const [a, b] = await Promise.all([
+    page.evaluate(() => window.runShared("Where is the nearest defibrillator?")),
+    second.evaluate(() => window.runShared("Is there parking? Where is the public garage?")),
+  ]);
+  assert.ok(a.ok, a.error);
+  assert.ok(b.ok, b.error);
+  assert.deepEqual([a.added, b.added], [[1, 1, 1, 1], [1, 1, 1, 1]]);
+  assert.match(a.hits[0], /^safety\.html#/);
+  assert.match(b.hits[0], /^faq\.txt#/);
+  assert.deepEqual(errors, []);
+  console.log(
+    `ok - the npm package in a Worker in ${browser.version()}: models over HTTP (${(out.createMs / 1000).toFixed(1)} s), ` +
+      `4 documents, search, ${tokens.length} streamed tokens, abort, typed errors, OPFS save and reopen; two tabs on one SharedWorker`,
+  );
+} finally {
+  await browser.close();
+  server.close();
+}
