@@ -317,6 +317,12 @@ export function makeLorag({ loadBindings, storage }) {
       return this.#gen ? this.#gen.device : { kind: "cpu" };
     }
 
+    /// The documents: `[{ id, title, metadata }]`.
+    documents() {
+      this.#check();
+      return this.#kb.documents();
+    }
+
     get stats() {
       this.#check();
       return { documents: this.#kb.documents().length, chunks: this.#kb.length, memory: this.#kb.memory() };

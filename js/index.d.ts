@@ -111,6 +111,7 @@ export declare class Lorag {
   removeAdapter(name: string): boolean;
   readonly adapters: Record<string, unknown>[];
   readonly device: { kind: "cpu" | "gpu"; name?: string; notice?: string };
+  documents(): { id: string; title: string | null; metadata: Record<string, string> }[];
   readonly stats: { documents: number; chunks: number; memory: Record<string, number> };
   toBytes(): Uint8Array;
   save(name?: string): Promise<{ name: string; bytes: number }>;

@@ -15,6 +15,7 @@ export declare class LoragWorker {
   toBytes(): Promise<Uint8Array>;
   stats(): Promise<{ documents: number; chunks: number; memory: Record<string, number> }>;
   adapters(): Promise<Record<string, unknown>[]>;
+  documents(): Promise<{ id: string; title: string | null; metadata: Record<string, string> }[]>;
   device(): Promise<{ kind: "cpu" | "gpu"; name?: string; notice?: string }>;
   dispose(): Promise<void>;
 }

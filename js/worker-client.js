@@ -94,6 +94,9 @@ export class LoragWorker {
   stats() {
     return this.#call("stats");
   }
+  documents() {
+    return this.#call("documents");
+  }
   adapters() {
     return this.#call("adapters");
   }

@@ -56,6 +56,7 @@ function serve(port) {
           case "stats":
             return reply({ type: "result", value: rag[method] });
           case "search":
+          case "documents":
           case "remove":
           case "removeAdapter":
           case "loadAdapter":

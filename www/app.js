@@ -1,0 +1,164 @@
+// The offline Q&A page: documents in, questions answered from them, everything in this tab (a Worker runs the
+// models). All document and model text is shown with textContent; nothing is ever parsed as HTML.
+import { LoragWorker } from "./pkg/worker-client.js";
+
+const $ = (id) => document.getElementById(id);
+const abs = (p) => new URL(p, location.href).href;
+const MODELS = {
+  embedder: { url: abs("/models/all-MiniLM-L6-v2-int8/"), name: "all-MiniLM-L6-v2-int8" },
+  generator: abs("/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+};
+const EXAMPLES = ["handbook.md", "safety.html", "faq.txt", "courses.pdf"];
+const PACK = "www";
+
+let rag;
+let controller;
+// The worker lives under the app (www/pkg, copied by scripts/build-npm) so the service worker's scope covers it
+// and its imports are served offline too.
+const worker = new Worker("./pkg/worker.js", { type: "module" });
+if ("serviceWorker" in navigator) navigator.serviceWorker.register("sw.js").catch((e) => say(`offline mode unavailable: ${e.message}`));
+
+function say(text) {
+  $("status").textContent = text;
+}
+
+function onProgress(ev) {
+  const p = $("progress");
+  if (ev.stage === "download" && ev.total) {
+    p.hidden = false;
+    p.max = ev.total;
+    p.value = ev.loaded;
+    say(`${ev.cached ? "loading from cache" : "downloading"} ${ev.url.split("/").pop()}`);
+  } else if (ev.stage === "index") {
+    p.hidden = false;
+    p.max = ev.total;
+    p.value = ev.done;
+    say(`indexed ${ev.id} (${ev.done}/${ev.total})`);
+  } else if (ev.stage === "cache") {
+    say(ev.error);
+  }
+}
+
+async function refreshDocs() {
+  const list = $("doclist");
+  list.replaceChildren();
+  for (const d of await rag.documents()) {
+    const li = document.createElement("li");
+    li.textContent = d.title ? `${d.title} (${d.id})` : d.id;
+    list.append(li);
+  }
+  const s = await rag.stats();
+  say(`${s.documents} documents, ${s.chunks} chunks`);
+  $("progress").hidden = true;
+}
+
+async function addFiles(items) {
+  const docs = [];
+  for (const f of items) docs.push({ id: f.name, bytes: new Uint8Array(await f.arrayBuffer()) });
+  const r = await rag.add(docs, { onProgress });
+  for (const f of r.failed) say(`${f.id}: ${f.error.message}`);
+  await rag.save(PACK);
+  await refreshDocs();
+  if (r.failed.length) say(r.failed.map((f) => `${f.id}: ${f.error.message}`).join("; "));
+}
+
+function showPassage(source) {
+  const q = $("passage");
+  q.hidden = false;
+  q.textContent = `[${source.number}] ${source.title ?? source.docId}\n\n${source.text}`;
+}
+
+function renderAnswer(answer) {
+  // The answer with each [n] made clickable; text stays text.
+  const box = $("answer");
+  box.replaceChildren();
+  let at = 0;
+  for (const c of answer.citations) {
+    if (c.at.start < at) continue; // one group cites several numbers
+    box.append(document.createTextNode(answer.text.slice(at, c.at.start)));
+    const span = document.createElement("span");
+    span.className = "cite";
+    span.textContent = answer.text.slice(c.at.start, c.at.end);
+    const src = answer.sources.find((s) => s.number === c.number);
+    if (src) span.addEventListener("click", () => showPassage(src));
+    else span.title = "not one of the sources";
+    box.append(span);
+    at = c.at.end;
+  }
+  box.append(document.createTextNode(answer.text.slice(at)));
+  const cited = new Set(answer.citations.map((c) => c.number));
+  const list = $("sources");
+  list.replaceChildren();
+  for (const s of answer.sources) {
+    const li = document.createElement("li");
+    if (cited.has(s.number)) li.className = "cited";
+    const b = document.createElement("button");
+    b.type = "button";
+    const heading = s.headingPath.filter((h) => h !== s.title).join(" › ");
+    const page = s.pages ? `, page ${s.pages[0]}` : "";
+    b.textContent = `${s.title ?? s.docId}${heading ? " › " + heading : ""} (${s.docId}${page})`;
+    b.addEventListener("click", () => showPassage(s));
+    li.append(b);
+    list.append(li);
+  }
+  say(`${answer.promptTokens} prompt tokens, ${answer.answerTokens} answer tokens, ${(answer.timings.totalMs / 1000).toFixed(1)} s`);
+}
+
+async function ask(e) {
+  e.preventDefault();
+  const question = $("question").value.trim();
+  if (!question) return;
+  $("go").disabled = true;
+  $("stop").disabled = false;
+  $("answer").replaceChildren();
+  $("sources").replaceChildren();
+  $("passage").hidden = true;
+  controller = new AbortController();
+  const text = document.createTextNode("");
+  $("answer").append(text);
+  try {
+    for await (const ev of rag.ask(question, { mode: $("mode").value, k: 4, maxTokens: 128, signal: controller.signal })) {
+      if (ev.type === "token") text.appendData(ev.text);
+      else renderAnswer(ev.answer);
+    }
+  } catch (err) {
+    say(`${err.code ?? "Error"}: ${err.message}`);
+  } finally {
+    $("go").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+async function start() {
+  const opts = { ...MODELS, device: "auto", onProgress };
+  try {
+    rag = await LoragWorker.open(PACK, opts, { worker });
+  } catch (e) {
+    if (e.code !== "NotFound") say(`saved documents could not be opened (${e.code}): starting empty`);
+    rag = await LoragWorker.create(opts, { worker });
+  }
+  const dev = await rag.device();
+  $("device").textContent = dev.kind === "gpu" ? `Running on WebGPU: ${dev.name}` : `Running on the CPU (WebAssembly)${dev.notice ? ": " + dev.notice : ""}`;
+  await refreshDocs();
+  $("go").disabled = false;
+}
+
+$("ask").addEventListener("submit", ask);
+$("stop").addEventListener("click", () => controller?.abort());
+$("files").addEventListener("change", (e) => addFiles([...e.target.files]));
+$("examples").addEventListener("click", async () => {
+  const files = await Promise.all(EXAMPLES.map(async (n) => new File([await (await fetch(`/examples/docs/${n}`)).arrayBuffer()], n)));
+  await addFiles(files);
+});
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => {
+  e.preventDefault();
+  drop.classList.add("over");
+});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  addFiles([...e.dataTransfer.files]);
+});
+start().catch((e) => say(`could not start (${e.code ?? e.name}): ${e.message}`));
