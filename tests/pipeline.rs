@@ -342,11 +342,14 @@ async fn four_modes() {
 
     // rag: the gold passage is retrieved, numbered, and is what the prompt carries.
     let mut streamed = String::new();
+    // ask_async: in wasm it gives the event loop a turn after every step, which headless Chromium's test driver
+    // needs (it gives up on a page that computes for 30 s without one).
     let a = rag
-        .ask(&item.question, &short(Mode::Rag), &mut |ev| {
+        .ask_async(&item.question, &short(Mode::Rag), &mut |ev| {
             streamed.push_str(ev.text);
             true
         })
+        .await
         .unwrap();
     assert_eq!(a.sources.len(), 3);
     assert!(
@@ -383,13 +386,14 @@ async fn four_modes() {
     let ids = model.chat_prompt(&a.messages).unwrap();
     assert_eq!(a.prompt_tokens, ids.len());
     let g = model
-        .generate(
+        .generate_async(
             &ids,
             &rag.prepare(&item.question, &short(Mode::Rag))
                 .unwrap()
                 .generate,
             &mut |_| true,
         )
+        .await
         .unwrap();
     assert_eq!(a.text, g.text.trim());
     assert_eq!(streamed.trim(), a.text);
@@ -398,7 +402,8 @@ async fn four_modes() {
 
     // base: no retrieval, the plain system turn.
     let b = rag
-        .ask(&item.question, &short(Mode::Base), &mut |_| true)
+        .ask_async(&item.question, &short(Mode::Base), &mut |_| true)
+        .await
         .unwrap();
     assert!(b.sources.is_empty() && b.retrieved.is_empty() && b.citations.is_empty());
     assert_eq!(
@@ -408,7 +413,8 @@ async fn four_modes() {
 
     // finetuned: the adapter applied to the plain prompt = generating by hand with it.
     let f = rag
-        .ask(&item.question, &short(Mode::Finetuned), &mut |_| true)
+        .ask_async(&item.question, &short(Mode::Finetuned), &mut |_| true)
+        .await
         .unwrap();
     assert!(f.sources.is_empty() && f.adapters.len() == 1);
     let plain = model
@@ -424,7 +430,7 @@ async fn four_modes() {
         ])
         .unwrap();
     let by_hand = model
-        .generate(
+        .generate_async(
             &plain,
             &GenerateOptions {
                 max_tokens: 12,
@@ -434,13 +440,15 @@ async fn four_modes() {
             },
             &mut |_| true,
         )
+        .await
         .unwrap();
     assert_eq!(f.text, by_hand.text.trim());
     breathe().await;
 
     // hybrid: sources and adapter.
     let h = rag
-        .ask(&item.question, &short(Mode::Hybrid), &mut |_| true)
+        .ask_async(&item.question, &short(Mode::Hybrid), &mut |_| true)
+        .await
         .unwrap();
     assert_eq!(h.sources, a.sources);
     assert_eq!(h.adapters, f.adapters);
