@@ -92,6 +92,26 @@ pub struct Source {
     pub trimmed: bool,
 }
 
+impl Source {
+    /// `(title, " › A › B", ", page N")`: the document's title (its id when it has none), the heading path
+    /// without a leading copy of the title, and the pages, as sources are labelled in prompts and listings.
+    pub fn label(&self) -> (&str, String, String) {
+        let title = self.title.as_deref().unwrap_or(&self.doc_id);
+        let heading = self
+            .heading_path
+            .iter()
+            .skip_while(|h| h.as_str() == title)
+            .map(|h| format!(" › {h}"))
+            .collect();
+        let page = match self.pages {
+            Some((a, b)) if a == b => format!(", page {a}"),
+            Some((a, b)) => format!(", pages {a}-{b}"),
+            None => String::new(),
+        };
+        (title, heading, page)
+    }
+}
+
 #[cfg(feature = "index")]
 impl Source {
     /// A search hit as a source; `title` is its document's.
@@ -179,18 +199,7 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn block(&self, s: &Source, text: &str) -> String {
-        let title = s.title.as_deref().unwrap_or(&s.doc_id);
-        let heading: String = s
-            .heading_path
-            .iter()
-            .skip_while(|h| h.as_str() == title)
-            .map(|h| format!(" › {h}"))
-            .collect();
-        let page = match s.pages {
-            Some((a, b)) if a == b => format!(", page {a}"),
-            Some((a, b)) => format!(", pages {a}-{b}"),
-            None => String::new(),
-        };
+        let (title, heading, page) = s.label();
         let m = self.model;
         fill(
             &self.cfg.source_format,

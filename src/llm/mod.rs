@@ -445,14 +445,7 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Generation> {
-        let (n_ctx, lora) = self.prepare(prompt, opts)?;
-        let mut stepper = CpuStepper {
-            model: self,
-            cache: self.new_cache(n_ctx)?,
-            lora,
-            batch: opts.batch.max(1),
-            yield_between: false,
-        };
+        let mut stepper = self.cpu_stepper(prompt, opts, false)?;
         run_ready(self.generate_core(&mut stepper, prompt, opts, on_token))
     }
 
@@ -565,16 +558,26 @@ impl Model {
             }
             return r;
         }
+        let mut stepper = self.cpu_stepper(prompt, opts, cfg!(target_arch = "wasm32"))?;
+        self.generate_core(&mut stepper, prompt, opts, on_token)
+            .await
+    }
+
+    /// A checked request's CPU stepper: a fresh cache of the request's context, its adapters.
+    fn cpu_stepper(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        yield_between: bool,
+    ) -> Result<CpuStepper<'_>> {
         let (n_ctx, lora) = self.prepare(prompt, opts)?;
-        let mut stepper = CpuStepper {
+        Ok(CpuStepper {
             model: self,
             cache: self.new_cache(n_ctx)?,
             lora,
             batch: opts.batch.max(1),
-            yield_between: cfg!(target_arch = "wasm32"),
-        };
-        self.generate_core(&mut stepper, prompt, opts, on_token)
-            .await
+            yield_between,
+        })
     }
 
     /// Check a request; the context size and the adapters it uses.

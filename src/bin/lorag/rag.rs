@@ -233,18 +233,7 @@ pub fn print_sources(a: &Answer) {
     let cited: Vec<usize> = a.cited_sources().iter().map(|s| s.number).collect();
     println!("Sources:");
     for s in &a.sources {
-        let page = match s.pages {
-            Some((x, y)) if x == y => format!(", page {x}"),
-            Some((x, y)) => format!(", pages {x}-{y}"),
-            None => String::new(),
-        };
-        let title = s.title.as_deref().unwrap_or(&s.doc_id);
-        let heading: String = s
-            .heading_path
-            .iter()
-            .skip_while(|h| h.as_str() == title)
-            .map(|h| format!(" › {h}"))
-            .collect();
+        let (title, heading, page) = s.label();
         println!(
             "  {} [{}] {title}{heading} ({}{page}, bytes {}..{}{})",
             if cited.contains(&s.number) { "*" } else { " " },
