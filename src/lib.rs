@@ -37,7 +37,6 @@ mod limits;
 pub mod llm;
 #[cfg(all(feature = "onnx", feature = "index", feature = "llm"))]
 pub mod pipeline;
-#[cfg(feature = "llm")]
 pub mod prompt;
 #[cfg(feature = "tokenizer")]
 mod wordpiece;

@@ -31,6 +31,14 @@ fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsValue> {
         .map_err(|e| js_error(Error::Config(e.to_string())))
 }
 
+/// Panics, which traps the wasm instance as a bug would: for testing the JS layer's restart. Not part of the
+/// API.
+#[doc(hidden)]
+#[wasm_bindgen(js_name = __loragTrap)]
+pub fn lorag_trap() {
+    panic!("deliberate trap (testing the restart after a trap)");
+}
+
 /// The crate version.
 #[wasm_bindgen]
 pub fn version() -> String {
@@ -428,6 +436,43 @@ impl JsKnowledgeBase {
             .search(vector.as_deref(), text.as_deref(), &opts)
             .map_err(js_error)?;
         to_js(&hits)
+    }
+
+    /// Search, then the prompt for a model that is not loaded here (`{ messages, sources, sourceChars,
+    /// dropped }`): what an edge worker without a generator returns from `/ask`. `options` as for `search`,
+    /// `prompt` a `PromptConfig` (camelCase fields; missing ones default), `max_source_chars` caps the
+    /// sources' text (0: no cap).
+    #[wasm_bindgen(js_name = plainPrompt)]
+    pub fn plain_prompt(
+        &self,
+        vector: Option<Vec<f32>>,
+        question: &str,
+        options: JsValue,
+        prompt: JsValue,
+        max_source_chars: usize,
+    ) -> Result<JsValue, JsValue> {
+        let opts: crate::SearchOptions = from_js(options)?;
+        let cfg: crate::prompt::PromptConfig = from_js(prompt)?;
+        let hits = self
+            .inner
+            .search(vector.as_deref(), Some(question), &opts)
+            .map_err(js_error)?;
+        let candidates: Vec<crate::prompt::Source> = hits
+            .iter()
+            .map(|h| {
+                let title = self
+                    .inner
+                    .document(&h.chunk.doc_id)
+                    .and_then(|d| d.title.clone());
+                crate::prompt::Source::from_hit(h, title)
+            })
+            .collect();
+        to_js(&crate::prompt::plain_prompt(
+            &cfg,
+            question,
+            &candidates,
+            max_source_chars,
+        ))
     }
 
     /// Like `search`, returning only the chunk ids (for benchmarks and callers that keep their own text).

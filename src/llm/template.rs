@@ -75,14 +75,7 @@ use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{from_args, Enumerator, Object, ObjectRepr, Rest, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State};
 
-/// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    /// `"system"`, `"user"` or `"assistant"` (other roles are passed to the template as they are).
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
+pub use crate::prompt::Message;
 
 /// Why a chat template could not be compiled or rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
