@@ -2,7 +2,13 @@
 // answers, over the wasm bindings. Platform entry points (node.js, web.js) hand it the bindings and a storage.
 //
 // Errors are `LoragError`s with a `code`: the crate's codes (Config, NotFound, Model, …) plus Download,
-// Integrity and Disposed from this layer.
+// Integrity, Storage, Quota, Disposed, Crashed and Restarting from this layer.
+//
+// A trap in wasm (a panic, an out-of-bounds access) leaves that wasm instance unusable: whatever Rust was doing
+// stopped half-way. The call that trapped throws `Crashed`; the Lorag then loads a fresh instance of the module
+// and rebuilds itself there from what it was made of (the model files again, from the Cache API or their URLs
+// or the bytes given; the adapters loaded; the knowledge base as of the last completed add/remove, which it
+// keeps a snapshot of). Calls meanwhile throw `Restarting`; `await rag.ready` waits for the restart.
 
 export class LoragError extends Error {
   constructor(code, message, options) {
@@ -19,6 +25,8 @@ export function packName(name) {
   }
   return name;
 }
+
+const isTrap = (e) => e instanceof WebAssembly.RuntimeError;
 
 const wrap = (e) => (e instanceof Error && e.name === "LoragError" ? e : new LoragError("Internal", String(e?.message ?? e), { cause: e }));
 
@@ -122,9 +130,65 @@ async function loadEmbedderFiles(spec, opts) {
   return out;
 }
 
+/// `loadBindings(generation)`: the wasm bindings; generation 0 the first time, then 1, 2, … for a fresh instance
+/// of the module after a trap.
 export function makeLorag({ loadBindings, storage }) {
+  let generation = 0;
+  let live; // the bindings in use
   let bindingsPromise;
-  const bindings = () => (bindingsPromise ??= loadBindings());
+  const bindings = () =>
+    (bindingsPromise ??= Promise.resolve(loadBindings(0)).then((b) => (live = b)));
+  // The instance `dead` trapped: a fresh one, made once however many Lorags noticed.
+  const replace = async (dead) => {
+    const b = await bindings();
+    if (b === dead) {
+      generation++;
+      bindingsPromise = Promise.resolve(loadBindings(generation)).then((nb) => (live = nb));
+      bindingsPromise.catch(() => (bindingsPromise = undefined));
+    }
+    return bindings();
+  };
+
+  // Everything a Lorag is made of on one wasm instance, from the options of `create`.
+  async function build(b, opts, onProgress) {
+    const cache = opts.cache === false || !globalThis.caches ? undefined : await globalThis.caches.open(opts.cacheName ?? "lorag-models-v1").catch(() => undefined);
+    const dl = { onProgress, cache };
+    if (!opts.embedder) throw new LoragError("Config", "create: an embedder is required ({ url } or { files })");
+    const files = await loadEmbedderFiles(opts.embedder, dl);
+    let embedder, chunker, kb, gen;
+    try {
+      embedder = new b.Embedder(files, opts.embedder.config);
+      chunker = new b.Chunker(files.tokenizer_json, files.sentence_bert_config_json, opts.chunk ?? {});
+      const name = opts.embedder.name ?? (opts.embedder.url ? opts.embedder.url.replace(/\/+$/, "").split("/").slice(-1)[0] : "embedder");
+      const id = { name, dim: embedder.dim, hash: embedder.identity };
+      kb = opts.pack ? b.KnowledgeBase.fromBytes(await loadOne(opts.pack, dl), id) : new b.KnowledgeBase(id, opts.index ?? {});
+      if (opts.generator) {
+        gen = new b.Generator(await loadOne(opts.generator, { ...dl, kind: "GGUF model" }));
+        for (const [aname, spec] of Object.entries(opts.adapters ?? {})) {
+          await loadAdapterInto(gen, aname, spec, dl);
+        }
+        if (opts.device) {
+          const report = await gen.useDevice(opts.device);
+          onProgress?.({ stage: "device", ...report });
+        }
+      }
+      return { embedder, chunker, kb, gen };
+    } catch (e) {
+      for (const o of [embedder, chunker, kb, gen]) o?.free?.();
+      throw e;
+    }
+  }
+
+  async function loadAdapterInto(gen, name, spec, dl) {
+    // spec: bytes / URL of a GGUF-LoRA, or { safetensors, config } (PEFT; each bytes or URL), or { url } of a
+    // PEFT folder.
+    if (spec?.safetensors || (spec?.url && spec.peft)) {
+      const st = spec.safetensors ? await loadOne(spec.safetensors, dl) : await download(joinUrl(spec.url, "adapter_model.safetensors"), dl);
+      const cfg = spec.config ? await loadOne(spec.config, dl) : await download(joinUrl(spec.url, "adapter_config.json"), dl);
+      return gen.loadAdapter(name, st, new TextDecoder().decode(cfg));
+    }
+    return gen.loadAdapter(name, await loadOne(spec, dl));
+  }
 
   class Lorag {
     #b;
@@ -136,45 +200,43 @@ export function makeLorag({ loadBindings, storage }) {
     #storageOpts;
     #disposed = false;
     #busy = Promise.resolve();
+    #opts; // what create() was given (the pack replaced by the snapshot below)
+    #adapterSpecs = new Map(); // adapters loaded after create: name → spec
+    #snapshot; // the knowledge base's bytes after the last completed add/remove (when recovery is on)
+    #restart = null; // the restart in progress
+    #dead = null; // why this Lorag cannot be used again
 
-    constructor(token, b, parts) {
+    constructor(token, b, parts, opts) {
       if (token !== Lorag.#token) throw new LoragError("Config", "use Lorag.create() or Lorag.open()");
       this.#b = b;
-      ({ embedder: this.#embedder, chunker: this.#chunker, kb: this.#kb, gen: this.#gen, name: this.#name, storage: this.#storageOpts } = parts);
+      this.#opts = opts;
+      this.#name = opts.name ?? "default";
+      this.#storageOpts = opts.storage;
+      this.#set(parts);
     }
     static #token = Symbol("Lorag");
 
+    #set(parts) {
+      ({ embedder: this.#embedder, chunker: this.#chunker, kb: this.#kb, gen: this.#gen } = parts);
+    }
+
     /// `Lorag.create({ embedder, generator, adapters, device, chunk, index, cache, onProgress, pack, name,
     /// storage })`.
+    /// `recover: false` turns the restart after a trap off (no knowledge-base snapshots are kept; a trap then
+    /// leaves the Lorag unusable, every call throwing `Crashed`).
     static async create(opts = {}) {
       const b = await bindings();
-      const onProgress = opts.onProgress;
-      const cache = opts.cache === false || !globalThis.caches ? undefined : await globalThis.caches.open(opts.cacheName ?? "lorag-models-v1").catch(() => undefined);
-      const dl = { onProgress, cache };
-      if (!opts.embedder) throw new LoragError("Config", "create: an embedder is required ({ url } or { files })");
-      const files = await loadEmbedderFiles(opts.embedder, dl);
-      let embedder, chunker, kb, gen;
+      let parts;
       try {
-        embedder = new b.Embedder(files, opts.embedder.config);
-        chunker = new b.Chunker(files.tokenizer_json, files.sentence_bert_config_json, opts.chunk ?? {});
-        const name = opts.embedder.name ?? (opts.embedder.url ? opts.embedder.url.replace(/\/+$/, "").split("/").slice(-1)[0] : "embedder");
-        const id = { name, dim: embedder.dim, hash: embedder.identity };
-        kb = opts.pack ? b.KnowledgeBase.fromBytes(await loadOne(opts.pack, dl), id) : new b.KnowledgeBase(id, opts.index ?? {});
-        if (opts.generator) {
-          gen = new b.Generator(await loadOne(opts.generator, { ...dl, kind: "GGUF model" }));
-          for (const [aname, spec] of Object.entries(opts.adapters ?? {})) {
-            await Lorag.#loadAdapterInto(gen, aname, spec, dl);
-          }
-          if (opts.device) {
-            const report = await gen.useDevice(opts.device);
-            onProgress?.({ stage: "device", ...report });
-          }
-        }
-        return new Lorag(Lorag.#token, b, { embedder, chunker, kb, gen, name: opts.name ?? "default", storage: opts.storage });
+        parts = await build(b, opts, opts.onProgress);
       } catch (e) {
-        for (const o of [embedder, chunker, kb, gen]) o?.free?.();
         throw wrap(e);
       }
+      const rag = new Lorag(Lorag.#token, b, parts, { ...opts });
+      if (opts.pack && opts.recover !== false) {
+        rag.#snapshot = opts.pack instanceof Uint8Array ? opts.pack : rag.#kb.toBytes();
+      }
+      return rag;
     }
 
     /// Reopen a saved knowledge pack: `Lorag.open(name, opts)` reads it from the storage, then as `create`.
@@ -184,19 +246,81 @@ export function makeLorag({ loadBindings, storage }) {
       return Lorag.create({ ...opts, pack: bytes, name });
     }
 
-    static async #loadAdapterInto(gen, name, spec, dl) {
-      // spec: bytes / URL of a GGUF-LoRA, or { safetensors, config } (PEFT; each bytes or URL), or { url } of a
-      // PEFT folder.
-      if (spec?.safetensors || (spec?.url && spec.peft)) {
-        const st = spec.safetensors ? await loadOne(spec.safetensors, dl) : await download(joinUrl(spec.url, "adapter_model.safetensors"), dl);
-        const cfg = spec.config ? await loadOne(spec.config, dl) : await download(joinUrl(spec.url, "adapter_config.json"), dl);
-        return gen.loadAdapter(name, st, new TextDecoder().decode(cfg));
-      }
-      return gen.loadAdapter(name, await loadOne(spec, dl));
-    }
-
     #check() {
       if (this.#disposed) throw new LoragError("Disposed", "this Lorag was disposed");
+      if (this.#dead) throw this.#dead;
+      if (this.#restart) throw new LoragError("Restarting", "the wasm engine is restarting after a trap: await rag.ready, then retry");
+    }
+
+    /// Resolves when the Lorag can be used (at once, unless it is restarting after a trap); rejects with
+    /// `Crashed` when it cannot be used again.
+    get ready() {
+      if (this.#dead) return Promise.reject(this.#dead);
+      return this.#restart ?? Promise.resolve();
+    }
+
+    /// The error to throw for `e`; a trap also starts the restart.
+    #failed(e) {
+      if (!isTrap(e)) return wrap(e);
+      if (this.#dead || this.#restart) return new LoragError("Crashed", `the wasm engine trapped: ${e.message}`, { cause: e });
+      const recover = this.#opts.recover !== false;
+      const err = new LoragError(
+        "Crashed",
+        `the wasm engine trapped (${e.message}); ` +
+          (recover
+            ? "it is restarting with the models, adapters and knowledge base as of the last completed call: await rag.ready, then retry"
+            : "recovery is off (create({ recover: false })): this Lorag cannot be used again"),
+        { cause: e },
+      );
+      if (!recover) {
+        this.#dead = err;
+        return err;
+      }
+      const dead = this.#b;
+      // The trapped instance's objects are not freed: freeing runs code in the instance that just trapped. The
+      // whole instance goes when nothing refers to it.
+      this.#set({});
+      this.#restart = (async () => {
+        try {
+          const b = await replace(dead);
+          const opts = { ...this.#opts, pack: this.#snapshot, adapters: { ...(this.#opts.adapters ?? {}), ...Object.fromEntries(this.#adapterSpecs) } };
+          const parts = await build(b, opts, undefined);
+          if (this.#disposed) {
+            for (const o of Object.values(parts)) o?.free?.();
+          } else {
+            this.#b = b;
+            this.#set(parts);
+          }
+          this.#opts.onProgress?.({ stage: "restarted", cause: e.message });
+        } catch (e2) {
+          this.#dead = new LoragError("Crashed", `the wasm engine trapped and could not be restarted: ${e2.message}`, { cause: e2 });
+          throw this.#dead;
+        } finally {
+          this.#restart = null;
+        }
+      })();
+      this.#restart.catch(() => {});
+      return err;
+    }
+
+    /// `fn()` with errors wrapped and traps handled.
+    #run(fn) {
+      this.#check();
+      try {
+        return fn();
+      } catch (e) {
+        throw this.#failed(e);
+      }
+    }
+
+    /// After a completed change to the knowledge base: the snapshot a restart rebuilds from.
+    #changed() {
+      if (this.#opts.recover !== false) this.#snapshot = this.#kb.toBytes();
+    }
+
+    /// Testing only: makes the wasm instance trap, as a bug in it would. Not part of the API.
+    _trapForTests() {
+      return this.#run(() => this.#b.__loragTrap());
     }
 
     #needGen() {
@@ -224,34 +348,36 @@ export function makeLorag({ loadBindings, storage }) {
           total.embedded += s.embedded;
           total.removed += s.removed;
         } catch (e) {
+          if (isTrap(e)) throw this.#failed(e);
           total.failed.push({ id, error: wrap(e) });
         }
         onProgress?.({ stage: "index", id, done: i + 1, total: list.length });
+      }
+      try {
+        this.#changed();
+      } catch (e) {
+        throw this.#failed(e);
       }
       return total;
     }
 
     /// Delete a document (by id) or a chunk (`doc#n`); returns the number of chunks removed.
     remove(id) {
-      this.#check();
-      try {
-        if (this.#kb.documents().some((d) => d.id === id)) return this.#kb.deleteDocument(id);
-        this.#kb.deleteChunk(id);
-        return 1;
-      } catch (e) {
-        throw wrap(e);
-      }
+      return this.#run(() => {
+        let n = 1;
+        if (this.#kb.documents().some((d) => d.id === id)) n = this.#kb.deleteDocument(id);
+        else this.#kb.deleteChunk(id);
+        this.#changed();
+        return n;
+      });
     }
 
     /// `search(query, { k, mode, filter, fusion, mmr_lambda, ef, min_score })` → hits `[{ chunk, score, … }]`.
     search(query, opts = {}) {
-      this.#check();
-      try {
+      return this.#run(() => {
         const v = opts.mode === "bm25" ? undefined : this.#embedder.embed([query], "query");
         return this.#kb.search(v, query, { k: 5, ...opts });
-      } catch (e) {
-        throw wrap(e);
-      }
+      });
     }
 
     /// Answer, streamed: `for await (const ev of rag.ask(q, opts))` yields `{ type: "token", text, id, index }`
@@ -268,8 +394,9 @@ export function makeLorag({ loadBindings, storage }) {
       let result;
       let error;
       // One request at a time through the generator; later ones wait their turn.
+      const gen = this.#gen;
       const turn = this.#busy.then(() =>
-        this.#gen.askAsync(this.#embedder, this.#kb, question, options, (ev) => {
+        gen.askAsync(this.#embedder, this.#kb, question, options, (ev) => {
           queue.push({ type: "token", ...ev });
           wake?.();
           return !(stop || signal?.aborted);
@@ -287,7 +414,7 @@ export function makeLorag({ loadBindings, storage }) {
           await new Promise((r) => (wake = r));
           wake = undefined;
         }
-        if (error) throw wrap(error);
+        if (error) throw this.#failed(error);
         yield { type: "answer", answer: result };
       } finally {
         stop = true; // the consumer left early: stop generating
@@ -297,41 +424,49 @@ export function makeLorag({ loadBindings, storage }) {
     /// Load (or replace) an adapter: bytes / URL of a GGUF-LoRA, or `{ safetensors, config }` (PEFT).
     async loadAdapter(name, spec, { onProgress } = {}) {
       this.#needGen();
+      let info;
       try {
-        return await Lorag.#loadAdapterInto(this.#gen, name, spec, { onProgress });
+        info = await loadAdapterInto(this.#gen, name, spec, { onProgress });
       } catch (e) {
-        throw wrap(e);
+        throw this.#failed(e);
       }
+      if (this.#opts.recover !== false) this.#adapterSpecs.set(name, spec);
+      return info;
     }
 
     removeAdapter(name) {
       this.#needGen();
-      return this.#gen.removeAdapter(name);
+      return this.#run(() => {
+        const removed = this.#gen.removeAdapter(name);
+        this.#adapterSpecs.delete(name);
+        if (this.#opts.adapters?.[name] !== undefined) {
+          const { [name]: _, ...rest } = this.#opts.adapters;
+          this.#opts.adapters = rest;
+        }
+        return removed;
+      });
     }
 
     get adapters() {
-      return this.#gen ? this.#gen.adapters : [];
+      return this.#gen ? this.#run(() => this.#gen.adapters) : [];
     }
 
     get device() {
-      return this.#gen ? this.#gen.device : { kind: "cpu" };
+      return this.#gen ? this.#run(() => this.#gen.device) : { kind: "cpu" };
     }
 
     /// The documents: `[{ id, title, metadata }]`.
     documents() {
-      this.#check();
-      return this.#kb.documents();
+      return this.#run(() => this.#kb.documents());
     }
 
     get stats() {
-      this.#check();
-      return { documents: this.#kb.documents().length, chunks: this.#kb.length, memory: this.#kb.memory() };
+      return this.#run(() => ({ documents: this.#kb.documents().length, chunks: this.#kb.length, memory: this.#kb.memory() }));
     }
 
     /// The knowledge pack's bytes (validated again by whatever loads them).
     toBytes() {
-      this.#check();
-      return this.#kb.toBytes();
+      return this.#run(() => this.#kb.toBytes());
     }
 
     /// Save the knowledge pack atomically under `name` (default: the one it was opened with) in the platform's
@@ -339,7 +474,7 @@ export function makeLorag({ loadBindings, storage }) {
     async save(name = this.#name) {
       this.#check();
       if (!storage) throw new LoragError("Config", "no storage on this platform: use toBytes()");
-      const bytes = this.#kb.toBytes();
+      const bytes = this.#run(() => this.#kb.toBytes());
       await storage.write(name, bytes, this.#storageOpts);
       return { name, bytes: bytes.length };
     }
@@ -348,6 +483,8 @@ export function makeLorag({ loadBindings, storage }) {
     dispose() {
       if (this.#disposed) return;
       this.#disposed = true;
+      this.#snapshot = undefined;
+      if (this.#restart || this.#dead) return; // nothing live to free (a restart frees what it built)
       for (const o of [this.#embedder, this.#chunker, this.#kb, this.#gen]) o?.free?.();
     }
   }

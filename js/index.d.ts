@@ -23,7 +23,8 @@ export type ProgressEvent =
   | { stage: "download"; url: string; loaded: number; total?: number; cached?: boolean }
   | { stage: "cache"; url: string; error: string }
   | { stage: "device"; kind: "cpu" | "gpu"; name?: string; backend?: string; software?: boolean; notice?: string }
-  | { stage: "index"; id: string; done: number; total: number };
+  | { stage: "index"; id: string; done: number; total: number }
+  | { stage: "restarted"; cause: string };
 
 export interface CreateOptions {
   embedder: EmbedderSpec;
@@ -41,6 +42,11 @@ export interface CreateOptions {
   /** Cache downloaded models in the Cache API where there is one (default true). */
   cache?: boolean;
   cacheName?: string;
+  /**
+   * Restart on a fresh wasm instance after a trap (default true): the Lorag keeps a copy of its knowledge pack
+   * after every completed add/remove to rebuild from. `false`: no copy; a trap leaves it unusable (`Crashed`).
+   */
+  recover?: boolean;
   onProgress?: (ev: ProgressEvent) => void;
 }
 
@@ -94,7 +100,11 @@ export type AskEvent = { type: "token"; text: string; id: number | null; index: 
 
 export declare class LoragError extends Error {
   name: "LoragError";
-  /** The crate's codes (Config, NotFound, Model, ContextOverflow, …) and Download, Integrity, Storage, Disposed. */
+  /**
+   * The crate's codes (Config, NotFound, Model, ContextOverflow, …) and this layer's: Download, Integrity, Storage,
+   * Quota, Disposed, Crashed (the wasm instance trapped during this call; the Lorag restarts itself unless
+   * `recover: false`), Restarting (called during that restart: `await rag.ready`).
+   */
   code: string;
 }
 
@@ -115,5 +125,7 @@ export declare class Lorag {
   readonly stats: { documents: number; chunks: number; memory: Record<string, number> };
   toBytes(): Uint8Array;
   save(name?: string): Promise<{ name: string; bytes: number }>;
+  /** Resolves when usable (at once unless restarting after a trap); rejects with `Crashed` when it never will be. */
+  readonly ready: Promise<void>;
   dispose(): void;
 }

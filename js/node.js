@@ -41,5 +41,12 @@ const files = {
   },
 };
 
-export const Lorag = makeLorag({ loadBindings: async () => require("./node/lorag.js"), storage: files });
+// A fresh instance after a trap: the CommonJS bindings module evaluated again (it instantiates its wasm on load).
+function loadBindings(generation) {
+  const id = require.resolve("./node/lorag.js");
+  if (generation > 0) delete require.cache[id];
+  return require(id);
+}
+
+export const Lorag = makeLorag({ loadBindings, storage: files });
 export { LoragError };

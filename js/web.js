@@ -38,9 +38,16 @@ const opfs = {
 };
 
 export const Lorag = makeLorag({
-  loadBindings: async () => {
-    await init();
-    return bindings;
+  // A fresh instance after a trap: the module imported again under another URL (same file), so that it has
+  // its own wasm instance.
+  loadBindings: async (generation) => {
+    if (generation === 0) {
+      await init();
+      return bindings;
+    }
+    const fresh = await import(`./web/lorag.js?instance=${generation}`);
+    await fresh.default();
+    return fresh;
   },
   storage: globalThis.navigator?.storage?.getDirectory ? opfs : undefined,
 });

@@ -33,6 +33,8 @@ function serve(port) {
         }
         const rag = instances.get(handle);
         if (!rag) throw Object.assign(new Error(`no Lorag with handle ${handle} (disposed?)`), { code: "Disposed" });
+        // After a trap the Lorag restarts itself; requests queued behind the one that trapped wait for it.
+        if (method !== "dispose") await rag.ready;
         switch (method) {
           case "ask": {
             const [q, opts = {}] = args;

@@ -174,6 +174,34 @@ await test("bad model URLs and bytes: typed errors, nothing half-loaded", async 
   await assert.rejects(Lorag.create({}), (e) => e.code === "Config");
 });
 
+await test("a trap in wasm: Crashed, then a restart on a fresh instance with nothing lost", async () => {
+  const before = rag.search("laser cutter induction", { k: 3 }).map((h) => h.chunk.id);
+  const { chunks, documents } = rag.stats;
+  const adapters = rag.adapters.map((a) => a.name);
+  assert.throws(() => rag._trapForTests(), (e) => e.code === "Crashed" && e.cause instanceof WebAssembly.RuntimeError);
+  assert.throws(() => rag.search("x"), (e) => e.code === "Restarting");
+  await rag.ready;
+  assert.deepEqual(rag.search("laser cutter induction", { k: 3 }).map((h) => h.chunk.id), before);
+  assert.deepEqual([rag.stats.chunks, rag.stats.documents], [chunks, documents]);
+  assert.deepEqual(rag.adapters.map((a) => a.name), adapters);
+  // The new instance answers, adds and removes.
+  let answer;
+  for await (const ev of rag.ask("Can I bring a guest?", { k: 1, adapters: [{ name: "peft" }], mode: "hybrid", maxTokens: 2 })) if (ev.type === "answer") answer = ev.answer;
+  assert.ok(answer.sources.length === 1 && answer.answerTokens > 0);
+  assert.equal((await rag.add({ id: "note.txt", text: "The bike rack is behind the building." })).documents, 1);
+  // A second trap restarts from the latest completed change (the note is there).
+  assert.throws(() => rag._trapForTests(), (e) => e.code === "Crashed");
+  await rag.ready;
+  assert.equal(rag.search("bike rack", { k: 1, mode: "bm25" })[0].chunk.doc_id, "note.txt");
+  assert.equal(rag.remove("note.txt"), 1);
+  // With recovery off a trap is final, and says so.
+  const fragile = await Lorag.create({ embedder: embedderSpec, recover: false });
+  assert.throws(() => fragile._trapForTests(), (e) => e.code === "Crashed" && /recovery is off/.test(e.message));
+  assert.throws(() => fragile.search("x"), (e) => e.code === "Crashed");
+  await assert.rejects(fragile.ready, (e) => e.code === "Crashed");
+  fragile.dispose();
+});
+
 await test("dispose: every later call is refused with Disposed", async () => {
   rag.dispose();
   rag.dispose(); // twice is fine
