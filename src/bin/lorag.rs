@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 #[path = "lorag/rag.rs"]
 mod rag;
+#[path = "lorag/train.rs"]
+mod train;
 use lorag::{ingest, Chunk, ChunkConfig, Chunker, Document, IngestOptions, Limits, TokenCounter};
 
 #[derive(Parser)]
@@ -196,6 +198,9 @@ enum Command {
     Log(LogCommand),
     /// Generate text with a GGUF language model (streamed to stdout, timings to stderr).
     Generate(GenerateArgs),
+    /// Train a LoRA adapter on chat or prompt/response examples (the base stays frozen and quantized) and write
+    /// it in PEFT format, usable at once by `generate --adapter`, `ask --adapter` and `compare --adapter`.
+    Train(train::TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -1134,6 +1139,7 @@ fn main() -> ExitCode {
             )
         })(),
         Command::Generate(args) => run_generate(&args),
+        Command::Train(args) => train::run_train(&args),
         Command::Ask {
             pack,
             question,

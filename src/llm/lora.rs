@@ -28,7 +28,9 @@ fn err(tensor: impl Into<String>, detail: impl Into<String>) -> Error {
 }
 
 /// A projection LoRA can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// Attention query projection (`q_proj`, `attn_q`).

@@ -25,6 +25,7 @@ pub mod safetensors;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;
+pub mod train;
 
 pub use gguf::{Gguf, GgufLimits};
 pub use lora::{Adapter, AdapterFormat, AdapterInfo, Target};
@@ -313,6 +314,17 @@ impl Model {
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
         self.template
             .render(messages, true)
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// The chat template applied to `messages`, with or without an opened assistant turn.
+    pub fn render_chat_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.template
+            .render(messages, add_generation_prompt)
             .map_err(|e| Error::Template(e.to_string()))
     }
 
