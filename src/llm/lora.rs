@@ -513,16 +513,31 @@ impl Adapter {
     }
 }
 
-/// Rows of a matrix in Hugging Face q/k order put in GGUF order: GGUF row `h·hd + 2i + c` is Hugging Face row
-/// `h·hd + c·hd/2 + i` (llama.cpp's `permute(w, n_head)`).
+/// The Hugging Face row that GGUF row `g` of a q/k matrix with `hd`-row heads holds: GGUF row `h·hd + 2i + c` is
+/// Hugging Face row `h·hd + c·hd/2 + i` (llama.cpp's `permute(w, n_head)`).
+fn hf_row_of(g: usize, hd: usize) -> usize {
+    let (h, j) = (g / hd, g % hd);
+    h * hd + (j % 2) * hd / 2 + j / 2
+}
+
+/// Rows of a matrix in Hugging Face q/k order put in GGUF order (see [`hf_row_of`]).
 pub fn hf_rows_to_gguf(m: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     let hd = rows / heads;
     let mut out = vec![0.0; m.len()];
     for g in 0..rows {
-        let (h, j) = (g / hd, g % hd);
-        let (i, c) = (j / 2, j % 2);
-        let hf = h * hd + c * hd / 2 + i;
+        let hf = hf_row_of(g, hd);
         out[g * cols..(g + 1) * cols].copy_from_slice(&m[hf * cols..(hf + 1) * cols]);
+    }
+    out
+}
+
+/// Rows of a GGUF-ordered q/k matrix put back in Hugging Face order: the inverse of [`hf_rows_to_gguf`].
+pub fn gguf_rows_to_hf(m: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let mut out = vec![0.0; m.len()];
+    for g in 0..rows {
+        let hf = hf_row_of(g, hd);
+        out[hf * cols..(hf + 1) * cols].copy_from_slice(&m[g * cols..(g + 1) * cols]);
     }
     out
 }

@@ -513,7 +513,7 @@ impl Weights {
         t
     }
 
-    fn rope(&self, x: &mut [f32], n_heads: usize, cs: &[(f32, f32)]) {
+    pub(crate) fn rope(&self, x: &mut [f32], n_heads: usize, cs: &[(f32, f32)]) {
         let c = &self.cfg;
         let half = c.rope_dim / 2;
         for h in 0..n_heads {

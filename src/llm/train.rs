@@ -313,28 +313,17 @@ fn rms_bwd(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Rotate every head of each of the `n` rows of `x` by its position's angles (`inverse`: by minus them, which
-/// is the backward pass of the rotation).
-fn rope(w: &Weights, x: &mut [f32], n: usize, heads: usize, table: &[(f32, f32)], inverse: bool) {
-    let c = &w.cfg;
-    let half = c.rope_dim / 2;
-    let width = heads * c.head_dim;
+/// Rotate every head of each of the `n` rows of `x` by its position's angles, with the generator's own
+/// rotation ([`Weights::rope`]); given the table with its sines negated, this is the rotation's backward pass.
+fn rope(w: &Weights, x: &mut [f32], n: usize, heads: usize, table: &[(f32, f32)]) {
+    let half = w.cfg.rope_dim / 2;
+    let width = heads * w.cfg.head_dim;
     for i in 0..n {
-        let cs = &table[i * half..(i + 1) * half];
-        for h in 0..heads {
-            let head = &mut x[i * width + h * c.head_dim..i * width + (h + 1) * c.head_dim];
-            for (k, &(cos, sin)) in cs.iter().enumerate() {
-                let sin = if inverse { -sin } else { sin };
-                let (a, b) = if c.rope_neox {
-                    (k, k + half)
-                } else {
-                    (2 * k, 2 * k + 1)
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos - x1 * sin;
-                head[b] = x0 * sin + x1 * cos;
-            }
-        }
+        w.rope(
+            &mut x[i * width..(i + 1) * width],
+            heads,
+            &table[i * half..(i + 1) * half],
+        );
     }
 }
 
@@ -380,6 +369,8 @@ struct Pass<'a> {
     w: &'a Weights,
     data: &'a [u8],
     table: Vec<(f32, f32)>,
+    /// `table` with the sines negated: rotation by minus each angle.
+    inverse: Vec<(f32, f32)>,
     n: usize,
 }
 
@@ -470,8 +461,8 @@ impl Pass<'_> {
             &mut v,
             &mut lora,
         );
-        rope(w, &mut q, n, c.n_head, &self.table, false);
-        rope(w, &mut k, n, c.n_kv_head, &self.table, false);
+        rope(w, &mut q, n, c.n_head, &self.table);
+        rope(w, &mut k, n, c.n_kv_head, &self.table);
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut probs = vec![0.0f32; c.n_head * n * n];
@@ -667,8 +658,8 @@ impl Pass<'_> {
                 }
             }
         }
-        rope(w, &mut dq, n, c.n_head, &self.table, true);
-        rope(w, &mut dk, n, c.n_kv_head, &self.table, true);
+        rope(w, &mut dq, n, c.n_head, &self.inverse);
+        rope(w, &mut dk, n, c.n_kv_head, &self.inverse);
         let mut dh1 = vec![0.0; n * d];
         self.project_bwd(p, &tp.lora, li, Target::Q, &tp.h1, &dq, &mut dh1);
         self.project_bwd(p, &tp.lora, li, Target::K, &tp.h1, &dk, &mut dh1);
@@ -711,10 +702,12 @@ pub fn loss_and_grad(
         )));
     }
     let d = c.n_embd;
+    let table = w.rope_table(0, n);
     let pass = Pass {
         w,
         data,
-        table: w.rope_table(0, n),
+        inverse: table.iter().map(|&(c, s)| (c, -s)).collect(),
+        table,
         n,
     };
     // Embeddings.
@@ -1062,20 +1055,6 @@ impl AdamW {
 // ---------------------------------------------------------------------------------------------------------
 // Export
 
-/// Rows of a GGUF-ordered q/k matrix put back in Hugging Face order (the inverse of
-/// [`super::lora::hf_rows_to_gguf`]).
-fn gguf_rows_to_hf(m: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let mut out = vec![0.0; m.len()];
-    for g in 0..rows {
-        let (h, j) = (g / hd, g % hd);
-        let (i, c) = (j / 2, j % 2);
-        let hf = h * hd + c * hd / 2 + i;
-        out[hf * cols..(hf + 1) * cols].copy_from_slice(&m[g * cols..(g + 1) * cols]);
-    }
-    out
-}
-
 impl LoraParams {
     /// The adapter in PEFT's format: `adapter_config.json` text and `adapter_model.safetensors` bytes (f32,
     /// `lora_A` rank × in, `lora_B` out × rank, rows in Hugging Face order), loadable by Python PEFT on the
@@ -1102,7 +1081,7 @@ impl LoraParams {
                 } else {
                     w.cfg.n_kv_head
                 };
-                b = gguf_rows_to_hf(&b, m.rows, m.rank, heads);
+                b = super::lora::gguf_rows_to_hf(&b, m.rows, m.rank, heads);
             }
             tensors.push((
                 format!("{stem}.lora_A.weight"),
