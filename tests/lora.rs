@@ -1136,4 +1136,255 @@ mod training {
         )
         .is_err());
     }
+
+    /// Against PyTorch + PEFT (tests/fixtures/peft-train-smollm2.*, written by scripts/peft-reference.py):
+    /// SmolLM2 loaded from the same GGUF by transformers, LoRA r 8 on q,v with the same start (A as
+    /// `LoraParams::init` draws it, checked bit for bit; B from SplitMix64 seed 2 in Hugging Face row order), three
+    /// conversations, three AdamW steps (lr 1e-3, weight decay 0.1, clipping at norm 1).
+    #[test]
+    #[cfg(not(target_arch = "wasm32"))] // ~half a minute of f32 training: natively only
+    fn matches_pytorch_peft() {
+        use lorag::llm::lora::hf_rows_to_gguf;
+        use lorag::llm::safetensors::{self as st, SafeTensors};
+        use lorag::llm::train::AdamW;
+
+        const JSON: &str = include_str!("fixtures/peft-train-smollm2.json");
+        const TENSORS: &[u8] = include_bytes!("fixtures/peft-train-smollm2.safetensors");
+        let golden: serde_json::Value = serde_json::from_str(JSON).unwrap();
+        let tensors = SafeTensors::parse(TENSORS, Default::default()).unwrap();
+        let tensor = |name: &str| st::to_f32(tensors.get(name).expect(name), TENSORS);
+        let floats = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+
+        let model = crate::smollm();
+        let w = &model.weights;
+        let lora = LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec![Target::Q, Target::V],
+            seed: 1,
+            ..Default::default()
+        };
+        let mut p = LoraParams::init(w, &lora).unwrap();
+        let mut rb = Rng::new(2);
+        let amp = golden["init"]["b_amp"].as_f64().unwrap() as f32;
+        for m in &mut p.mats {
+            let (rows, r) = (m.m.rows, m.m.rank);
+            let hf: Vec<f32> = (0..rows * r)
+                .map(|_| (rb.uniform() * 2.0 - 1.0) * amp)
+                .collect();
+            let b = if m.target == Target::Q {
+                hf_rows_to_gguf(&hf, rows, r, w.cfg.n_head)
+            } else {
+                hf
+            };
+            for j in 0..r {
+                for row in 0..rows {
+                    m.m.bt[j * rows + row] = b[row * r + j];
+                }
+            }
+        }
+        // The start is the reference's, exactly.
+        let hf_of = |m: &lorag::llm::train::TrainMat| -> (Vec<f32>, Vec<f32>) {
+            let (rows, r) = (m.m.rows, m.m.rank);
+            let mut b = vec![0.0f32; rows * r];
+            for j in 0..r {
+                for row in 0..rows {
+                    b[row * r + j] = m.m.bt[j * rows + row];
+                }
+            }
+            if m.target == Target::Q {
+                b = lorag::llm::lora::gguf_rows_to_hf(&b, rows, r, w.cfg.n_head);
+            }
+            (m.m.a.clone(), b)
+        };
+        let stem = |m: &lorag::llm::train::TrainMat| {
+            let t = if m.target == Target::Q {
+                "q_proj"
+            } else {
+                "v_proj"
+            };
+            format!("layers.{}.{t}", m.layer)
+        };
+        for m in p.mats.iter().filter(|m| [0, 29].contains(&m.layer)) {
+            let (a, b) = hf_of(m);
+            assert_eq!(
+                a,
+                tensor(&format!("{}.lora_A.init", stem(m))),
+                "{}",
+                stem(m)
+            );
+            assert_eq!(
+                b,
+                tensor(&format!("{}.lora_B.init", stem(m))),
+                "{}",
+                stem(m)
+            );
+        }
+
+        let seqs: Vec<Sequence> = golden["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| Sequence {
+                ids: s["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect(),
+                loss: s["loss"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_bool().unwrap())
+                    .collect(),
+            })
+            .collect();
+        let n_tok: usize = seqs.iter().map(|s| s.loss_tokens()).sum();
+        assert_eq!(n_tok as u64, golden["loss_tokens"].as_u64().unwrap());
+        let o = &golden["optimizer"];
+        let cfg = lorag::llm::train::TrainConfig {
+            lr: o["lr"].as_f64().unwrap() as f32,
+            weight_decay: o["weight_decay"].as_f64().unwrap() as f32,
+            max_grad_norm: o["max_grad_norm"].as_f64().unwrap() as f32,
+            ..Default::default()
+        };
+        let batch_loss = |p: &mut LoraParams, grad: bool| -> f64 {
+            let mut sum = 0.0;
+            for s in &seqs {
+                sum += loss_and_grad(w, model.bytes(), p, s, grad, None).unwrap().0;
+            }
+            sum / n_tok as f64
+        };
+        let start = p.clone();
+        let mut adam = AdamW::default();
+        let (want_loss, want_norm) = (floats(&golden["losses"]), floats(&golden["grad_norms"]));
+        for step in 0..want_loss.len() {
+            p.zero_grad();
+            let loss = batch_loss(&mut p, true);
+            let norm = adam.step(&mut p, &cfg, cfg.lr, 1.0 / n_tok as f32) as f64;
+            eprintln!(
+                "step {step}: loss {loss:.6} (PEFT {:.6}), gradient norm {norm:.6} (PEFT {:.6})",
+                want_loss[step], want_norm[step]
+            );
+            assert!((loss - want_loss[step]).abs() < 1e-3, "step {step} loss");
+            assert!(
+                (norm - want_norm[step]).abs() < 1e-3 * want_norm[step],
+                "step {step} gradient norm"
+            );
+        }
+        let final_loss = batch_loss(&mut p, false);
+        let want_final = golden["final_loss"].as_f64().unwrap();
+        eprintln!("after: loss {final_loss:.6} (PEFT {want_final:.6})");
+        assert!((final_loss - want_final).abs() < 1e-3, "loss after 3 steps");
+
+        // The weights after three steps.
+        let mut worst = (0.0f32, String::new());
+        let (mut off, mut total) = (0usize, 0usize);
+        for m in p.mats.iter().filter(|m| [0, 29].contains(&m.layer)) {
+            let (a, b) = hf_of(m);
+            for (which, got) in [("A", a), ("B", b)] {
+                let want = tensor(&format!("{}.lora_{which}.final", stem(m)));
+                for (g, e) in got.iter().zip(&want) {
+                    let d = (g - e).abs();
+                    total += 1;
+                    if d > 1e-2 * cfg.lr {
+                        off += 1;
+                    }
+                    if d > worst.0 {
+                        worst = (d, format!("{} {which}", stem(m)));
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "largest weight difference after 3 steps: {:.3e} ({}); {off} of {total} differ by more than 1% of lr",
+            worst.0, worst.1
+        );
+        // Tolerance: Adam moves an element by about lr·m̂/√v̂ whatever the gradient's size, so an element whose
+        // gradient is near zero (of the order of the difference between two f32 evaluations) may move differently
+        // on each side, by up to a few lr. The rest must agree to 1% of lr: at most 1% of the elements may not
+        // (0.25% do here); the matrices' changes as a whole agree to 1e-3 relative (2.3e-4 here).
+        assert!(
+            off * 100 <= total,
+            "{off} of {total} weights differ by more than 1% of lr"
+        );
+        // Every adapter matrix's change (an L2 norm: the row order does not matter).
+        let mut worst_change = (0.0f64, String::new());
+        for ((m, m0), c) in p
+            .mats
+            .iter()
+            .zip(&start.mats)
+            .zip(golden["changes"].as_array().unwrap())
+        {
+            assert_eq!(m.layer as u64, c["layer"].as_u64().unwrap());
+            for (which, now, then) in [("a", &m.m.a, &m0.m.a), ("b", &m.m.bt, &m0.m.bt)] {
+                let got = now
+                    .iter()
+                    .zip(then)
+                    .map(|(x, y)| ((x - y) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let want = c[which].as_f64().unwrap();
+                let rel = (got - want).abs() / want;
+                if rel > worst_change.0 {
+                    worst_change = (rel, format!("{} {which}", stem(m)));
+                }
+            }
+        }
+        eprintln!(
+            "largest relative difference of a matrix's change: {:.3e} ({})",
+            worst_change.0, worst_change.1
+        );
+        assert!(worst_change.0 < 1e-3, "change of {}", worst_change.1);
+    }
+
+    /// The other direction: an adapter `lorag train` exported (rank 1 on q and k, whose rows it permutes back
+    /// to Hugging Face order), loaded by Python PEFT (`PeftModel.from_pretrained` on transformers' GGUF load,
+    /// scripts/peft-reference.py --adapter), gives the logits lorag's generator gives with it. Tolerance 0.05 as
+    /// for every SmolLM2 logit against an f32/f64 reference (the generator's activations go through Q8 blocks);
+    /// the adapter moves the logits by up to 2.6, so the rows must be where PEFT expects them.
+    #[test]
+    fn python_peft_reads_lorag_exports() {
+        const CONFIG: &[u8] = include_bytes!("fixtures/lorag-trained-qk/adapter_config.json");
+        const WEIGHTS: &[u8] =
+            include_bytes!("fixtures/lorag-trained-qk/adapter_model.safetensors");
+        const WANT: &str = include_str!("fixtures/peft-load-lorag-adapter.json");
+        let want: serde_json::Value = serde_json::from_str(WANT).unwrap();
+        let mut m = crate::smollm();
+        let adapter = m.adapter_from_peft(CONFIG, WEIGHTS).unwrap();
+        assert_eq!(adapter.info().targets, [Target::Q, Target::K]);
+        m.add_adapter("trained", adapter).unwrap();
+        for case in want["cases"].as_array().unwrap() {
+            let prompt = crate::ids(&case["ids"]);
+            let n_vocab = m.config().n_vocab;
+            let last = |adapters: &[(&str, f32)]| {
+                let all = crate::logits(&m, &prompt, adapters);
+                all[all.len() - n_vocab..].to_vec()
+            };
+            let (adapted, base) = (last(&[("trained", 1.0)]), last(&[]));
+            assert!(case["max_change"].as_f64().unwrap() > 1.0);
+            let top = case["top5"].as_array().unwrap();
+            let best = (0..n_vocab)
+                .max_by(|&a, &b| adapted[a].total_cmp(&adapted[b]))
+                .unwrap();
+            assert_eq!(best as u64, top[0]["id"].as_u64().unwrap());
+            for t in top {
+                let id = t["id"].as_u64().unwrap() as usize;
+                for (got, key) in [(adapted[id], "adapted"), (base[id], "base")] {
+                    let w = t[key].as_f64().unwrap() as f32;
+                    assert!(
+                        (got - w).abs() <= 0.05,
+                        "{key} logit of {id}: {got} vs PEFT {w}"
+                    );
+                }
+            }
+        }
+    }
 }
