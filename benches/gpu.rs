@@ -3,11 +3,13 @@
 //! and a tile of 64, and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
 //! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3).
 //!   cargo bench --bench gpu
-use lorag::kernels::gpu::Gpu;
+use lorag::kernels::gpu::{Gpu, MatvecParams};
 use lorag::kernels::{block_on, DevicePref};
 use lorag::llm::quant::GgmlType;
 use lorag::llm::{GenerateOptions, Model, SamplerConfig};
 use std::time::Instant;
+
+const LAUNCHES: usize = 21;
 
 fn main() {
     let g = match Gpu::new_blocking() {
@@ -24,7 +26,16 @@ fn main() {
         g.info.device_type,
         if g.info.software { ", software" } else { "" }
     );
-    let (rows, cols) = (4096usize, 4096usize);
+    // GPU_ROWS × GPU_COLS (default 4096 × 4096); on a large GPU take a matrix well past its L2 (16384 × 8192: 75 MB
+    // in Q4_1), since the repeated launches would otherwise read it from cache.
+    let dim = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(4096)
+    };
+    let (rows, cols) = (dim("GPU_ROWS"), dim("GPU_COLS"));
+    println!("matvec on {rows} × {cols}: one submission of {LAUNCHES} launches, time per launch");
     let mut s = 0x1234_5678u64;
     let mut next = move || {
         s ^= s << 13;
@@ -69,15 +80,41 @@ fn main() {
             }
         }
         let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
-        for n in [1usize, 64] {
-            let x = vec![0.5f32; n * cols];
-            block_on(g.matvec(&m, &x, n)).unwrap(); // warm-up (pipelines)
-            let reps = 5;
-            let t = Instant::now();
-            for _ in 0..reps {
-                block_on(g.matvec(&m, &x, n)).unwrap();
-            }
-            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        for n in [1usize, 64, 256] {
+            let x = g.f32_buffer("x", &vec![0.5f32; n * cols]);
+            let y = g.buffer(
+                "y",
+                (n * rows * 4) as u64,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let step = g.uniform(&[0, n as u32, 0, 0]);
+            let d = g.matvec_dispatches(
+                &m,
+                &x,
+                &y,
+                None,
+                &step,
+                MatvecParams {
+                    in_stride: cols as u32,
+                    out_stride: rows as u32,
+                    scale: 1.0,
+                    ..Default::default()
+                },
+            );
+            // Time one launch and LAUNCHES launches, each in one submission ending in a 4-byte read; the
+            // difference is the kernels' own time, without the submission's and the read's fixed cost.
+            let time = |k: usize| {
+                let many: Vec<_> = (0..k).flat_map(|_| d.iter().cloned()).collect();
+                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap(); // warm-up (pipelines)
+                let mut best = f64::INFINITY;
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            let ms = (time(LAUNCHES) - time(1)).max(1e-9) * 1e3 / (LAUNCHES - 1) as f64;
             let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
             let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
             println!(
@@ -87,12 +124,20 @@ fn main() {
         }
     }
     drop(g);
+    // The model and the peers' prompt; LORAG_MODEL / LLM_PROMPT name other paths (a copy on a GPU machine).
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bytes =
-        std::fs::read(root.join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
-            .expect("scripts/fetch-models first");
+    let path = |var: &str, default: &str| {
+        std::env::var(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| root.join(default))
+    };
+    let bytes = std::fs::read(path(
+        "LORAG_MODEL",
+        "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ))
+    .expect("scripts/fetch-models first");
     let lp: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(root.join("../shared/peers/data/llm_prompt.json")).unwrap(),
+        &std::fs::read(path("LLM_PROMPT", "../shared/peers/data/llm_prompt.json")).unwrap(),
     )
     .unwrap();
     let cpu = Model::from_bytes(bytes.clone()).unwrap();

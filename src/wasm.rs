@@ -800,3 +800,170 @@ impl JsGenerator {
         to_js(&m.device())
     }
 }
+
+/// LoRA training on a [`JsGenerator`]'s model (src/llm/train.rs): the base stays frozen; the trainer holds the
+/// adapter, the optimizer and the position in the data. One thread (wasm); run it in a Worker to keep a page
+/// responsive.
+#[cfg(feature = "llm")]
+#[wasm_bindgen(js_name = Trainer)]
+pub struct JsTrainer {
+    model: std::rc::Rc<std::cell::RefCell<crate::llm::Model>>,
+    t: std::rc::Rc<std::cell::RefCell<crate::llm::train::Trainer>>,
+    running: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+#[cfg(feature = "llm")]
+fn training_examples(data: &str) -> Result<Vec<crate::llm::train::Example>, JsValue> {
+    crate::llm::train::parse_examples(data, crate::llm::train::MAX_EXAMPLES).map_err(js_error)
+}
+
+#[cfg(feature = "llm")]
+#[wasm_bindgen(js_class = Trainer)]
+impl JsTrainer {
+    /// `data`: JSONL text, one `{"messages": [...]}` or `{"prompt", "response"[, "system"]}` per line. `lora`:
+    /// `{rank, alpha, rslora, dropout, targets: ["q", "v", …], seed}`; `config`: `{lr, weightDecay, betas, eps,
+    /// warmupSteps, schedule: "linear" | "cosine" | "constant", epochs, batchSize, maxLen, maxGradNorm,
+    /// evalFraction, seed}` (each optional; the defaults are the CLI's).
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        generator: &JsGenerator,
+        data: &str,
+        lora: JsValue,
+        config: JsValue,
+    ) -> Result<JsTrainer, JsValue> {
+        let lora: crate::llm::train::LoraConfig = from_js(lora)?;
+        let config: crate::llm::train::TrainConfig = from_js(config)?;
+        let examples = training_examples(data)?;
+        let m = generator.inner.try_borrow().map_err(|_| busy())?;
+        let t = crate::llm::train::Trainer::new(&m, &examples, &lora, config).map_err(js_error)?;
+        Ok(JsTrainer {
+            model: generator.inner.clone(),
+            t: std::rc::Rc::new(std::cell::RefCell::new(t)),
+            running: Default::default(),
+        })
+    }
+
+    /// Continue from `checkpoint()`'s bytes, with the same model and data (refused otherwise).
+    pub fn resume(
+        generator: &JsGenerator,
+        data: &str,
+        checkpoint: &[u8],
+    ) -> Result<JsTrainer, JsValue> {
+        let examples = training_examples(data)?;
+        let m = generator.inner.try_borrow().map_err(|_| busy())?;
+        let t = crate::llm::train::Trainer::resume(&m, &examples, checkpoint).map_err(js_error)?;
+        Ok(JsTrainer {
+            model: generator.inner.clone(),
+            t: std::rc::Rc::new(std::cell::RefCell::new(t)),
+            running: Default::default(),
+        })
+    }
+
+    /// `{trainExamples, evalExamples, skipped, parameters, step, totalSteps, stepsPerEpoch, done, lora, config}`.
+    #[wasm_bindgen(getter)]
+    pub fn info(&self) -> Result<JsValue, JsValue> {
+        let t = self.t.try_borrow().map_err(|_| trainer_busy())?;
+        to_js(&serde_json::json!({
+            "trainExamples": t.train.len(),
+            "evalExamples": t.eval.len(),
+            "skipped": t.skipped,
+            "parameters": t.params.count(),
+            "step": t.step,
+            "totalSteps": t.total_steps(),
+            "stepsPerEpoch": t.steps_per_epoch(),
+            "done": t.done(),
+            "lora": t.params.config,
+            "config": t.cfg,
+        }))
+    }
+
+    /// Mean loss per learned token on the held-out examples (`null` when there are none).
+    #[wasm_bindgen(js_name = evalLoss)]
+    pub fn eval_loss(&self) -> Result<Option<f64>, JsValue> {
+        let m = self.model.try_borrow().map_err(|_| busy())?;
+        let mut t = self.t.try_borrow_mut().map_err(|_| trainer_busy())?;
+        t.eval_loss(&m).map_err(js_error)
+    }
+
+    /// Train until done, or until `onProgress(progress)` returns `false` (abort: the state stays as after the
+    /// last step, so `checkpoint()` and `exportPeft()` still work and a later `run` goes on). Between steps it
+    /// lets the event loop run, so a Worker sees an abort message. `progress`: `{step, totalSteps, epoch, loss,
+    /// lr, gradNorm, tokens, tokensPerS, elapsedS, etaS, evalLoss}` (evalLoss at the end of each epoch). Resolves
+    /// to the last progress (or `null` when there was nothing left to do).
+    pub fn run(&self, on_progress: Option<js_sys::Function>) -> js_sys::Promise {
+        let (model, t, running) = (self.model.clone(), self.t.clone(), self.running.clone());
+        wasm_bindgen_futures::future_to_promise(async move {
+            if running.replace(true) {
+                return Err(trainer_busy());
+            }
+            let r = Self::steps(&model, &t, on_progress).await;
+            running.set(false);
+            r
+        })
+    }
+
+    async fn steps(
+        model: &std::cell::RefCell<crate::llm::Model>,
+        t: &std::cell::RefCell<crate::llm::train::Trainer>,
+        on_progress: Option<js_sys::Function>,
+    ) -> Result<JsValue, JsValue> {
+        {
+            let mut clock = {
+                let t = t.try_borrow().map_err(|_| trainer_busy())?;
+                crate::llm::train::RunClock::start(&t)
+            };
+            let mut last = JsValue::NULL;
+            loop {
+                {
+                    // Borrowed for one step only, never across an await.
+                    let m = model.try_borrow().map_err(|_| busy())?;
+                    let mut tr = t.try_borrow_mut().map_err(|_| trainer_busy())?;
+                    if tr.done() {
+                        break;
+                    }
+                    let p = tr.advance(&m, &mut clock).map_err(js_error)?;
+                    last = to_js(&p)?;
+                }
+                if let Some(f) = &on_progress {
+                    if f.call1(&JsValue::NULL, &last)?.as_bool() == Some(false) {
+                        break;
+                    }
+                }
+                crate::kernels::yield_now().await;
+            }
+            Ok(last)
+        }
+    }
+
+    /// The whole state (adapter, optimizer moments, position, generator) for `Trainer.resume`.
+    pub fn checkpoint(&self) -> Result<Vec<u8>, JsValue> {
+        let t = self.t.try_borrow().map_err(|_| trainer_busy())?;
+        Ok(t.checkpoint())
+    }
+
+    /// The adapter in PEFT's format: `{config: adapter_config.json text, weights: adapter_model.safetensors
+    /// bytes}`; `generator.loadAdapter(name, weights, config)` uses it at once, Python PEFT loads the two files.
+    #[wasm_bindgen(js_name = exportPeft)]
+    pub fn export_peft(&self) -> Result<JsValue, JsValue> {
+        let m = self.model.try_borrow().map_err(|_| busy())?;
+        let t = self.t.try_borrow().map_err(|_| trainer_busy())?;
+        let (config, weights) = t
+            .params
+            .to_peft(&m.weights, m.name.as_deref().unwrap_or("unknown"));
+        let o = js_sys::Object::new();
+        js_sys::Reflect::set(&o, &"config".into(), &config.into())?;
+        js_sys::Reflect::set(
+            &o,
+            &"weights".into(),
+            &js_sys::Uint8Array::from(weights.as_slice()).into(),
+        )?;
+        Ok(o.into())
+    }
+}
+
+#[cfg(feature = "llm")]
+fn trainer_busy() -> JsValue {
+    js_error(Error::Config(
+        "the trainer is busy (a run has not finished)".into(),
+    ))
+}

@@ -1106,6 +1106,45 @@ mod training {
     }
 
     #[test]
+    fn threads_do_not_change_the_result() {
+        let model = Model::from_bytes(tiny(|_, _| {})).unwrap();
+        let examples = parse_examples(
+            &signoff_data(&["cats", "dogs", "bread", "rain", "maps"]),
+            100,
+        )
+        .unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            dropout: 0.1,
+            ..Default::default()
+        };
+        let run = |threads: usize| {
+            let cfg = TrainConfig {
+                lr: 1e-2,
+                epochs: 1,
+                batch_size: 3,
+                threads,
+                ..Default::default()
+            };
+            let mut t = Trainer::new(&model, &examples, &lora, cfg).unwrap();
+            let mut evals = vec![];
+            t.run(&model, &mut |p| {
+                evals.push((p.loss, p.eval_loss));
+                true
+            })
+            .unwrap();
+            (t.params.mats, evals)
+        };
+        let (one, e1) = run(1);
+        let (three, e3) = run(3);
+        assert_eq!(e1, e3);
+        for (a, b) in one.iter().zip(&three) {
+            assert_eq!(a.m.a, b.m.a);
+            assert_eq!(a.m.bt, b.m.bt);
+        }
+    }
+
+    #[test]
     fn bad_training_data_is_a_typed_error() {
         for (text, want) in [
             ("{\"prompt\": \"a\"}", "line 1"),

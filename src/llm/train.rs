@@ -789,6 +789,9 @@ pub fn loss_and_grad(
 use super::template::Message;
 use super::Model;
 
+/// Most training examples read from one JSONL text (`lorag train`, the wasm `Trainer`).
+pub const MAX_EXAMPLES: usize = 1_000_000;
+
 /// One training example: a conversation whose assistant turns are learned.
 pub type Example = Vec<Message>;
 
@@ -953,6 +956,9 @@ pub struct TrainConfig {
     pub eval_fraction: f32,
     /// Seed of the split and the shuffles.
     pub seed: u64,
+    /// Threads computing a batch's sequences side by side (0 = one per core; wasm: always one). The result does
+    /// not depend on it: each sequence's gradient is computed on its own and they are summed in order.
+    pub threads: usize,
 }
 
 impl Default for TrainConfig {
@@ -970,6 +976,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             eval_fraction: 0.1,
             seed: 1,
+            threads: 0,
         }
     }
 }
@@ -1261,16 +1268,10 @@ impl Trainer {
         if self.eval.is_empty() {
             return Ok(None);
         }
+        let seqs: Vec<&Sequence> = self.eval.iter().collect();
+        let none = vec![None; seqs.len()];
         let (mut sum, mut n) = (0.0, 0);
-        for s in &self.eval {
-            let (l, k) = loss_and_grad(
-                &model.weights,
-                model.bytes(),
-                &mut self.params,
-                s,
-                false,
-                None,
-            )?;
+        for (l, k, _) in batch(model, &self.params, &seqs, none, false, self.cfg.threads)? {
             sum += l;
             n += k;
         }
@@ -1286,23 +1287,29 @@ impl Trainer {
         if self.pos >= self.order.len() {
             self.new_epoch();
         }
-        self.params.zero_grad();
-        let (mut sum, mut n, mut tokens) = (0.0, 0usize, 0usize);
         let end = (self.pos + self.cfg.batch_size).min(self.order.len());
-        for i in self.pos..end {
-            let s = &self.train[self.order[i]];
-            let (l, k) = loss_and_grad(
-                &model.weights,
-                model.bytes(),
-                &mut self.params,
-                s,
-                true,
-                Some(&mut self.rng),
-            )?;
+        let seqs: Vec<&Sequence> = (self.pos..end)
+            .map(|i| &self.train[self.order[i]])
+            .collect();
+        // Each sequence's dropout masks come from its own generator, forked in order from the run's.
+        let rngs = seqs
+            .iter()
+            .map(|_| Some(Rng::new(self.rng.next_u64())))
+            .collect();
+        let results = batch(model, &self.params, &seqs, rngs, true, self.cfg.threads)?;
+        self.params.zero_grad();
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (l, k, g) in &results {
             sum += l;
             n += k;
-            tokens += s.ids.len();
+            if let Some(g) = g {
+                for (m, gm) in self.params.mats.iter_mut().zip(&g.mats) {
+                    add(&mut m.ga, &gm.ga);
+                    add(&mut m.gbt, &gm.gbt);
+                }
+            }
         }
+        let tokens = seqs.iter().map(|s| s.ids.len()).sum::<usize>();
         self.pos = end;
         let lr = self.cfg.lr_at(self.step, self.total_steps());
         let norm = self
@@ -1319,39 +1326,131 @@ impl Trainer {
         model: &Model,
         on_progress: &mut dyn FnMut(&Progress) -> bool,
     ) -> Result<()> {
-        let t0 = super::now_ms();
-        let mut session_tokens = 0usize;
-        let first = self.step;
+        let mut clock = RunClock::start(self);
         while !self.done() {
-            let (loss, lr, grad_norm, tokens) = self.step(model)?;
-            session_tokens += tokens;
-            let end_of_epoch = self.pos >= self.order.len();
-            let eval_loss = if end_of_epoch {
-                self.eval_loss(model)?
-            } else {
-                None
-            };
-            let elapsed_s = (super::now_ms() - t0) / 1000.0;
-            let per_step = elapsed_s / (self.step - first) as f64;
-            let p = Progress {
-                step: self.step,
-                total_steps: self.total_steps(),
-                epoch: self.epoch,
-                loss,
-                lr,
-                grad_norm,
-                tokens: self.tokens,
-                tokens_per_s: session_tokens as f64 / elapsed_s.max(1e-9),
-                elapsed_s,
-                eta_s: per_step * (self.total_steps() - self.step) as f64,
-                eval_loss,
-            };
+            let p = self.advance(model, &mut clock)?;
             if !on_progress(&p) {
                 break;
             }
         }
         Ok(())
     }
+
+    /// One optimizer step, and the held-out loss at the end of an epoch, reported against `clock` (speed and
+    /// time left over this session's steps).
+    pub fn advance(&mut self, model: &Model, clock: &mut RunClock) -> Result<Progress> {
+        let (loss, lr, grad_norm, tokens) = self.step(model)?;
+        clock.tokens += tokens;
+        let end_of_epoch = self.pos >= self.order.len();
+        let eval_loss = if end_of_epoch {
+            self.eval_loss(model)?
+        } else {
+            None
+        };
+        let elapsed_s = (super::now_ms() - clock.t0) / 1000.0;
+        let per_step = elapsed_s / (self.step - clock.first_step).max(1) as f64;
+        Ok(Progress {
+            step: self.step,
+            total_steps: self.total_steps(),
+            epoch: self.epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens: self.tokens,
+            tokens_per_s: clock.tokens as f64 / elapsed_s.max(1e-9),
+            elapsed_s,
+            eta_s: per_step * (self.total_steps() - self.step) as f64,
+            eval_loss,
+        })
+    }
+}
+
+/// Where a session of steps started (for speed and time-left figures).
+#[derive(Debug, Clone)]
+pub struct RunClock {
+    t0: f64,
+    tokens: usize,
+    first_step: usize,
+}
+
+impl RunClock {
+    /// Start counting now, from `t`'s current step.
+    pub fn start(t: &Trainer) -> RunClock {
+        RunClock {
+            t0: super::now_ms(),
+            tokens: 0,
+            first_step: t.step,
+        }
+    }
+}
+
+fn add(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// Per sequence: (loss sum, tokens counted, the gradients when `grad`), each computed from its own copy of the
+/// parameters, on up to `threads` threads (0 = one per core; wasm: this thread). The same results whatever the
+/// thread count.
+#[allow(clippy::type_complexity)]
+fn batch(
+    model: &Model,
+    p: &LoraParams,
+    seqs: &[&Sequence],
+    rngs: Vec<Option<Rng>>,
+    grad: bool,
+    threads: usize,
+) -> Result<Vec<(f64, usize, Option<LoraParams>)>> {
+    let (w, data) = (&model.weights, model.bytes());
+    let one = |i: usize, mut rng: Option<Rng>| -> Result<(f64, usize, Option<LoraParams>)> {
+        let mut q = p.clone();
+        q.zero_grad();
+        let (l, k) = loss_and_grad(w, data, &mut q, seqs[i], grad, rng.as_mut())?;
+        Ok((l, k, grad.then_some(q)))
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        }
+        .min(seqs.len());
+        if threads > 1 {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            use std::sync::Mutex;
+            let next = AtomicUsize::new(0);
+            let rngs: Vec<Mutex<Option<Rng>>> = rngs.into_iter().map(Mutex::new).collect();
+            let slots: Vec<Mutex<Option<Result<(f64, usize, Option<LoraParams>)>>>> =
+                seqs.iter().map(|_| Mutex::new(None)).collect();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= seqs.len() {
+                            break;
+                        }
+                        let rng = rngs[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let r = one(i, rng);
+                        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    });
+                }
+            });
+            return slots
+                .into_iter()
+                .map(|m| {
+                    m.into_inner()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .expect("every sequence ran")
+                })
+                .collect();
+        }
+    }
+    let _ = threads;
+    rngs.into_iter()
+        .enumerate()
+        .map(|(i, r)| one(i, r))
+        .collect()
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {

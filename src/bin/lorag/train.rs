@@ -64,6 +64,9 @@ pub struct TrainArgs {
     /// Seed (initialization, split, shuffles, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Threads computing a batch's sequences side by side (0 = one per core); the result does not depend on it.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Continue from the checkpoint in --out (same model and data).
     #[arg(long)]
     resume: bool,
@@ -97,8 +100,8 @@ pub fn run_train(a: &TrainArgs) -> Result<(), String> {
     let model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", model_path.display()))?;
     let text =
         std::fs::read_to_string(&a.data).map_err(|e| format!("{}: {e}", a.data.display()))?;
-    let examples =
-        parse_examples(&text, 1_000_000).map_err(|e| format!("{}: {e}", a.data.display()))?;
+    let examples = parse_examples(&text, lorag::llm::train::MAX_EXAMPLES)
+        .map_err(|e| format!("{}: {e}", a.data.display()))?;
     let lora = LoraConfig {
         rank: a.rank,
         alpha: a.alpha,
@@ -124,6 +127,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), String> {
         max_grad_norm: a.max_grad_norm,
         eval_fraction: a.eval_fraction,
         seed: a.seed,
+        threads: a.threads,
         ..Default::default()
     };
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
@@ -135,6 +139,7 @@ pub fn run_train(a: &TrainArgs) -> Result<(), String> {
     } else {
         Trainer::new(&model, &examples, &lora, cfg).map_err(|e| e.to_string())?
     };
+    t.cfg.threads = a.threads; // a machine's choice, not the run's: a resumed run takes this one's
     let lc = &t.params.config;
     eprintln!(
         "training: {} examples ({} held out, {} skipped as longer than {} tokens), rank {} alpha {} on {}: {} parameters; {} steps of {} sequences{}",
