@@ -421,6 +421,72 @@ export function makeLorag({ loadBindings, storage }) {
       }
     }
 
+    /// Train a LoRA adapter on `examples` and load it at once (hot-swapped) as `opts.name` (default "trained"):
+    /// `for await (const ev of rag.train(examples, opts))` yields `{ type: "progress", step, totalSteps, epoch,
+    /// loss, lr, gradNorm, tokens, tokensPerS, elapsedS, etaS, evalLoss }` after each optimizer step, then one
+    /// `{ type: "done", aborted, info, adapter: { config, weights }, checkpoint }` (the adapter in PEFT's format,
+    /// the checkpoint for `opts.resume`). `examples`: JSONL text, or an array of `{ messages }` /
+    /// `{ prompt, response, system? }`. `opts`: `{ name, lora: { rank, alpha, rslora, dropout, targets, seed },
+    /// config: { lr, epochs, batchSize, maxLen, warmupSteps, schedule, weightDecay, maxGradNorm, evalFraction,
+    /// seed }, resume (a checkpoint's bytes), signal }`: an aborted signal stops after the current step, and the
+    /// adapter trained so far is still loaded and returned. Runs between other requests, not beside them.
+    async *train(examples, opts = {}) {
+      this.#needGen();
+      const { name = "trained", lora, config, resume, signal } = opts;
+      const data = typeof examples === "string" ? examples : examples.map((e) => JSON.stringify(e)).join("\n");
+      const queue = [];
+      let wake;
+      let stop = false;
+      let done = false;
+      let result;
+      let error;
+      const b = this.#b;
+      const gen = this.#gen;
+      const turn = this.#busy.then(async () => {
+        const trainer = resume ? b.Trainer.resume(gen, data, resume) : new b.Trainer(gen, data, lora ?? {}, config ?? {});
+        try {
+          let aborted = false;
+          // Progress after each step; between steps the event loop runs (the consumer sees the event, an abort
+          // message reaches a worker), then the signal is checked before the next step.
+          await trainer.run(
+            (p) => {
+              queue.push({ type: "progress", ...p });
+              wake?.();
+            },
+            () => !(aborted = stop || !!signal?.aborted),
+          );
+          const info = trainer.info;
+          aborted = aborted && !info.done;
+          const adapter = trainer.exportPeft();
+          const checkpoint = trainer.checkpoint();
+          gen.loadAdapter(name, adapter.weights, adapter.config);
+          return { aborted, info, adapter, checkpoint };
+        } finally {
+          trainer.free();
+        }
+      });
+      this.#busy = turn.catch(() => {});
+      turn.then(
+        (r) => ((result = r), (done = true), wake?.()),
+        (e) => ((error = e), (done = true), wake?.()),
+      );
+      try {
+        for (;;) {
+          while (queue.length) yield queue.shift();
+          if (done) break;
+          await new Promise((r) => (wake = r));
+          wake = undefined;
+        }
+        if (error) throw this.#failed(error);
+        if (this.#opts.recover !== false) {
+          this.#adapterSpecs.set(name, { safetensors: result.adapter.weights, config: new TextEncoder().encode(result.adapter.config) });
+        }
+        yield { type: "done", ...result };
+      } finally {
+        stop = true; // the consumer left early: stop after the current step
+      }
+    }
+
     /// Load (or replace) an adapter: bytes / URL of a GGUF-LoRA, or `{ safetensors, config }` (PEFT).
     async loadAdapter(name, spec, { onProgress } = {}) {
       this.#needGen();

@@ -98,6 +98,28 @@ export interface AskOptions {
 }
 export type AskEvent = { type: "token"; text: string; id: number | null; index: number } | { type: "answer"; answer: Answer };
 
+/** One training example: a chat (as `lorag log export` writes) or a prompt/response pair. */
+export type TrainExample = { messages: { role: "system" | "user" | "assistant"; content: string }[] } | { prompt: string; response: string; system?: string };
+export interface TrainOptions {
+  /** The adapter's name in the generator (default "trained"; replaced if it exists). */
+  name?: string;
+  /** Defaults: rank 8, alpha 16, q,v, no dropout, seed 1. */
+  lora?: { rank?: number; alpha?: number; rslora?: boolean; dropout?: number; targets?: ("q" | "k" | "v" | "o" | "gate" | "up" | "down")[]; seed?: number };
+  /** Defaults: lr 2e-4, linear decay, 3 epochs, batch 4, maxLen 256, clipping 1.0, 10 % held out. */
+  config?: {
+    lr?: number; weightDecay?: number; betas?: [number, number]; eps?: number; warmupSteps?: number;
+    schedule?: "linear" | "cosine" | "constant"; epochs?: number; batchSize?: number; maxLen?: number;
+    maxGradNorm?: number; evalFraction?: number; seed?: number;
+  };
+  /** A checkpoint from an earlier run's "done" event (same model and examples): go on from there. */
+  resume?: Uint8Array;
+  /** Stops after the current step; the adapter trained so far is still loaded and returned. */
+  signal?: AbortSignal;
+}
+export type TrainEvent =
+  | { type: "progress"; step: number; totalSteps: number; epoch: number; loss: number; lr: number; gradNorm: number; tokens: number; tokensPerS: number; elapsedS: number; etaS: number; evalLoss: number | null }
+  | { type: "done"; aborted: boolean; info: Record<string, unknown>; adapter: { config: string; weights: Uint8Array }; checkpoint: Uint8Array };
+
 export declare class LoragError extends Error {
   name: "LoragError";
   /**
@@ -118,6 +140,8 @@ export declare class Lorag {
   search(query: string, options?: SearchOptions): { chunk: Record<string, unknown>; score: number; vector_score?: number; keyword_score?: number }[];
   ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent>;
   loadAdapter(name: string, spec: AdapterSpec, options?: { onProgress?: (ev: ProgressEvent) => void }): Promise<Record<string, unknown>>;
+  /** Train a LoRA adapter on the examples (in this thread: use LoragWorker to keep a page responsive) and load it. */
+  train(examples: string | TrainExample[], options?: TrainOptions): AsyncGenerator<TrainEvent>;
   removeAdapter(name: string): boolean;
   readonly adapters: Record<string, unknown>[];
   readonly device: { kind: "cpu" | "gpu"; name?: string; notice?: string };

@@ -1,4 +1,4 @@
-import type { AskEvent, AskOptions, CreateOptions, DocumentInput, ProgressEvent, SearchOptions, AdapterSpec } from "./index.js";
+import type { AskEvent, AskOptions, CreateOptions, DocumentInput, ProgressEvent, SearchOptions, AdapterSpec, TrainEvent, TrainExample, TrainOptions } from "./index.js";
 export { LoragError } from "./index.js";
 
 /** The Lorag API with all compute in a Worker (or a SharedWorker serving several tabs) running lorag's worker.js. */
@@ -10,6 +10,8 @@ export declare class LoragWorker {
   search(query: string, options?: SearchOptions): Promise<{ chunk: Record<string, unknown>; score: number }[]>;
   ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent>;
   loadAdapter(name: string, spec: AdapterSpec): Promise<Record<string, unknown>>;
+  /** Lorag.train in the worker: progress events streamed back; `signal` or leaving the loop stops it after the current step. */
+  train(examples: string | TrainExample[], options?: TrainOptions): AsyncGenerator<TrainEvent>;
   removeAdapter(name: string): Promise<boolean>;
   save(name?: string): Promise<{ name: string; bytes: number }>;
   toBytes(): Promise<Uint8Array>;

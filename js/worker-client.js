@@ -108,12 +108,21 @@ export class LoragWorker {
   }
 
   /// Streamed like Lorag.ask; `opts.signal` (an AbortSignal) or leaving the loop aborts in the worker.
-  async *ask(question, opts = {}) {
+  ask(question, opts = {}) {
+    return this.#stream("ask", question, opts);
+  }
+
+  /// Streamed like Lorag.train; `opts.signal` or leaving the loop stops it after the current step.
+  train(examples, opts = {}) {
+    return this.#stream("train", examples, opts);
+  }
+
+  async *#stream(method, first, opts) {
     const { signal, ...rest } = opts;
     const events = [];
     let wake;
     let end;
-    const id = this.#send("ask", [question, rest]);
+    const id = this.#send(method, [first, rest]);
     const abort = () => this.#port.postMessage({ method: "abort", handle: this.#handle, target: id });
     signal?.addEventListener("abort", abort, { once: true });
     this.#pending.set(id, {

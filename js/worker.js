@@ -41,6 +41,14 @@ function serve(port) {
             for await (const ev of rag.ask(q, { ...opts, signal: ctl.signal })) reply({ type: "event", ev });
             return reply({ type: "result", value: null });
           }
+          case "train": {
+            const [examples, opts = {}] = args;
+            for await (const ev of rag.train(examples, { ...opts, signal: ctl.signal })) {
+              const transfer = ev.type === "done" ? [ev.adapter.weights.buffer, ev.checkpoint.buffer] : [];
+              reply({ type: "event", ev }, transfer);
+            }
+            return reply({ type: "result", value: null });
+          }
           case "add": {
             const [docs, opts = {}] = args;
             return reply({ type: "result", value: await rag.add(docs, { ...opts, onProgress: (ev) => reply({ type: "progress", ev }) }) });

@@ -39,6 +39,12 @@ pub fn lorag_trap() {
     panic!("deliberate trap (testing the restart after a trap)");
 }
 
+/// Bytes of wasm linear memory in use by this instance (it only grows).
+#[wasm_bindgen(js_name = wasmMemoryBytes)]
+pub fn wasm_memory_bytes() -> f64 {
+    (core::arch::wasm32::memory_size(0) * 65536) as f64
+}
+
 /// The crate version.
 #[wasm_bindgen]
 pub fn version() -> String {
@@ -889,14 +895,19 @@ impl JsTrainer {
     /// last step, so `checkpoint()` and `exportPeft()` still work and a later `run` goes on). Between steps it
     /// lets the event loop run, so a Worker sees an abort message. `progress`: `{step, totalSteps, epoch, loss,
     /// lr, gradNorm, tokens, tokensPerS, elapsedS, etaS, evalLoss}` (evalLoss at the end of each epoch). Resolves
-    /// to the last progress (or `null` when there was nothing left to do).
-    pub fn run(&self, on_progress: Option<js_sys::Function>) -> js_sys::Promise {
+    /// to the last progress (or `null` when there was nothing left to do). `keepGoing()`, when given, is asked
+    /// before every step (after the event loop has run): `false` stops there.
+    pub fn run(
+        &self,
+        on_progress: Option<js_sys::Function>,
+        keep_going: Option<js_sys::Function>,
+    ) -> js_sys::Promise {
         let (model, t, running) = (self.model.clone(), self.t.clone(), self.running.clone());
         wasm_bindgen_futures::future_to_promise(async move {
             if running.replace(true) {
                 return Err(trainer_busy());
             }
-            let r = Self::steps(&model, &t, on_progress).await;
+            let r = Self::steps(&model, &t, on_progress, keep_going).await;
             running.set(false);
             r
         })
@@ -906,6 +917,7 @@ impl JsTrainer {
         model: &std::cell::RefCell<crate::llm::Model>,
         t: &std::cell::RefCell<crate::llm::train::Trainer>,
         on_progress: Option<js_sys::Function>,
+        keep_going: Option<js_sys::Function>,
     ) -> Result<JsValue, JsValue> {
         {
             let mut clock = {
@@ -914,6 +926,11 @@ impl JsTrainer {
             };
             let mut last = JsValue::NULL;
             loop {
+                if let Some(f) = &keep_going {
+                    if f.call0(&JsValue::NULL)?.as_bool() == Some(false) {
+                        break;
+                    }
+                }
                 {
                     // Borrowed for one step only, never across an await.
                     let m = model.try_borrow().map_err(|_| busy())?;

@@ -38,6 +38,23 @@ window.run = async (kind) => {
       if (ev.type === "token" && ++n === 2) ctl.abort();
       if (ev.type === "answer") out.aborted = ev.answer;
     }
+    // Training in the worker: progress streamed to the page (whose timer keeps firing), stopped from the page
+    // after the first step, the adapter so far loaded in the worker and used by ask.
+    const examples = ["kites", "knots", "glue", "saws", "yarn", "clay"].map((t) => ({ system: "Be brief.", prompt: `A tip about ${t}?`, response: `Go slowly. — Harbor Lane` }));
+    const tctl = new AbortController();
+    ticks = 0;
+    const ttimer = setInterval(() => ticks++, 5);
+    out.training = [];
+    for await (const ev of rag.train(examples, { name: "signoff", lora: { rank: 2 }, config: { lr: 1e-3, epochs: 1, batchSize: 1, evalFraction: 0 }, signal: tctl.signal })) {
+      if (ev.type === "progress") {
+        out.training.push({ step: ev.step, totalSteps: ev.totalSteps, loss: ev.loss, ticks });
+        tctl.abort();
+      } else out.trained = { aborted: ev.aborted, step: ev.info.step, config: JSON.parse(ev.adapter.config), weightBytes: ev.adapter.weights.byteLength, checkpointBytes: ev.checkpoint.byteLength, ticks };
+    }
+    clearInterval(ttimer);
+    for await (const ev of rag.ask("A tip about clay?", { mode: "hybrid", k: 1, adapters: [{ name: "signoff" }], maxTokens: 2 })) {
+      if (ev.type === "answer") out.trainedAnswerAdapters = ev.answer.adapters;
+    }
     // Typed errors cross the worker boundary.
     try {
       for await (const _ of rag.ask("q", { mode: "finetuned" }));

@@ -1,6 +1,7 @@
 // The npm package in real headless Chromium (playwright-core, /usr/bin/chromium), pages on 127.0.0.1 under a
 // strict CSP: LoragWorker (lorag/worker) drives a module Worker that downloads the models over HTTP, indexes the
 // bundled documents, searches and answers (streamed to the page while its main thread keeps running), aborts,
+// trains a LoRA adapter (progress streamed, stopped from the page, then used),
 // passes typed errors back, and saves / reopens the pack in OPFS. Needs scripts/build-npm [--dev]. Run by
 // scripts/test.
 import assert from "node:assert/strict";
@@ -37,6 +38,17 @@ try {
   assert.equal(out.aborted.stopReason.kind, "aborted");
   // Stopped, not run to its 32 tokens: the abort crosses to the worker while a token or two more are in flight.
   assert.ok(out.aborted.answerTokens >= 2 && out.aborted.answerTokens < 32, `${out.aborted.answerTokens}`);
+  // Training in the worker: stopped from the page at the first progress event, which reaches the worker within
+  // a step or two (the abort crosses while the next step runs); the page stayed responsive.
+  const steps = out.training.map((t) => t.step);
+  assert.ok(steps.length <= 2 && steps.every((s, i) => s === i + 1), steps.join());
+  assert.ok(out.training.every((t) => t.totalSteps === 6 && t.loss > 0));
+  assert.equal(out.trained.aborted, true);
+  assert.equal(out.trained.step, steps.length);
+  assert.equal(out.trained.config.r, 2);
+  assert.ok(out.trained.weightBytes > 0 && out.trained.checkpointBytes > out.trained.weightBytes);
+  assert.ok(out.trained.ticks > 0, "the page's timer fired while the worker trained");
+  assert.deepEqual(out.trainedAnswerAdapters, [{ name: "signoff", weight: 1 }]);
   assert.deepEqual(out.error, { name: "LoragError", code: "Config" });
   assert.ok(out.saved.bytes > 1000);
   assert.deepEqual(out.reopenedHits, out.hits);
@@ -58,7 +70,7 @@ try {
   assert.deepEqual(errors, []);
   console.log(
     `ok - the npm package in a Worker in ${browser.version()}: models over HTTP (${(out.createMs / 1000).toFixed(1)} s), ` +
-      `4 documents, search, ${tokens.length} streamed tokens, abort, typed errors, OPFS save and reopen; two tabs on one SharedWorker`,
+      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS save and reopen; two tabs on one SharedWorker`,
   );
 } finally {
   await browser.close();

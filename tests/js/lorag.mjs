@@ -142,6 +142,61 @@ await test("adapters from URLs: PEFT and GGUF-LoRA; hybrid mode; typed refusals"
   assert.equal(rag.removeAdapter("gguf"), true);
 });
 
+await test("train an adapter: progress, abort, resume to the same weights, loaded at once; bad data refused", async () => {
+  // Six short examples teaching a sign-off: 1 held out, 5 trained in steps of 2 (3 steps, one epoch).
+  const examples = ["kites", "knots", "glue", "saws", "yarn", "clay"].map((t) => ({
+    system: "Be brief.",
+    prompt: `One tip about ${t}?`,
+    response: `Go slowly with ${t}. — Harbor Lane`,
+  }));
+  const lora = { rank: 4, seed: 3 };
+  const config = { lr: 1e-3, epochs: 1, batchSize: 2, evalFraction: 0.2, seed: 2 };
+  const run = async (opts, stopAfter) => {
+    const progress = [];
+    let done;
+    const ctl = new AbortController();
+    for await (const ev of rag.train(examples, { lora, config, ...opts, signal: ctl.signal })) {
+      if (ev.type === "progress") {
+        progress.push(ev);
+        if (progress.length === stopAfter) ctl.abort();
+      } else done = ev;
+    }
+    return { progress, done };
+  };
+  const whole = await run({ name: "whole" });
+  assert.deepEqual(whole.progress.map((p) => p.step), [1, 2, 3]);
+  for (const p of whole.progress) {
+    assert.equal(p.totalSteps, 3);
+    assert.ok(Number.isFinite(p.loss) && p.loss > 0 && p.gradNorm > 0 && p.tokensPerS > 0, JSON.stringify(p));
+  }
+  assert.ok(whole.progress[2].evalLoss > 0, "held-out loss at the end of the epoch");
+  assert.equal(whole.done.aborted, false);
+  assert.equal(whole.done.info.done, true);
+  const cfg = JSON.parse(whole.done.adapter.config);
+  assert.equal(cfg.r, 4);
+  assert.deepEqual(cfg.target_modules, ["q_proj", "v_proj"]);
+  // Stopped after one step, then resumed from the checkpoint: the same adapter, byte for byte.
+  const first = await run({ name: "resumed" }, 1);
+  assert.deepEqual(first.progress.map((p) => p.step), [1]);
+  assert.equal(first.done.aborted, true);
+  const rest = await run({ name: "resumed", resume: first.done.checkpoint });
+  assert.deepEqual(rest.progress.map((p) => p.step), [2, 3]);
+  assert.deepEqual(Buffer.from(rest.done.adapter.weights), Buffer.from(whole.done.adapter.weights));
+  // Loaded at once: listed, and used by ask.
+  const names = rag.adapters.map((a) => a.name);
+  assert.ok(names.includes("whole") && names.includes("resumed"), names.join());
+  let answer;
+  for await (const ev of rag.ask("Any tip about kites?", { mode: "hybrid", k: 1, adapters: [{ name: "whole" }], maxTokens: 2 })) if (ev.type === "answer") answer = ev.answer;
+  assert.deepEqual(answer.adapters, [{ name: "whole", weight: 1 }]);
+  // Bad data: a typed error naming the line; nothing loaded under that name.
+  await assert.rejects(async () => {
+    for await (const _ of rag.train('{"prompt": "a", "response": "b"}\nnot json', { name: "bad" }));
+  }, (e) => e.name === "LoragError" && e.code === "Config" && /line 2/.test(e.message));
+  assert.ok(!rag.adapters.some((a) => a.name === "bad"));
+  rag.removeAdapter("whole");
+  rag.removeAdapter("resumed");
+});
+
 await test("save atomically, reopen, same results; a corrupt pack is refused", async () => {
   const before = rag.search("laser cutter induction", { k: 3 }).map((h) => h.chunk.id);
   const saved = await rag.save("makerspace");
