@@ -1106,7 +1106,10 @@ mod training {
         // Cut anywhere, or with a byte changed in its header: a typed error, never a panic.
         let ck = first.checkpoint();
         for cut in (0..ck.len()).step_by(ck.len() / 97 + 1) {
-            assert!(Trainer::resume(&model, &examples, &ck[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                Trainer::resume(&model, &examples, &ck[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let header = u64::from_le_bytes(ck[..8].try_into().unwrap()) as usize + 8;
         for at in (8..header).step_by(7) {

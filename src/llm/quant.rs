@@ -925,6 +925,33 @@ pub fn dot_f32_with(be: Backend, a: &[f32], b: &[f32]) -> f32 {
     kern_dot_f32(Portable, a, b)
 }
 
+/// `y[j] += g[0]·w[0][j] + g[1]·w[1][j] + g[2]·w[2][j] + g[3]·w[3][j]`: four rows of a matrix scaled and added
+/// (training's product with a transposed weight matrix, `dx = Wᵀ dy`, four rows at a time). Every `w[k]` has
+/// `y.len()` elements. Same dispatch as [`dot_f32`]; backends differ only in rounding (fused or not).
+pub fn axpy4(g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+    axpy4_with(Backend::best(), g, w, y);
+}
+
+/// [`axpy4`] on a given backend.
+pub fn axpy4_with(be: Backend, g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+    assert!(
+        w.iter().all(|r| r.len() == y.len()),
+        "axpy4: length mismatch"
+    );
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if be == Backend::Simd128 {
+        return wasm::axpy4(g, w, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be == Backend::Avx2 {
+        if let Some(s) = x86::Avx2::detect() {
+            return x86::axpy4(s, g, w, y);
+        }
+    }
+    let _ = be;
+    kern_axpy4(Portable, g, w, y)
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Integer activations: matvec with x quantized to int16
 // ---------------------------------------------------------------------------------------------------------
@@ -2222,6 +2249,24 @@ fn kern_dequantize<S: Simd>(s: S, t: GgmlType, w: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
+fn kern_axpy4<S: Simd>(s: S, g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+    let n = y.len();
+    let gs = g.map(|v| s.splat(v));
+    let wc = w.map(|r| r.as_chunks::<8>().0);
+    let (yc, _) = y.as_chunks_mut::<8>();
+    for (i, yv) in yc.iter_mut().enumerate() {
+        let mut acc = s.load(yv);
+        for k in 0..4 {
+            acc = s.mul_add(gs[k], s.load(&wc[k][i]), acc);
+        }
+        s.store(acc, yv);
+    }
+    for j in n - n % 8..n {
+        y[j] += g[0] * w[0][j] + g[1] * w[1][j] + g[2] * w[2][j] + g[3] * w[3][j];
+    }
+}
+
+#[inline(always)]
 fn kern_dot_f32<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
     let (ac, at) = a.as_chunks::<8>();
     let (bc, bt) = b.as_chunks::<8>();
@@ -2570,6 +2615,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    fn axpy4_tf(s: Avx2, g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+        kern_axpy4(s, g, w, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn tiles_tf(s: Avx2, job: &Tiles, out: &mut [f32]) {
         kern_tiles::<Avx2, 4, 2>(s, job, out);
     }
@@ -2611,6 +2661,11 @@ mod x86 {
     pub(super) fn dot_f32(s: Avx2, a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `s` proves the CPU has the features.
         unsafe { dot_f32_tf(s, a, b) }
+    }
+
+    pub(super) fn axpy4(s: Avx2, g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+        // SAFETY: `s` proves the CPU has the features.
+        unsafe { axpy4_tf(s, g, w, y) }
     }
 
     pub(super) fn tiles(s: Avx2, job: &Tiles, out: &mut [f32]) {
@@ -2885,6 +2940,10 @@ mod wasm {
 
     pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         kern_dot_f32(Wasm, a, b)
+    }
+
+    pub(super) fn axpy4(g: [f32; 4], w: [&[f32]; 4], y: &mut [f32]) {
+        kern_axpy4(Wasm, g, w, y)
     }
 
     pub(super) fn tiles(job: &Tiles, out: &mut [f32]) {
@@ -3443,6 +3502,40 @@ mod tests {
                     (f64::from(got) - f64::from(want)).abs() <= bnd,
                     "{be:?} n={n}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn axpy4_every_backend() {
+        let mut rng = Rng::new(9);
+        for n in (0..40).chain([127, 576, 1000]) {
+            let w: Vec<Vec<f32>> = (0..4)
+                .map(|_| (0..n).map(|_| rng.f32()).collect())
+                .collect();
+            let y0: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+            let g = [rng.f32(), rng.f32(), 0.0, rng.f32()];
+            let rows = [&w[0][..], &w[1][..], &w[2][..], &w[3][..]];
+            for be in Backend::available() {
+                let mut y = y0.clone();
+                axpy4_with(be, g, rows, &mut y);
+                for j in 0..n {
+                    let terms = [
+                        y0[j],
+                        g[0] * w[0][j],
+                        g[1] * w[1][j],
+                        g[2] * w[2][j],
+                        g[3] * w[3][j],
+                    ];
+                    let want: f64 = terms.iter().map(|&t| f64::from(t)).sum();
+                    // Four roundings of the sum and one of each product, at most.
+                    let mag: f64 = terms.iter().map(|&t| f64::from(t).abs()).sum();
+                    assert!(
+                        (f64::from(y[j]) - want).abs() <= 8.0 * f64::from(f32::EPSILON) * mag,
+                        "{be:?} n={n} j={j}: {} vs {want}",
+                        y[j]
+                    );
+                }
             }
         }
     }

@@ -212,22 +212,35 @@ impl Sequence {
 }
 
 /// `dx[i] += Σ_r dy[i][r] · W[r]` for the `n` rows of `dy`: the product with the transposed quantized matrix,
-/// dequantizing each weight row once.
+/// dequantizing each weight row once and adding four rows at a time ([`quant::axpy4`]: one pass over `dx[i]` per
+/// four rows).
 fn mat_t(m: &Mat, data: &[u8], dy: &[f32], n: usize, dx: &mut [f32]) {
     let (rows, cols) = (m.rows, m.cols);
     let rb =
         m.ty.row_bytes(cols)
             .expect("checked when the model was loaded");
     let bytes = m.bytes(data);
-    let mut row = vec![0.0f32; cols];
-    for r in 0..rows {
-        quant::dequantize_row(m.ty, &bytes[r * rb..(r + 1) * rb], &mut row);
+    let mut block = vec![0.0f32; 4 * cols];
+    for r0 in (0..rows).step_by(4) {
+        let k = (rows - r0).min(4);
+        for j in 0..k {
+            let r = r0 + j;
+            quant::dequantize_row(
+                m.ty,
+                &bytes[r * rb..(r + 1) * rb],
+                &mut block[j * cols..(j + 1) * cols],
+            );
+        }
+        // Fewer than four rows at the end: the missing ones get weight 0 (and any row's values).
+        let w: [&[f32]; 4] = std::array::from_fn(|j| {
+            let j = if j < k { j } else { 0 };
+            &block[j * cols..(j + 1) * cols]
+        });
         for i in 0..n {
-            let g = dy[i * rows + r];
-            if g != 0.0 {
-                for (d, w) in dx[i * cols..(i + 1) * cols].iter_mut().zip(&row) {
-                    *d += g * w;
-                }
+            let g: [f32; 4] =
+                std::array::from_fn(|j| if j < k { dy[i * rows + r0 + j] } else { 0.0 });
+            if g != [0.0; 4] {
+                quant::axpy4(g, w, &mut dx[i * cols..(i + 1) * cols]);
             }
         }
     }
