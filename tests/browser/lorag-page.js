@@ -102,3 +102,41 @@ window.runShared = async (question) => {
     return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
   }
 };
+
+// Knowledge packs in IndexedDB (where OPFS cannot write): saved in the worker, found by the page in the "lorag"
+// database, reopened with the same results; a missing pack is NotFound.
+window.runIdb = async () => {
+  try {
+    const worker = new Worker("/pkg/npm/worker.js", { type: "module" });
+    const spec = { embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` }, cache: false, storage: { backend: "indexeddb", dir: "tests" } };
+    const rag = await LoragWorker.create(spec, { worker });
+    const bytes = new Uint8Array(await (await fetch("/examples/docs/safety.html")).arrayBuffer());
+    await rag.add([{ id: "safety.html", bytes }]);
+    const q = "Where is the nearest defibrillator?";
+    const hits = (await rag.search(q, { k: 2 })).map((h) => h.chunk.id);
+    const saved = await rag.save("idbpack");
+    const again = await LoragWorker.open("idbpack", spec, { worker });
+    const reopened = (await again.search(q, { k: 2 })).map((h) => h.chunk.id);
+    let missing;
+    try {
+      await LoragWorker.open("absent", spec, { worker });
+    } catch (e) {
+      missing = e.code;
+    }
+    const stored = await new Promise((resolve, reject) => {
+      const req = indexedDB.open("lorag");
+      req.onsuccess = () => {
+        const get = req.result.transaction("packs").objectStore("packs").get("tests/idbpack");
+        get.onsuccess = () => (resolve(get.result?.byteLength ?? null), req.result.close());
+        get.onerror = () => reject(get.error);
+      };
+      req.onerror = () => reject(req.error);
+    });
+    await again.dispose();
+    await rag.dispose();
+    worker.terminate();
+    return { ok: true, hits, reopened, saved, missing, stored };
+  } catch (e) {
+    return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
+  }
+};

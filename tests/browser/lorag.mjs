@@ -67,10 +67,17 @@ try {
   assert.deepEqual([a.added, b.added], [[1, 1, 1, 1], [1, 1, 1, 1]]);
   assert.match(a.hits[0], /^safety\.html#/);
   assert.match(b.hits[0], /^faq\.txt#/);
+  // Packs in IndexedDB: saved whole, found under the key, reopened with the same hits.
+  const idb = await page.evaluate(() => window.runIdb());
+  assert.ok(idb.ok, idb.error);
+  assert.match(idb.hits[0], /^safety\.html#/);
+  assert.deepEqual(idb.reopened, idb.hits);
+  assert.equal(idb.stored, idb.saved.bytes);
+  assert.equal(idb.missing, "NotFound");
   assert.deepEqual(errors, []);
   console.log(
     `ok - the npm package in a Worker in ${browser.version()}: models over HTTP (${(out.createMs / 1000).toFixed(1)} s), ` +
-      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS save and reopen; two tabs on one SharedWorker`,
+      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS and IndexedDB save and reopen; two tabs on one SharedWorker`,
   );
 } finally {
   await browser.close();
