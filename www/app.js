@@ -104,6 +104,46 @@ function renderAnswer(answer) {
   say(`${answer.promptTokens} prompt tokens, ${answer.answerTokens} answer tokens, ${(answer.timings.totalMs / 1000).toFixed(1)} s`);
 }
 
+// An adapter from the user's files: a GGUF-LoRA file, or a PEFT pair (adapter_model.safetensors with its
+// adapter_config.json), loaded in the worker under the file's name; it enables the adapter modes.
+async function addAdapter(files) {
+  const status = $("adapter-status");
+  const gguf = files.find((f) => f.name.endsWith(".gguf"));
+  const st = files.find((f) => f.name.endsWith(".safetensors"));
+  const cfg = files.find((f) => f.name.endsWith(".json"));
+  const bytes = async (f) => new Uint8Array(await f.arrayBuffer());
+  let name;
+  let spec;
+  if (gguf) {
+    name = gguf.name.replace(/\.gguf$/, "");
+    spec = await bytes(gguf);
+  } else if (st && cfg) {
+    name = st.name === "adapter_model.safetensors" ? "adapter" : st.name.replace(/\.safetensors$/, "");
+    spec = { safetensors: await bytes(st), config: await bytes(cfg) };
+  } else {
+    status.textContent = "choose a .gguf LoRA, or adapter_model.safetensors together with adapter_config.json";
+    return;
+  }
+  try {
+    const info = await rag.loadAdapter(name, spec);
+    const sel = $("adapter");
+    if (![...sel.options].some((o) => o.value === name)) {
+      if (!sel.options[0].value) sel.replaceChildren();
+      const o = document.createElement("option");
+      o.value = name;
+      o.textContent = name;
+      sel.append(o);
+    }
+    sel.value = name;
+    sel.disabled = false;
+    for (const m of ["hybrid", "finetuned"]) $("mode").querySelector(`option[value=${m}]`).disabled = false;
+    const rank = info.rank[0] === info.rank[1] ? info.rank[0] : info.rank.join("–");
+    status.textContent = `${name}: ${info.format} rank ${rank} on ${info.targets.join(", ")} (${info.layers} layers)`;
+  } catch (e) {
+    status.textContent = `${e.code ?? "Error"}: ${e.message}`;
+  }
+}
+
 async function ask(e) {
   e.preventDefault();
   const question = $("question").value.trim();
@@ -117,7 +157,9 @@ async function ask(e) {
   const text = document.createTextNode("");
   $("answer").append(text);
   try {
-    for await (const ev of rag.ask(question, { mode: $("mode").value, k: 4, maxTokens: 128, signal: controller.signal })) {
+    const mode = $("mode").value;
+    const adapters = mode === "hybrid" || mode === "finetuned" ? [{ name: $("adapter").value }] : [];
+    for await (const ev of rag.ask(question, { mode, adapters, k: 4, maxTokens: 128, signal: controller.signal })) {
       if (ev.type === "token") text.appendData(ev.text);
       else renderAnswer(ev.answer);
     }
@@ -146,6 +188,7 @@ async function start() {
 $("ask").addEventListener("submit", ask);
 $("stop").addEventListener("click", () => controller?.abort());
 $("files").addEventListener("change", (e) => addFiles([...e.target.files]));
+$("adapter-files").addEventListener("change", (e) => addAdapter([...e.target.files]));
 $("examples").addEventListener("click", async () => {
   const files = await Promise.all(EXAMPLES.map(async (n) => new File([await (await fetch(`/examples/docs/${n}`)).arrayBuffer()], n)));
   await addFiles(files);

@@ -1,6 +1,7 @@
 // The offline Q&A web app (www/) end to end in real headless Chromium (playwright-core, /usr/bin/chromium),
 // served on 127.0.0.1: load the bundled documents, ask a question from the bundled QA set and watch the answer
-// stream with its sources, click a source, add a hostile document (markup and prompt injection as text), take a
+// stream with its sources, click a source, add a hostile document (markup and prompt injection as text), load a
+// LoRA adapter from files and ask in hybrid mode, take a
 // screenshot (target/www/screenshot.png), then go offline, reload and ask again. Needs scripts/build-npm [--dev].
 import { mkdirSync, readFileSync } from "node:fs";
 import assert from "node:assert/strict";
@@ -74,6 +75,26 @@ try {
   mkdirSync(root + "target/www", { recursive: true });
   await page.screenshot({ path: root + "target/www/screenshot.png", fullPage: true });
 
+  // An adapter from the user's files (the synthetic PEFT pair: random weights, so the answer is no model of
+  // quality): loaded in the worker, the adapter modes enabled, and a hybrid answer (sources + adapter) streamed.
+  assert.equal(await page.$eval("#mode option[value=hybrid]", (o) => o.disabled), true);
+  const ref = root + "../shared/reference/lora-synthetic-smollm2/";
+  await page.setInputFiles("#adapter-files", [ref + "adapter_config.json", ref + "adapter_model.safetensors"]);
+  await page.waitForFunction(() => /rank/.test(document.getElementById("adapter-status").textContent), null, { timeout: 60000 });
+  assert.match(await page.textContent("#adapter-status"), /^adapter: peft rank 8 on q, v \(30 layers\)$/);
+  assert.equal(await page.$eval("#mode option[value=hybrid]", (o) => o.disabled), false);
+  await page.selectOption("#mode", "hybrid");
+  await page.fill("#question", "How much does a replacement key fob cost?");
+  await page.click("#go");
+  await page.waitForSelector("#sources li", { timeout: 120000 });
+  await page.waitForSelector("#go:not([disabled])", { timeout: 120000 });
+  assert.ok((await page.textContent("#answer")).trim().length > 0);
+  // A wrong file is a message, not a crash.
+  await page.setInputFiles("#adapter-files", { name: "bad.gguf", mimeType: "application/octet-stream", buffer: Buffer.from("not a gguf") });
+  await page.waitForFunction(() => /^Adapter|^Model|^Config/.test(document.getElementById("adapter-status").textContent), null, { timeout: 60000 });
+  await page.selectOption("#mode", "rag");
+
+
   // Offline: reload with the network gone; the app, the package, the models and the knowledge base come back.
   assert.deepEqual(errors, []);
   const online = errors.length;
@@ -91,7 +112,7 @@ try {
   assert.ok((await page.textContent("#answer")).trim().length > 0);
   // Offline, the browser logs its failed update checks (the service worker script, the favicon); nothing else.
   assert.deepEqual(errors.slice(online).filter((e) => !/Failed to load resource|ERR_INTERNET_DISCONNECTED/.test(e)), []);
-  console.log(`ok - the web app in ${browser.version()}: examples indexed, streamed answer with faq.txt among its sources, hostile document inert, offline reload answers; screenshot in target/www/screenshot.png`);
+  console.log(`ok - the web app in ${browser.version()}: examples indexed, streamed answer with faq.txt among its sources, hostile document inert, a PEFT adapter from files used in hybrid mode, offline reload answers; screenshot in target/www/screenshot.png`);
 } finally {
   await browser.close();
   server.close();
