@@ -387,21 +387,31 @@ export function makeLorag({ loadBindings, storage }) {
       this.#needGen();
       const { k, maxTokens, signal, ...rest } = opts;
       const options = { ...rest, search: { ...(k ? { k } : {}), ...(opts.search ?? {}) }, generate: { ...(maxTokens ? { maxTokens } : {}), ...(opts.generate ?? {}) } };
+      const gen = this.#gen;
+      const answer = yield* this.#queued((emit, stopped) =>
+        gen.askAsync(this.#embedder, this.#kb, question, options, (ev) => {
+          emit({ type: "token", ...ev });
+          return !(stopped() || signal?.aborted);
+        }),
+      );
+      yield { type: "answer", answer };
+    }
+
+    /// Run `work(emit, stopped)` in this Lorag's turn (requests go through the generator one at a time, later ones
+    /// waiting), yielding each event `work` emits as it comes; returns what `work` resolves to. `stopped()` turns
+    /// true when the consumer leaves the loop early.
+    async *#queued(work) {
       const queue = [];
       let wake;
       let stop = false;
       let done = false;
       let result;
       let error;
-      // One request at a time through the generator; later ones wait their turn.
-      const gen = this.#gen;
-      const turn = this.#busy.then(() =>
-        gen.askAsync(this.#embedder, this.#kb, question, options, (ev) => {
-          queue.push({ type: "token", ...ev });
-          wake?.();
-          return !(stop || signal?.aborted);
-        }),
-      );
+      const emit = (ev) => {
+        queue.push(ev);
+        wake?.();
+      };
+      const turn = this.#busy.then(() => work(emit, () => stop));
       this.#busy = turn.catch(() => {});
       turn.then(
         (r) => ((result = r), (done = true), wake?.()),
@@ -415,9 +425,9 @@ export function makeLorag({ loadBindings, storage }) {
           wake = undefined;
         }
         if (error) throw this.#failed(error);
-        yield { type: "answer", answer: result };
+        return result;
       } finally {
-        stop = true; // the consumer left early: stop generating
+        stop = true; // the consumer left early: stop the work
       }
     }
 
@@ -434,26 +444,17 @@ export function makeLorag({ loadBindings, storage }) {
       this.#needGen();
       const { name = "trained", lora, config, resume, signal } = opts;
       const data = typeof examples === "string" ? examples : examples.map((e) => JSON.stringify(e)).join("\n");
-      const queue = [];
-      let wake;
-      let stop = false;
-      let done = false;
-      let result;
-      let error;
       const b = this.#b;
       const gen = this.#gen;
-      const turn = this.#busy.then(async () => {
+      const result = yield* this.#queued(async (emit, stopped) => {
         const trainer = resume ? b.Trainer.resume(gen, data, resume) : new b.Trainer(gen, data, lora ?? {}, config ?? {});
         try {
           let aborted = false;
           // Progress after each step; between steps the event loop runs (the consumer sees the event, an abort
           // message reaches a worker), then the signal is checked before the next step.
           await trainer.run(
-            (p) => {
-              queue.push({ type: "progress", ...p });
-              wake?.();
-            },
-            () => !(aborted = stop || !!signal?.aborted),
+            (p) => emit({ type: "progress", ...p }),
+            () => !(aborted = stopped() || !!signal?.aborted),
           );
           const info = trainer.info;
           aborted = aborted && !info.done;
@@ -465,26 +466,10 @@ export function makeLorag({ loadBindings, storage }) {
           trainer.free();
         }
       });
-      this.#busy = turn.catch(() => {});
-      turn.then(
-        (r) => ((result = r), (done = true), wake?.()),
-        (e) => ((error = e), (done = true), wake?.()),
-      );
-      try {
-        for (;;) {
-          while (queue.length) yield queue.shift();
-          if (done) break;
-          await new Promise((r) => (wake = r));
-          wake = undefined;
-        }
-        if (error) throw this.#failed(error);
-        if (this.#opts.recover !== false) {
-          this.#adapterSpecs.set(name, { safetensors: result.adapter.weights, config: new TextEncoder().encode(result.adapter.config) });
-        }
-        yield { type: "done", ...result };
-      } finally {
-        stop = true; // the consumer left early: stop after the current step
+      if (this.#opts.recover !== false) {
+        this.#adapterSpecs.set(name, { safetensors: result.adapter.weights, config: new TextEncoder().encode(result.adapter.config) });
       }
+      yield { type: "done", ...result };
     }
 
     /// Load (or replace) an adapter: bytes / URL of a GGUF-LoRA, or `{ safetensors, config }` (PEFT).

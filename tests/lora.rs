@@ -1243,29 +1243,34 @@ mod training {
             }
         }
         // The start is the reference's, exactly.
-        let hf_of = |m: &lorag::llm::train::TrainMat| -> (Vec<f32>, Vec<f32>) {
-            let (rows, r) = (m.m.rows, m.m.rank);
-            let mut b = vec![0.0f32; rows * r];
-            for j in 0..r {
-                for row in 0..rows {
-                    b[row * r + j] = m.m.bt[j * rows + row];
-                }
-            }
-            if m.target == Target::Q {
-                b = lorag::llm::lora::gguf_rows_to_hf(&b, rows, r, w.cfg.n_head);
-            }
-            (m.m.a.clone(), b)
+        // A and B of layers 0 and 29 in Hugging Face order, read from the adapter as the PEFT export writes it.
+        type Pairs = Vec<((usize, Target), (Vec<f32>, Vec<f32>))>;
+        let exported = |p: &LoraParams| -> Pairs {
+            let (_, bytes) = p.to_peft(w, "SmolLM2");
+            let s = SafeTensors::parse(&bytes, Default::default()).unwrap();
+            let get = |m: &lorag::llm::train::TrainMat, ab: &str| {
+                let name = format!(
+                    "base_model.model.model.layers.{}.{}.lora_{ab}.weight",
+                    m.layer,
+                    m.target.peft_path()
+                );
+                st::to_f32(s.get(&name).expect("exported"), &bytes)
+            };
+            p.mats
+                .iter()
+                .filter(|m| [0, 29].contains(&m.layer))
+                .map(|m| ((m.layer, m.target), (get(m, "A"), get(m, "B"))))
+                .collect()
         };
-        let stem = |m: &lorag::llm::train::TrainMat| {
-            let t = if m.target == Target::Q {
+        let stem = |(layer, target): (usize, Target)| {
+            let t = if target == Target::Q {
                 "q_proj"
             } else {
                 "v_proj"
             };
-            format!("layers.{}.{t}", m.layer)
+            format!("layers.{layer}.{t}")
         };
-        for m in p.mats.iter().filter(|m| [0, 29].contains(&m.layer)) {
-            let (a, b) = hf_of(m);
+        for (m, (a, b)) in exported(&p) {
             assert_eq!(
                 a,
                 tensor(&format!("{}.lora_A.init", stem(m))),
@@ -1340,8 +1345,7 @@ mod training {
         // The weights after three steps.
         let mut worst = (0.0f32, String::new());
         let (mut off, mut total) = (0usize, 0usize);
-        for m in p.mats.iter().filter(|m| [0, 29].contains(&m.layer)) {
-            let (a, b) = hf_of(m);
+        for (m, (a, b)) in exported(&p) {
             for (which, got) in [("A", a), ("B", b)] {
                 let want = tensor(&format!("{}.lora_{which}.final", stem(m)));
                 for (g, e) in got.iter().zip(&want) {
@@ -1387,7 +1391,7 @@ mod training {
                 let want = c[which].as_f64().unwrap();
                 let rel = (got - want).abs() / want;
                 if rel > worst_change.0 {
-                    worst_change = (rel, format!("{} {which}", stem(m)));
+                    worst_change = (rel, format!("{} {which}", stem((m.layer, m.target))));
                 }
             }
         }
