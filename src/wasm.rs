@@ -883,7 +883,7 @@ impl JsTrainer {
         }))
     }
 
-    /// Mean loss per learned token on the held-out examples (`null` when there are none).
+    /// Mean loss per learned token on the held-out examples (`null` when there are none), on the CPU.
     #[wasm_bindgen(js_name = evalLoss)]
     pub fn eval_loss(&self) -> Result<Option<f64>, JsValue> {
         let m = self.model.try_borrow().map_err(|_| busy())?;
@@ -913,6 +913,9 @@ impl JsTrainer {
         })
     }
 
+    // The borrows are held across a GPU step's awaits on purpose: every other access uses try_borrow(_mut) and
+    // gets `busy`, never a panic.
+    #[allow(clippy::await_holding_refcell_ref)]
     async fn steps(
         model: &std::cell::RefCell<crate::llm::Model>,
         t: &std::cell::RefCell<crate::llm::train::Trainer>,
@@ -932,13 +935,14 @@ impl JsTrainer {
                     }
                 }
                 {
-                    // Borrowed for one step only, never across an await.
+                    // Borrowed for one step. On the CPU the step never waits; on the GPU it awaits the device
+                    // with both borrowed, so the generator and the trainer answer "busy" meanwhile.
                     let m = model.try_borrow().map_err(|_| busy())?;
                     let mut tr = t.try_borrow_mut().map_err(|_| trainer_busy())?;
                     if tr.done() {
                         break;
                     }
-                    let p = tr.advance(&m, &mut clock).map_err(js_error)?;
+                    let p = tr.advance_async(&m, &mut clock).await.map_err(js_error)?;
                     last = to_js(&p)?;
                 }
                 if let Some(f) = &on_progress {

@@ -716,3 +716,179 @@ async fn attention() {
     }
 }
 gpu_test!(attention_kernel_matches_the_reference, attention);
+
+// ---- Training's products on the GPU ----
+
+/// `Wᵀ·dy` (matvec_t.wgsl, training's backward pass through a frozen matrix) for every format, awkward shapes
+/// (11 tokens: a full tile of 8 and a partial one; rows and float columns off every multiple), whole and split
+/// into row chunks, against an f64 sum over the reference's dequantized weights. The shader decodes weights
+/// bit-identical to the reference's, so the only error is its f32 sum over `rows` terms: at most
+/// (rows−1)·u·Σ|dy·w| (u = 2⁻²⁴) per chunk, and the chunks' partial sums add one rounding each. `rows·ε·Σ|dy·w|`
+/// (ε = 2u) bounds both with room; a wrongly decoded weight is off by a whole term.
+async fn check_matvec_t(g: &Gpu, cap: Option<usize>) {
+    let mut rng = common::Rng(0x51ed_270b);
+    for ty in TYPES {
+        let cols = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 77,
+            t if t.block_len() == 256 => 512,
+            _ => 96,
+        };
+        let (rows, n) = (37, 11);
+        let w = random_rows(ty, rows, cols, &mut rng);
+        let dy: Vec<f32> = (0..n * rows)
+            .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
+            .collect();
+        let m = match cap {
+            None => g.upload_matrix(ty, &w, rows, cols).unwrap(),
+            Some(c) => g.upload_matrix_with_cap(ty, &w, rows, cols, c).unwrap(),
+        };
+        if let Some(c) = cap {
+            assert!(
+                m.chunks.len() > 1,
+                "{}: a {c}-byte cap split nothing",
+                ty.name()
+            );
+        }
+        let got = g.matvec_t(&m, &dy, n).await.unwrap();
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut deq = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            quant::dequantize_row_ref(
+                ty,
+                &w[r * rb..(r + 1) * rb],
+                &mut deq[r * cols..(r + 1) * cols],
+            );
+        }
+        for t in 0..n {
+            for c in 0..cols {
+                let (mut want, mut mag) = (0.0f64, 0.0f64);
+                for r in 0..rows {
+                    let term = dy[t * rows + r] as f64 * deq[r * cols + c] as f64;
+                    want += term;
+                    mag += term.abs();
+                }
+                let tol = rows as f64 * f32::EPSILON as f64 * mag;
+                let v = got[t * cols + c] as f64;
+                assert!(
+                    (v - want).abs() <= tol,
+                    "{} token {t} column {c}: GPU {v} vs reference {want} (tolerance {tol})",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+gpu_test!(
+    transposed_matvec_matches_the_reference_for_every_format,
+    matvec_t_every_format
+);
+async fn matvec_t_every_format() {
+    let Some(g) = gpu().await else { return };
+    check_matvec_t(&g, None).await;
+    check_matvec_t(&g, Some(1024)).await;
+    let m = g.upload_matrix(GgmlType::Q8_0, &[0; 34], 1, 32).unwrap();
+    let e = g.matvec_t(&m, &[0.0; 2], 1).await.unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+}
+
+/// Training with the frozen products on the GPU (the tiny llama, adapters on all seven projections, random B so
+/// every gradient is non-zero): the loss and every adapter gradient against the CPU's, then two optimizer steps
+/// of a `Trainer` on each. The GPU sums each product in another order (the matvec kernels' bounds above, about
+/// 1e-6 relative here) and that propagates through two layers and back, as in the decoder test: the loss is
+/// held to 1e-5 relative and each gradient matrix to 1e-4 of its largest component. Every product ran on the
+/// GPU: one submission each.
+async fn train_on_gpu() {
+    use lorag::llm::train::{
+        loss_and_grad, loss_and_grad_on, parse_examples, LoraConfig, LoraParams, Rng, Sequence,
+        TrainConfig, Trainer,
+    };
+    use lorag::llm::Target;
+    let bytes = common::tiny::tiny(|_, _| {});
+    let cpu = Model::from_bytes(bytes.clone()).unwrap();
+    let Some(gm) = on_gpu(bytes).await else {
+        return;
+    };
+    let lora = LoraConfig {
+        rank: 4,
+        targets: Target::ALL.to_vec(),
+        ..Default::default()
+    };
+    let mut p = LoraParams::init(&cpu.weights, &lora).unwrap();
+    let mut rng = Rng::new(3);
+    for m in &mut p.mats {
+        m.m.bt.iter_mut().for_each(|b| *b = rng.uniform() - 0.5);
+    }
+    let n_vocab = cpu.config().n_vocab;
+    let seq = Sequence {
+        ids: (0..13).map(|i| ((i * 53 + 7) % n_vocab) as u32).collect(),
+        loss: (0..12).map(|t| t >= 3).collect(),
+    };
+    let (mut pc, mut pg) = (p.clone(), p.clone());
+    let (lc, kc) = loss_and_grad(&cpu.weights, cpu.bytes(), &mut pc, &seq, true, None).unwrap();
+    let before = gm
+        .gpu()
+        .unwrap()
+        .gpu
+        .counters
+        .submissions
+        .load(Ordering::Relaxed);
+    let (lg, kg) = loss_and_grad_on(&gm, &mut pg, &seq, true, None)
+        .await
+        .unwrap();
+    let submissions = gm
+        .gpu()
+        .unwrap()
+        .gpu
+        .counters
+        .submissions
+        .load(Ordering::Relaxed)
+        - before;
+    // 2 layers × 7 projections × (forward, recomputed forward, backward) + the output's forward and backward.
+    assert_eq!(submissions, 2 * 7 * 3 + 2);
+    assert_eq!(kc, kg);
+    assert!(
+        (lc - lg).abs() <= 1e-5 * lc.abs(),
+        "loss: CPU {lc} vs GPU {lg}"
+    );
+    for (a, b) in pc.mats.iter().zip(&pg.mats) {
+        for (gc, gg, what) in [(&a.ga, &b.ga, "A"), (&a.gbt, &b.gbt, "B")] {
+            let top = gc.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(top > 0.0);
+            let worst = gc
+                .iter()
+                .zip(gg)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst <= 1e-4 * top,
+                "layer {} {:?} {what}: gradients differ by {worst} (largest {top})",
+                a.layer,
+                a.target
+            );
+        }
+    }
+    // The Trainer: on the model's GPU through step_async, on the CPU through step.
+    let data = "{\"prompt\": \"the tth\", \"response\": \"th t th\"}\n{\"prompt\": \"ttt\", \"response\": \"t the\"}\n{\"prompt\": \"h t\", \"response\": \"tt h\"}";
+    let examples = parse_examples(data, 10).unwrap();
+    let cfg = TrainConfig {
+        batch_size: 2,
+        eval_fraction: 0.0,
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut tc = Trainer::new(&cpu, &examples, &lora, cfg.clone()).unwrap();
+    let mut tg = Trainer::new(&gm, &examples, &lora, cfg).unwrap();
+    for step in 1..=2 {
+        let (lc, _, nc, _) = tc.step(&cpu).unwrap();
+        let (lg, _, ng, _) = tg.step_async(&gm).await.unwrap();
+        assert!(
+            (lc - lg).abs() <= 1e-5 * lc.abs(),
+            "step {step} loss: CPU {lc} vs GPU {lg}"
+        );
+        assert!(
+            (nc - ng).abs() <= 1e-4 * nc,
+            "step {step} gradient norm: CPU {nc} vs GPU {ng}"
+        );
+    }
+}
+gpu_test!(training_on_the_gpu_matches_the_cpu, train_on_gpu);

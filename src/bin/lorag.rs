@@ -1324,19 +1324,7 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let pref: lorag::kernels::DevicePref =
-        a.device.parse().map_err(|e: lorag::Error| e.to_string())?;
-    let device = lorag::kernels::block_on(model.use_device(pref)).map_err(|e| e.to_string())?;
-    if !a.json {
-        match (&device.name, &device.notice) {
-            (Some(n), _) => eprintln!(
-                "[device: GPU {n} ({})]",
-                device.backend.as_deref().unwrap_or("?")
-            ),
-            (None, Some(why)) => eprintln!("[device: CPU — {why}]"),
-            (None, None) => eprintln!("[device: CPU]"),
-        }
-    }
+    let device = choose_device(&mut model, &a.device, !a.json, "")?;
     let mut uses = Vec::new();
     let mut adapter_info = Vec::new();
     for (i, arg) in a.adapters.iter().enumerate() {
@@ -1441,4 +1429,27 @@ fn run_generate(a: &GenerateArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Put `model` on the device `pref` names (auto, gpu, cpu) and, when `say`, print the choice to stderr (`what`:
+/// what runs there, after the device's name).
+fn choose_device(
+    model: &mut lorag::llm::Model,
+    pref: &str,
+    say: bool,
+    what: &str,
+) -> Result<lorag::kernels::DeviceReport, String> {
+    let pref: lorag::kernels::DevicePref = pref.parse().map_err(|e: lorag::Error| e.to_string())?;
+    let device = lorag::kernels::block_on(model.use_device(pref)).map_err(|e| e.to_string())?;
+    if say {
+        match (&device.name, &device.notice) {
+            (Some(n), _) => eprintln!(
+                "[device: GPU {n} ({}){what}]",
+                device.backend.as_deref().unwrap_or("?")
+            ),
+            (None, Some(why)) => eprintln!("[device: CPU — {why}]"),
+            (None, None) => eprintln!("[device: CPU]"),
+        }
+    }
+    Ok(device)
 }

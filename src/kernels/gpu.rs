@@ -62,6 +62,8 @@ pub struct Gpu {
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
     matvec: Mutex<Vec<((u32, u32), wgpu::ComputePipeline)>>,
+    matvec_t_module: wgpu::ShaderModule,
+    matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
 }
 
@@ -292,6 +294,19 @@ impl Kernel {
     }
 }
 
+/// matvec.wgsl and matvec_t.wgsl share the weight-reading helpers (dequant.wgsl).
+const MATVEC_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/matvec.wgsl")
+);
+const MATVEC_T_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/matvec_t.wgsl")
+);
+
+/// Tokens per workgroup of matvec_t.wgsl.
+const T_TILE: usize = 8;
+
 /// Types the matvec kernel dequantizes.
 pub fn matvec_supports(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K)
@@ -356,7 +371,8 @@ impl Gpu {
             max_storage_binding: limits.max_storage_buffer_binding_size as u64,
             max_buffer: limits.max_buffer_size,
         };
-        let matvec_module = shader(&device, "matvec", include_str!("wgsl/matvec.wgsl")).await?;
+        let matvec_module = shader(&device, "matvec", MATVEC_WGSL).await?;
+        let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -414,6 +430,8 @@ impl Gpu {
             matvec_layout,
             matvec_module,
             matvec: Mutex::new(Vec::new()),
+            matvec_t_module,
+            matvec_t: Mutex::new(Vec::new()),
             kernels,
         })
     }
@@ -787,6 +805,87 @@ impl Gpu {
             },
         );
         self.run_and_read(&d, n as u32, &y, n * m.rows).await
+    }
+
+    /// `Wᵀ·dy` for `n` rows of `dy` (n × rows): `dx` (n × cols), `dx[t][c] = Σ_r dy[t][r] · W[r][c]` (training's
+    /// backward pass through a frozen matrix). Upload, one submission (one launch per row chunk, each after the
+    /// first adding to the sum), read back.
+    pub async fn matvec_t(&self, m: &GpuMatrix, dy: &[f32], n: usize) -> Result<Vec<f32>> {
+        if dy.len() != n * m.rows {
+            return Err(Error::Config(format!(
+                "{} gradients for {n} × {} rows",
+                dy.len(),
+                m.rows
+            )));
+        }
+        self.check()?;
+        let dy_buf = self.f32_buffer("dy", dy);
+        let dx = self.buffer(
+            "dx",
+            (n * m.cols * 4) as u64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let pipeline = self.matvec_t_pipeline(m.ty);
+        let layout = pipeline.get_bind_group_layout(0);
+        let d: Vec<Dispatch> = m
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, (buf, r0, rows))| {
+                let uniform = self.uniform(&[
+                    *rows as u32,
+                    m.cols as u32,
+                    m.row_bytes as u32,
+                    n as u32,
+                    *r0 as u32,
+                    m.rows as u32,
+                    (i > 0) as u32,
+                    0,
+                ]);
+                let entries: Vec<wgpu::BindGroupEntry> = [buf, &dy_buf, &dx, &uniform]
+                    .iter()
+                    .enumerate()
+                    .map(|(b, buf)| wgpu::BindGroupEntry {
+                        binding: b as u32,
+                        resource: buf.as_entire_binding(),
+                    })
+                    .collect();
+                Dispatch {
+                    pipeline: pipeline.clone(),
+                    bind_group: self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("matvec_t"),
+                        layout: &layout,
+                        entries: &entries,
+                    }),
+                    grid: Grid::TokensY(m.cols.div_ceil(64) as u32),
+                    tiled: None,
+                }
+            })
+            .collect();
+        self.run_and_read(&d, n.div_ceil(T_TILE) as u32, &dx, n * m.cols)
+            .await
+    }
+
+    fn matvec_t_pipeline(&self, ty: GgmlType) -> wgpu::ComputePipeline {
+        let mut cache = self.matvec_t.lock().unwrap();
+        if let Some((_, p)) = cache.iter().find(|(k, _)| *k == ty.id()) {
+            return p.clone();
+        }
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("matvec_t"),
+                layout: None,
+                module: &self.matvec_t_module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[("TY", ty.id() as f64)],
+                    ..Default::default()
+                },
+                cache: None,
+            });
+        cache.push((ty.id(), p.clone()));
+        p
     }
 
     /// Run `dispatches` for `n` tokens, then read the first `len` f32 values of `src` (a `COPY_SRC` buffer)

@@ -246,6 +246,98 @@ fn mat_t(m: &Mat, data: &[u8], dy: &[f32], n: usize, dx: &mut [f32]) {
     }
 }
 
+/// Where the frozen base's matrix products run: the CPU kernels, or the GPU the model is attached to
+/// ([`super::Model::use_device`]): the forward `W·x` through the generator's matvec kernel, the backward `Wᵀ·dy`
+/// through matvec_t.wgsl, on the weights already resident there. The adapters, attention and the element-wise
+/// work stay on the CPU.
+#[derive(Clone, Copy)]
+pub(crate) struct Products<'a> {
+    #[cfg(feature = "gpu")]
+    gpu: Option<&'a super::GpuBackend>,
+    _model: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a> Products<'a> {
+    pub(crate) fn cpu() -> Products<'a> {
+        Products {
+            #[cfg(feature = "gpu")]
+            gpu: None,
+            _model: std::marker::PhantomData,
+        }
+    }
+
+    /// The model's GPU when it has one and `allow`, else the CPU.
+    pub(crate) fn of(model: &'a Model, allow: bool) -> Products<'a> {
+        #[cfg(feature = "gpu")]
+        if allow {
+            if let Some(g) = model.gpu() {
+                return Products {
+                    gpu: Some(g),
+                    _model: std::marker::PhantomData,
+                };
+            }
+        }
+        let _ = (model, allow);
+        Products::cpu()
+    }
+
+    pub(crate) fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
+    }
+
+    /// `out = W·x` for the `n` rows of `x`; `which`: (layer, projection), or `None` for the output matrix `m`.
+    async fn apply(
+        &self,
+        which: Option<(usize, Target)>,
+        m: &Mat,
+        data: &[u8],
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = self.gpu {
+            let gm = match which {
+                Some((l, t)) => g.weights().matrix(l, t),
+                None => g.weights().output(),
+            };
+            out.copy_from_slice(&g.gpu.matvec(gm, x, n).await?);
+            return Ok(());
+        }
+        let _ = which;
+        m.apply(data, x, n, out);
+        Ok(())
+    }
+
+    /// `dx += Wᵀ·dy` for the `n` rows of `dy` (`which` as in [`Products::apply`]).
+    async fn apply_t(
+        &self,
+        which: Option<(usize, Target)>,
+        m: &Mat,
+        data: &[u8],
+        dy: &[f32],
+        n: usize,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = self.gpu {
+            let gm = match which {
+                Some((l, t)) => g.weights().matrix(l, t),
+                None => g.weights().output(),
+            };
+            let got = g.gpu.matvec_t(gm, dy, n).await?;
+            dx.iter_mut().zip(&got).for_each(|(d, v)| *d += v);
+            return Ok(());
+        }
+        let _ = which;
+        mat_t(m, data, dy, n, dx);
+        Ok(())
+    }
+}
+
 /// `out += s · B (A x)` for `n` inputs; returns `A x` (n × rank) for the backward pass.
 fn lora_fwd(m: &LoraMat, x: &[f32], n: usize, out: &mut [f32]) -> Vec<f32> {
     let (r, rows, cols) = (m.rank, m.rows, m.cols);
@@ -381,6 +473,7 @@ struct Tape {
 struct Pass<'a> {
     w: &'a Weights,
     data: &'a [u8],
+    dev: Products<'a>,
     table: Vec<(f32, f32)>,
     /// `table` with the sines negated: rotation by minus each angle.
     inverse: Vec<(f32, f32)>,
@@ -390,7 +483,7 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// `out = W x (+ bias) (+ adapter)`, remembering what the adapter saw.
     #[allow(clippy::too_many_arguments)]
-    fn project(
+    async fn project(
         &self,
         p: &LoraParams,
         rng: Option<&mut Rng>,
@@ -400,10 +493,11 @@ impl Pass<'_> {
         bias: Option<&Vec<f32>>,
         out: &mut [f32],
         saved: &mut Vec<(Target, LoraSaved)>,
-    ) {
+    ) -> Result<()> {
         let l = &self.w.layers[li];
-        let m = t.mat(l);
-        m.apply(self.data, x, self.n, out);
+        self.dev
+            .apply(Some((li, t)), t.mat(l), self.data, x, self.n, out)
+            .await?;
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, bi)| *o += bi);
@@ -425,16 +519,17 @@ impl Pass<'_> {
                 },
             ));
         }
+        Ok(())
     }
 
     /// One decoder layer: `x` in, the layer's output returned, intermediates in the tape.
-    fn layer(
+    async fn layer(
         &self,
         p: &LoraParams,
         mut rng: Option<&mut Rng>,
         li: usize,
         x: &[f32],
-    ) -> (Vec<f32>, Tape) {
+    ) -> Result<(Vec<f32>, Tape)> {
         let (w, n) = (self.w, self.n);
         let c = &w.cfg;
         let l = &w.layers[li];
@@ -453,7 +548,8 @@ impl Pass<'_> {
             l.bq.as_ref(),
             &mut q,
             &mut lora,
-        );
+        )
+        .await?;
         self.project(
             p,
             rng.as_deref_mut(),
@@ -463,7 +559,8 @@ impl Pass<'_> {
             l.bk.as_ref(),
             &mut k,
             &mut lora,
-        );
+        )
+        .await?;
         self.project(
             p,
             rng.as_deref_mut(),
@@ -473,7 +570,8 @@ impl Pass<'_> {
             l.bv.as_ref(),
             &mut v,
             &mut lora,
-        );
+        )
+        .await?;
         rope(w, &mut q, n, c.n_head, &self.table);
         rope(w, &mut k, n, c.n_kv_head, &self.table);
         let group = c.n_head / c.n_kv_head;
@@ -516,7 +614,8 @@ impl Pass<'_> {
             None,
             &mut o,
             &mut lora,
-        );
+        )
+        .await?;
         let x2: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
         let mut h2 = vec![0.0; n * d];
         let inv2 = rms_fwd(&x2, &l.ffn_norm, c.eps, &mut h2);
@@ -530,7 +629,8 @@ impl Pass<'_> {
             None,
             &mut g,
             &mut lora,
-        );
+        )
+        .await?;
         self.project(
             p,
             rng.as_deref_mut(),
@@ -540,14 +640,16 @@ impl Pass<'_> {
             None,
             &mut u,
             &mut lora,
-        );
+        )
+        .await?;
         let act: Vec<f32> = g
             .iter()
             .zip(&u)
             .map(|(&gi, &ui)| gi / (1.0 + (-gi).exp()) * ui)
             .collect();
         let mut down = vec![0.0; n * d];
-        self.project(p, rng, li, Target::Down, &act, None, &mut down, &mut lora);
+        self.project(p, rng, li, Target::Down, &act, None, &mut down, &mut lora)
+            .await?;
         let out = x2.iter().zip(&down).map(|(a, b)| a + b).collect();
         let tape = Tape {
             inv1,
@@ -565,12 +667,12 @@ impl Pass<'_> {
             act,
             lora,
         };
-        (out, tape)
+        Ok((out, tape))
     }
 
     /// Backward through one matrix: `dx += Wᵀ dy` (+ the adapter's part, whose gradients accumulate).
     #[allow(clippy::too_many_arguments)]
-    fn project_bwd(
+    async fn project_bwd(
         &self,
         p: &mut LoraParams,
         tape_lora: &[(Target, LoraSaved)],
@@ -579,8 +681,17 @@ impl Pass<'_> {
         x: &[f32],
         dy: &[f32],
         dx: &mut [f32],
-    ) {
-        mat_t(t.mat(&self.w.layers[li]), self.data, dy, self.n, dx);
+    ) -> Result<()> {
+        self.dev
+            .apply_t(
+                Some((li, t)),
+                t.mat(&self.w.layers[li]),
+                self.data,
+                dy,
+                self.n,
+                dx,
+            )
+            .await?;
         if let Some((_, s)) = tape_lora.iter().find(|(tt, _)| *tt == t) {
             let input = s.x.as_deref().unwrap_or(x);
             match &s.mask {
@@ -594,17 +705,18 @@ impl Pass<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Backward through one layer: `dout` = ∂L/∂(layer output) in, ∂L/∂(layer input) returned.
-    fn layer_bwd(
+    async fn layer_bwd(
         &self,
         p: &mut LoraParams,
         li: usize,
         x: &[f32],
         tp: &Tape,
         dout: &[f32],
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>> {
         let (w, n) = (self.w, self.n);
         let c = &w.cfg;
         let l = &w.layers[li];
@@ -612,7 +724,8 @@ impl Pass<'_> {
         let (qd, kvd) = (c.n_head * hd, c.n_kv_head * hd);
         // Feed-forward: out = x2 + Wd(silu(Wg h2) ⊙ Wu h2), h2 = norm(x2).
         let mut dact = vec![0.0; n * ff];
-        self.project_bwd(p, &tp.lora, li, Target::Down, &tp.act, dout, &mut dact);
+        self.project_bwd(p, &tp.lora, li, Target::Down, &tp.act, dout, &mut dact)
+            .await?;
         let (mut dg, mut du) = (vec![0.0; n * ff], vec![0.0; n * ff]);
         for i in 0..n * ff {
             let (g, u) = (tp.g[i], tp.u[i]);
@@ -621,13 +734,16 @@ impl Pass<'_> {
             dg[i] = dact[i] * u * sig * (1.0 + g * (1.0 - sig));
         }
         let mut dh2 = vec![0.0; n * d];
-        self.project_bwd(p, &tp.lora, li, Target::Gate, &tp.h2, &dg, &mut dh2);
-        self.project_bwd(p, &tp.lora, li, Target::Up, &tp.h2, &du, &mut dh2);
+        self.project_bwd(p, &tp.lora, li, Target::Gate, &tp.h2, &dg, &mut dh2)
+            .await?;
+        self.project_bwd(p, &tp.lora, li, Target::Up, &tp.h2, &du, &mut dh2)
+            .await?;
         let mut dx2 = dout.to_vec();
         rms_bwd(&tp.x2, &l.ffn_norm, &tp.inv2, &dh2, &mut dx2);
         // Attention: x2 = x + Wo attn(q, k, v).
         let mut datt = vec![0.0; n * qd];
-        self.project_bwd(p, &tp.lora, li, Target::O, &tp.att, &dx2, &mut datt);
+        self.project_bwd(p, &tp.lora, li, Target::O, &tp.att, &dx2, &mut datt)
+            .await?;
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
@@ -674,12 +790,15 @@ impl Pass<'_> {
         rope(w, &mut dq, n, c.n_head, &self.inverse);
         rope(w, &mut dk, n, c.n_kv_head, &self.inverse);
         let mut dh1 = vec![0.0; n * d];
-        self.project_bwd(p, &tp.lora, li, Target::Q, &tp.h1, &dq, &mut dh1);
-        self.project_bwd(p, &tp.lora, li, Target::K, &tp.h1, &dk, &mut dh1);
-        self.project_bwd(p, &tp.lora, li, Target::V, &tp.h1, &dv, &mut dh1);
+        self.project_bwd(p, &tp.lora, li, Target::Q, &tp.h1, &dq, &mut dh1)
+            .await?;
+        self.project_bwd(p, &tp.lora, li, Target::K, &tp.h1, &dk, &mut dh1)
+            .await?;
+        self.project_bwd(p, &tp.lora, li, Target::V, &tp.h1, &dv, &mut dh1)
+            .await?;
         let mut dx = dx2;
         rms_bwd(x, &l.attn_norm, &tp.inv1, &dh1, &mut dx);
-        dx
+        Ok(dx)
     }
 }
 
@@ -687,6 +806,39 @@ impl Pass<'_> {
 /// added to `p`'s. `dropout`: the generator that draws the adapters' dropout masks (training); `None`, no
 /// dropout (evaluation). Returns (loss sum, tokens counted).
 pub fn loss_and_grad(
+    w: &Weights,
+    data: &[u8],
+    p: &mut LoraParams,
+    seq: &Sequence,
+    grad: bool,
+    dropout: Option<&mut Rng>,
+) -> Result<(f64, usize)> {
+    super::run_ready(loss_and_grad_with(
+        Products::cpu(),
+        w,
+        data,
+        p,
+        seq,
+        grad,
+        dropout,
+    ))
+}
+
+/// [`loss_and_grad`] for `model`, its frozen products on the GPU when the model is attached to one (the
+/// result differs from the CPU's only in the order of the products' sums).
+pub async fn loss_and_grad_on(
+    model: &Model,
+    p: &mut LoraParams,
+    seq: &Sequence,
+    grad: bool,
+    dropout: Option<&mut Rng>,
+) -> Result<(f64, usize)> {
+    let dev = Products::of(model, true);
+    loss_and_grad_with(dev, &model.weights, model.bytes(), p, seq, grad, dropout).await
+}
+
+async fn loss_and_grad_with(
+    dev: Products<'_>,
     w: &Weights,
     data: &[u8],
     p: &mut LoraParams,
@@ -719,6 +871,7 @@ pub fn loss_and_grad(
     let pass = Pass {
         w,
         data,
+        dev,
         inverse: table.iter().map(|&(c, s)| (c, -s)).collect(),
         table,
         n,
@@ -743,7 +896,7 @@ pub fn loss_and_grad(
     let mut inputs = Vec::with_capacity(w.layers.len());
     for li in 0..w.layers.len() {
         let state = dropout.as_deref().cloned();
-        let (out, _) = pass.layer(p, dropout.as_deref_mut(), li, &x);
+        let (out, _) = pass.layer(p, dropout.as_deref_mut(), li, &x).await?;
         inputs.push((std::mem::replace(&mut x, out), state));
     }
     // Output: norm, the marked positions' logits, cross-entropy.
@@ -759,7 +912,8 @@ pub fn loss_and_grad(
     let mut hn = vec![0.0f32; m * d];
     let inv = rms_fwd(&xs, &w.output_norm, c.eps, &mut hn);
     let mut logits = vec![0.0f32; m * c.n_vocab];
-    w.output.apply(data, &hn, m, &mut logits);
+    dev.apply(None, &w.output, data, &hn, m, &mut logits)
+        .await?;
     let mut loss = 0.0f64;
     for (r, &t) in rows.iter().enumerate() {
         let row = &mut logits[r * c.n_vocab..(r + 1) * c.n_vocab];
@@ -779,7 +933,8 @@ pub fn loss_and_grad(
         return Ok((loss, m));
     }
     let mut dhn = vec![0.0f32; m * d];
-    mat_t(&w.output, data, &logits, m, &mut dhn);
+    dev.apply_t(None, &w.output, data, &logits, m, &mut dhn)
+        .await?;
     let mut dxs = vec![0.0f32; m * d];
     rms_bwd(&xs, &w.output_norm, &inv, &dhn, &mut dxs);
     let mut dx = vec![0.0f32; n * d];
@@ -790,8 +945,8 @@ pub fn loss_and_grad(
     for li in (0..w.layers.len()).rev() {
         let (input, state) = &inputs[li];
         let mut r = state.clone();
-        let (_, tape) = pass.layer(p, r.as_mut(), li, input);
-        dx = pass.layer_bwd(p, li, input, &tape, &dx);
+        let (_, tape) = pass.layer(p, r.as_mut(), li, input).await?;
+        dx = pass.layer_bwd(p, li, input, &tape, &dx).await?;
     }
     Ok((loss, m))
 }
@@ -1276,15 +1431,34 @@ impl Trainer {
         self.step >= self.total_steps()
     }
 
-    /// Mean loss per learned token over the held-out sequences (`None` when there are none).
+    /// Mean loss per learned token over the held-out sequences (`None` when there are none). Natively on the
+    /// model's GPU when it has one; in wasm on the CPU (use [`Trainer::eval_loss_async`] there for the GPU).
     pub fn eval_loss(&mut self, model: &Model) -> Result<Option<f64>> {
+        drive(self.eval_loss_with(model, BLOCKING_GPU))
+    }
+
+    /// [`Trainer::eval_loss`], on the model's GPU when it has one.
+    pub async fn eval_loss_async(&mut self, model: &Model) -> Result<Option<f64>> {
+        self.eval_loss_with(model, true).await
+    }
+
+    async fn eval_loss_with(&mut self, model: &Model, gpu: bool) -> Result<Option<f64>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
         let seqs: Vec<&Sequence> = self.eval.iter().collect();
         let none = vec![None; seqs.len()];
         let (mut sum, mut n) = (0.0, 0);
-        for (l, k, _) in batch(model, &self.params, &seqs, none, false, self.cfg.threads)? {
+        let run = batch(
+            model,
+            gpu,
+            &self.params,
+            &seqs,
+            none,
+            false,
+            self.cfg.threads,
+        );
+        for (l, k, _) in run.await? {
             sum += l;
             n += k;
         }
@@ -1292,8 +1466,18 @@ impl Trainer {
     }
 
     /// One optimizer step (`batch_size` sequences, fewer at the end of an epoch). Returns (mean loss, lr,
-    /// gradient norm, tokens run).
+    /// gradient norm, tokens run). Natively on the model's GPU when it has one; in wasm on the CPU (use
+    /// [`Trainer::step_async`] there for the GPU).
     pub fn step(&mut self, model: &Model) -> Result<(f64, f32, f32, usize)> {
+        drive(self.step_with(model, BLOCKING_GPU))
+    }
+
+    /// [`Trainer::step`], on the model's GPU when it has one.
+    pub async fn step_async(&mut self, model: &Model) -> Result<(f64, f32, f32, usize)> {
+        self.step_with(model, true).await
+    }
+
+    async fn step_with(&mut self, model: &Model, gpu: bool) -> Result<(f64, f32, f32, usize)> {
         if self.done() {
             return Err(Error::Config("training is finished".into()));
         }
@@ -1309,7 +1493,16 @@ impl Trainer {
             .iter()
             .map(|_| Some(Rng::new(self.rng.next_u64())))
             .collect();
-        let results = batch(model, &self.params, &seqs, rngs, true, self.cfg.threads)?;
+        let results = batch(
+            model,
+            gpu,
+            &self.params,
+            &seqs,
+            rngs,
+            true,
+            self.cfg.threads,
+        )
+        .await?;
         self.params.zero_grad();
         let (mut sum, mut n) = (0.0, 0usize);
         for (l, k, g) in &results {
@@ -1352,11 +1545,25 @@ impl Trainer {
     /// One optimizer step, and the held-out loss at the end of an epoch, reported against `clock` (speed and
     /// time left over this session's steps).
     pub fn advance(&mut self, model: &Model, clock: &mut RunClock) -> Result<Progress> {
-        let (loss, lr, grad_norm, tokens) = self.step(model)?;
+        drive(self.advance_with(model, clock, BLOCKING_GPU))
+    }
+
+    /// [`Trainer::advance`], on the model's GPU when it has one.
+    pub async fn advance_async(&mut self, model: &Model, clock: &mut RunClock) -> Result<Progress> {
+        self.advance_with(model, clock, true).await
+    }
+
+    async fn advance_with(
+        &mut self,
+        model: &Model,
+        clock: &mut RunClock,
+        gpu: bool,
+    ) -> Result<Progress> {
+        let (loss, lr, grad_norm, tokens) = self.step_with(model, gpu).await?;
         clock.tokens += tokens;
         let end_of_epoch = self.pos >= self.order.len();
         let eval_loss = if end_of_epoch {
-            self.eval_loss(model)?
+            self.eval_loss_with(model, gpu).await?
         } else {
             None
         };
@@ -1403,12 +1610,25 @@ fn add(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Whether the synchronous [`Trainer`] calls may wait for a GPU: natively they block on it; in wasm they cannot.
+const BLOCKING_GPU: bool = cfg!(not(target_arch = "wasm32"));
+
+/// Drive a step's future: natively to its end (waiting for the GPU when there is one); in wasm it must not
+/// wait ([`BLOCKING_GPU`] keeps it on the CPU).
+fn drive<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::kernels::block_on(f);
+    #[cfg(target_arch = "wasm32")]
+    super::run_ready(f)
+}
+
 /// Per sequence: (loss sum, tokens counted, the gradients when `grad`), each computed from its own copy of the
-/// parameters, on up to `threads` threads (0 = one per core; wasm: this thread). The same results whatever the
-/// thread count.
+/// parameters: on the model's GPU one after another when it has one and `gpu`, else on up to `threads` CPU
+/// threads (0 = one per core; wasm: this thread). The same results whatever the thread count.
 #[allow(clippy::type_complexity)]
-fn batch(
+async fn batch(
     model: &Model,
+    gpu: bool,
     p: &LoraParams,
     seqs: &[&Sequence],
     rngs: Vec<Option<Rng>>,
@@ -1416,6 +1636,17 @@ fn batch(
     threads: usize,
 ) -> Result<Vec<(f64, usize, Option<LoraParams>)>> {
     let (w, data) = (&model.weights, model.bytes());
+    let dev = Products::of(model, gpu);
+    if dev.on_gpu() {
+        let mut out = Vec::with_capacity(seqs.len());
+        for (seq, mut rng) in seqs.iter().zip(rngs) {
+            let mut q = p.clone();
+            q.zero_grad();
+            let (l, k) = loss_and_grad_with(dev, w, data, &mut q, seq, grad, rng.as_mut()).await?;
+            out.push((l, k, grad.then_some(q)));
+        }
+        return Ok(out);
+    }
     let one = |i: usize, mut rng: Option<Rng>| -> Result<(f64, usize, Option<LoraParams>)> {
         let mut q = p.clone();
         q.zero_grad();

@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// Threads computing a batch's sequences side by side (0 = one per core); the result does not depend on it.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where the frozen model's matrix products run: auto (a hardware GPU when there is one), gpu, cpu. The
+    /// adapters, attention and the rest stay on the CPU.
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Continue from the checkpoint in --out (same model and data).
     #[arg(long)]
     resume: bool,
@@ -97,7 +101,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 pub fn run_train(a: &TrainArgs) -> Result<(), String> {
     let model_path = a.model.clone().unwrap_or_else(default_generator);
     let bytes = std::fs::read(&model_path).map_err(|e| format!("{}: {e}", model_path.display()))?;
-    let model = Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", model_path.display()))?;
+    let mut model =
+        Model::from_bytes(bytes).map_err(|e| format!("{}: {e}", model_path.display()))?;
+    crate::choose_device(
+        &mut model,
+        &a.device,
+        true,
+        " for the frozen matrix products",
+    )?;
     let text =
         std::fs::read_to_string(&a.data).map_err(|e| format!("{}: {e}", a.data.display()))?;
     let examples = parse_examples(&text, lorag::llm::train::MAX_EXAMPLES)
