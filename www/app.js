@@ -126,21 +126,76 @@ async function addAdapter(files) {
   }
   try {
     const info = await rag.loadAdapter(name, spec);
-    const sel = $("adapter");
-    if (![...sel.options].some((o) => o.value === name)) {
-      if (!sel.options[0].value) sel.replaceChildren();
-      const o = document.createElement("option");
-      o.value = name;
-      o.textContent = name;
-      sel.append(o);
-    }
-    sel.value = name;
-    sel.disabled = false;
-    for (const m of ["hybrid", "finetuned"]) $("mode").querySelector(`option[value=${m}]`).disabled = false;
     const rank = info.rank[0] === info.rank[1] ? info.rank[0] : info.rank.join("–");
-    status.textContent = `${name}: ${info.format} rank ${rank} on ${info.targets.join(", ")} (${info.layers} layers)`;
+    offerAdapter(name, `${name}: ${info.format} rank ${rank} on ${info.targets.join(", ")} (${info.layers} layers)`);
   } catch (e) {
     status.textContent = `${e.code ?? "Error"}: ${e.message}`;
+  }
+}
+
+// An adapter loaded in the worker: selected in the picker, the adapter modes enabled.
+function offerAdapter(name, description) {
+  const sel = $("adapter");
+  if (![...sel.options].some((o) => o.value === name)) {
+    if (!sel.options[0].value) sel.replaceChildren();
+    const o = document.createElement("option");
+    o.value = name;
+    o.textContent = name;
+    sel.append(o);
+  }
+  sel.value = name;
+  sel.disabled = false;
+  for (const m of ["hybrid", "finetuned"]) $("mode").querySelector(`option[value=${m}]`).disabled = false;
+  $("adapter-status").textContent = description;
+}
+
+// Fine-tuning: the user's examples train a LoRA adapter in the worker (progress after every step, Stop ends it
+// after the current one and keeps what was learned); the result is loaded as the adapter "trained" (hot-swapped:
+// the next question can use it) and offered as PEFT files to download.
+let training;
+async function train() {
+  const file = $("train-file").files[0];
+  const status = $("train-status");
+  if (!file) {
+    status.textContent = "choose a JSONL file of examples first";
+    return;
+  }
+  const epochs = Math.max(1, Math.min(20, Math.round(Number($("train-epochs").value) || 1)));
+  training = new AbortController();
+  $("train-go").disabled = true;
+  $("train-stop").disabled = false;
+  const bar = $("train-progress");
+  bar.hidden = false;
+  bar.value = 0;
+  status.textContent = "preparing the examples…";
+  try {
+    let done;
+    for await (const ev of rag.train(await file.text(), { name: "trained", config: { epochs }, signal: training.signal })) {
+      if (ev.type === "progress") {
+        bar.max = ev.totalSteps;
+        bar.value = ev.step;
+        const held = ev.evalLoss == null ? "" : `, held-out loss ${ev.evalLoss.toFixed(3)}`;
+        status.textContent = `step ${ev.step}/${ev.totalSteps} (epoch ${ev.epoch}): loss ${ev.loss.toFixed(3)}${held}, ${Math.round(ev.tokensPerS)} tokens/s, about ${Math.round(ev.etaS)} s left`;
+      } else {
+        done = ev;
+      }
+    }
+    const { info, adapter } = done;
+    const targets = info.lora.targets.join(", ");
+    offerAdapter("trained", `trained: rank ${info.lora.rank} on ${targets}, ${info.step} of ${info.totalSteps} steps`);
+    for (const [id, bytes, type] of [["train-weights", adapter.weights, "application/octet-stream"], ["train-config", adapter.config, "application/json"]]) {
+      const a = $(id);
+      if (a.href) URL.revokeObjectURL(a.href);
+      a.href = URL.createObjectURL(new Blob([bytes], { type }));
+    }
+    $("train-files").hidden = false;
+    status.textContent = `${done.aborted ? "stopped" : "done"} after ${info.step} of ${info.totalSteps} steps on ${info.trainExamples} examples (${info.evalExamples} more held out for evaluation): the adapter "trained" is loaded`;
+  } catch (e) {
+    status.textContent = `${e.code ?? "Error"}: ${e.message}`;
+  } finally {
+    bar.hidden = true;
+    $("train-go").disabled = false;
+    $("train-stop").disabled = true;
   }
 }
 
@@ -183,12 +238,15 @@ async function start() {
   $("device").textContent = dev.kind === "gpu" ? `Running on WebGPU: ${dev.name}` : `Running on the CPU (WebAssembly)${dev.notice ? ": " + dev.notice : ""}`;
   await refreshDocs();
   $("go").disabled = false;
+  $("train-go").disabled = false;
 }
 
 $("ask").addEventListener("submit", ask);
 $("stop").addEventListener("click", () => controller?.abort());
 $("files").addEventListener("change", (e) => addFiles([...e.target.files]));
 $("adapter-files").addEventListener("change", (e) => addAdapter([...e.target.files]));
+$("train-go").addEventListener("click", train);
+$("train-stop").addEventListener("click", () => training?.abort());
 $("examples").addEventListener("click", async () => {
   const files = await Promise.all(EXAMPLES.map(async (n) => new File([await (await fetch(`/examples/docs/${n}`)).arrayBuffer()], n)));
   await addFiles(files);

@@ -281,13 +281,6 @@ impl<'a> Products<'a> {
         Products::cpu()
     }
 
-    pub(crate) fn on_gpu(&self) -> bool {
-        #[cfg(feature = "gpu")]
-        return self.gpu.is_some();
-        #[cfg(not(feature = "gpu"))]
-        false
-    }
-
     /// `out = W·x` for the `n` rows of `x`; `which`: (layer, projection), or `None` for the output matrix `m`.
     async fn apply(
         &self,
@@ -1623,8 +1616,8 @@ fn drive<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 }
 
 /// Per sequence: (loss sum, tokens counted, the gradients when `grad`), each computed from its own copy of the
-/// parameters: on the model's GPU one after another when it has one and `gpu`, else on up to `threads` CPU
-/// threads (0 = one per core; wasm: this thread). The same results whatever the thread count.
+/// parameters, their frozen products on the model's GPU when it has one and `gpu`, on up to `threads` threads
+/// (0 = one per core; wasm: this thread, in turn). The same results whatever the thread count.
 #[allow(clippy::type_complexity)]
 async fn batch(
     model: &Model,
@@ -1637,7 +1630,10 @@ async fn batch(
 ) -> Result<Vec<(f64, usize, Option<LoraParams>)>> {
     let (w, data) = (&model.weights, model.bytes());
     let dev = Products::of(model, gpu);
-    if dev.on_gpu() {
+    // In wasm (one thread) each sequence in turn, awaiting the GPU when there is one.
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = threads;
         let mut out = Vec::with_capacity(seqs.len());
         for (seq, mut rng) in seqs.iter().zip(rngs) {
             let mut q = p.clone();
@@ -1645,16 +1641,26 @@ async fn batch(
             let (l, k) = loss_and_grad_with(dev, w, data, &mut q, seq, grad, rng.as_mut()).await?;
             out.push((l, k, grad.then_some(q)));
         }
-        return Ok(out);
+        Ok(out)
     }
-    let one = |i: usize, mut rng: Option<Rng>| -> Result<(f64, usize, Option<LoraParams>)> {
-        let mut q = p.clone();
-        q.zero_grad();
-        let (l, k) = loss_and_grad(w, data, &mut q, seqs[i], grad, rng.as_mut())?;
-        Ok((l, k, grad.then_some(q)))
-    };
+    // Natively the sequences side by side on `threads` threads, each blocking on its own GPU products when the
+    // model is on the GPU (the device takes work from several threads; their CPU parts overlap its waits).
     #[cfg(not(target_arch = "wasm32"))]
     {
+        let one = |i: usize, mut rng: Option<Rng>| -> Result<(f64, usize, Option<LoraParams>)> {
+            let mut q = p.clone();
+            q.zero_grad();
+            let (l, k) = crate::kernels::block_on(loss_and_grad_with(
+                dev,
+                w,
+                data,
+                &mut q,
+                seqs[i],
+                grad,
+                rng.as_mut(),
+            ))?;
+            Ok((l, k, grad.then_some(q)))
+        };
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             t => t,
@@ -1689,12 +1695,11 @@ async fn batch(
                 })
                 .collect();
         }
+        rngs.into_iter()
+            .enumerate()
+            .map(|(i, r)| one(i, r))
+            .collect()
     }
-    let _ = threads;
-    rngs.into_iter()
-        .enumerate()
-        .map(|(i, r)| one(i, r))
-        .collect()
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {

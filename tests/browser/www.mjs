@@ -1,7 +1,7 @@
 // The offline Q&A web app (www/) end to end in real headless Chromium (playwright-core, /usr/bin/chromium),
 // served on 127.0.0.1: load the bundled documents, ask a question from the bundled QA set and watch the answer
 // stream with its sources, click a source, add a hostile document (markup and prompt injection as text), load a
-// LoRA adapter from files and ask in hybrid mode, take a
+// LoRA adapter from files and ask in hybrid mode, fine-tune an adapter from the page and use it, take a
 // screenshot (target/www/screenshot.png), then go offline, reload and ask again. Needs scripts/build-npm [--dev].
 import { mkdirSync, readFileSync } from "node:fs";
 import assert from "node:assert/strict";
@@ -94,6 +94,44 @@ try {
   await page.waitForFunction(() => /^Adapter|^Model|^Config/.test(document.getElementById("adapter-status").textContent), null, { timeout: 60000 });
   await page.selectOption("#mode", "rag");
 
+  // Fine-tuning from the page: bad examples are a message; three of the bundled examples (two trained, one held
+  // out), one epoch: one step, shown as it goes; the adapter "trained" is loaded, answers in fine-tuned mode, and
+  // its PEFT files download.
+  const status = () => page.textContent("#train-status");
+  const finished = () => page.waitForFunction(() => /^(done|stopped|[A-Z]\w*:)/.test(document.getElementById("train-status").textContent), null, { timeout: 300000 });
+  await page.click("#finetune summary");
+  await page.setInputFiles("#train-file", { name: "bad.jsonl", mimeType: "text/plain", buffer: Buffer.from('{"prompt": "no response"}\n') });
+  await page.click("#train-go");
+  await finished();
+  assert.match(await status(), /^Config: .*training data line 1: missing field `response`/);
+  const examples = readFileSync(root + "examples/train/signoff.jsonl", "utf8").split("\n").slice(0, 3).join("\n");
+  await page.setInputFiles("#train-file", { name: "mine.jsonl", mimeType: "text/plain", buffer: Buffer.from(examples) });
+  await page.fill("#train-epochs", "1");
+  await page.click("#train-go");
+  await page.waitForFunction(() => /^step 1\/1 \(epoch 1\): loss \d/.test(document.getElementById("train-status").textContent), null, { timeout: 300000 });
+  await finished();
+  assert.match(await status(), /^done after 1 of 1 steps on 2 examples \(1 more held out for evaluation\): the adapter "trained" is loaded$/);
+  assert.equal(await page.$eval("#adapter", (s) => s.value), "trained");
+  assert.equal(await page.textContent("#adapter-status"), "trained: rank 8 on q, v, 1 of 1 steps");
+  const download = async (id) => {
+    const [d] = await Promise.all([page.waitForEvent("download"), page.click(id)]);
+    return readFileSync(await d.path());
+  };
+  const config = JSON.parse(await download("#train-config"));
+  assert.equal(config.peft_type, "LORA");
+  assert.equal(config.r, 8);
+  assert.deepEqual([...config.target_modules].sort(), ["q_proj", "v_proj"]);
+  const weights = await download("#train-weights");
+  const header = JSON.parse(weights.subarray(8, 8 + Number(weights.readBigUInt64LE(0))).toString());
+  const tensors = Object.keys(header).filter((k) => k !== "__metadata__");
+  assert.equal(tensors.length, 30 * 2 * 2); // 30 layers × (q, v) × (A, B)
+  await page.selectOption("#mode", "finetuned");
+  await page.fill("#question", "How much does a replacement key fob cost?");
+  await page.click("#go");
+  await page.waitForSelector("#go:not([disabled])", { timeout: 120000 });
+  assert.ok((await page.textContent("#answer")).trim().length > 0);
+  await page.selectOption("#mode", "rag");
+
 
   // Offline: reload with the network gone; the app, the package, the models and the knowledge base come back.
   assert.deepEqual(errors, []);
@@ -112,7 +150,7 @@ try {
   assert.ok((await page.textContent("#answer")).trim().length > 0);
   // Offline, the browser logs its failed update checks (the service worker script, the favicon); nothing else.
   assert.deepEqual(errors.slice(online).filter((e) => !/Failed to load resource|ERR_INTERNET_DISCONNECTED/.test(e)), []);
-  console.log(`ok - the web app in ${browser.version()}: examples indexed, streamed answer with faq.txt among its sources, hostile document inert, a PEFT adapter from files used in hybrid mode, offline reload answers; screenshot in target/www/screenshot.png`);
+  console.log(`ok - the web app in ${browser.version()}: examples indexed, streamed answer with faq.txt among its sources, hostile document inert, a PEFT adapter from files used in hybrid mode, an adapter trained from the page used and downloaded, offline reload answers; screenshot in target/www/screenshot.png`);
 } finally {
   await browser.close();
   server.close();
