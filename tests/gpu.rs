@@ -790,6 +790,69 @@ async fn matvec_t_every_format() {
     let m = g.upload_matrix(GgmlType::Q8_0, &[0; 34], 1, 32).unwrap();
     let e = g.matvec_t(&m, &[0.0; 2], 1).await.unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e}");
+    // Several matrices of one width in one round trip (training's q, k, v and gate, up): the products are the
+    // single products' bits; the transposed sum is within the f64 bound over all their rows.
+    let mut rng = common::Rng(77);
+    let (cols, n) = (256, 5);
+    let shapes = [
+        (GgmlType::Q8_0, 37),
+        (GgmlType::Q4_K, 12),
+        (GgmlType::F16, 20),
+    ];
+    let bytes: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(ty, rows)| random_rows(ty, rows, cols, &mut rng))
+        .collect();
+    let ms: Vec<_> = shapes
+        .iter()
+        .zip(&bytes)
+        .map(|(&(ty, rows), b)| g.upload_matrix(ty, b, rows, cols).unwrap())
+        .collect();
+    let refs: Vec<_> = ms.iter().collect();
+    let xs: Vec<f32> = (0..n * cols)
+        .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
+        .collect();
+    let many = g.matvec_many(&refs, &xs, n).await.unwrap();
+    for (m, got) in ms.iter().zip(&many) {
+        assert_eq!(got, &g.matvec(m, &xs, n).await.unwrap());
+    }
+    let dys: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(_, rows)| {
+            (0..n * rows)
+                .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
+                .collect()
+        })
+        .collect();
+    let items: Vec<_> = ms.iter().zip(&dys).map(|(m, dy)| (m, &dy[..])).collect();
+    let sum = g.matvec_t_many(&items, n).await.unwrap();
+    let all_rows: usize = shapes.iter().map(|s| s.1).sum();
+    for t in 0..n {
+        for c in 0..cols {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for ((&(ty, rows), b), dy) in shapes.iter().zip(&bytes).zip(&dys) {
+                let rb = ty.row_bytes(cols).unwrap();
+                let mut deq = vec![0.0f32; cols];
+                for r in 0..rows {
+                    quant::dequantize_row_ref(ty, &b[r * rb..(r + 1) * rb], &mut deq);
+                    let term = dy[t * rows + r] as f64 * deq[c] as f64;
+                    want += term;
+                    mag += term.abs();
+                }
+            }
+            let tol = all_rows as f64 * f32::EPSILON as f64 * mag;
+            let v = sum[t * cols + c] as f64;
+            assert!(
+                (v - want).abs() <= tol,
+                "sum token {t} column {c}: {v} vs {want}"
+            );
+        }
+    }
+    let short = [(&ms[0], &dys[0][..]), (&ms[1], &dys[0][..])];
+    assert!(matches!(
+        g.matvec_t_many(&short, n).await,
+        Err(Error::Config(_))
+    ));
 }
 
 /// Training with the frozen products on the GPU (the tiny llama, adapters on all seven projections, random B so
@@ -797,7 +860,7 @@ async fn matvec_t_every_format() {
 /// of a `Trainer` on each. The GPU sums each product in another order (the matvec kernels' bounds above, about
 /// 1e-6 relative here) and that propagates through two layers and back, as in the decoder test: the loss is
 /// held to 1e-5 relative and each gradient matrix to 1e-4 of its largest component. Every product ran on the
-/// GPU: one submission each.
+/// GPU, a layer's products of one input (q, k, v; gate, up) in one submission.
 async fn train_on_gpu() {
     use lorag::llm::train::{
         loss_and_grad, loss_and_grad_on, parse_examples, LoraConfig, LoraParams, Rng, Sequence,
@@ -844,8 +907,9 @@ async fn train_on_gpu() {
         .submissions
         .load(Ordering::Relaxed)
         - before;
-    // 2 layers × 7 projections × (forward, recomputed forward, backward) + the output's forward and backward.
-    assert_eq!(submissions, 2 * 7 * 3 + 2);
+    // Per layer and pass (forward, recomputed forward, backward), four round trips: q/k/v together, o, gate/up
+    // together, down; 2 layers; the output's forward and backward.
+    assert_eq!(submissions, 2 * 3 * 4 + 2);
     assert_eq!(kc, kg);
     assert!(
         (lc - lg).abs() <= 1e-5 * lc.abs(),

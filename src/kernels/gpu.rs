@@ -777,70 +777,112 @@ impl Gpu {
     /// `W·x` for `n` inputs (`xs` is n × cols): upload, one submission, read back (n × rows). Builds its buffers
     /// per call; the generator builds its dispatches once instead.
     pub async fn matvec(&self, m: &GpuMatrix, xs: &[f32], n: usize) -> Result<Vec<f32>> {
-        if xs.len() != n * m.cols {
+        Ok(self.matvec_many(&[m], xs, n).await?.remove(0))
+    }
+
+    /// `Wᵢ·x` for several matrices of the same input width (a layer's q, k and v; gate and up): one upload,
+    /// one submission, one read back; the products in order.
+    pub async fn matvec_many(
+        &self,
+        ms: &[&GpuMatrix],
+        xs: &[f32],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cols = ms.first().map_or(0, |m| m.cols);
+        if ms.iter().any(|m| m.cols != cols) || xs.len() != n * cols {
             return Err(Error::Config(format!(
-                "{} inputs for {n} × {} columns",
-                xs.len(),
-                m.cols
+                "{} inputs for {n} × {cols} columns (every matrix must have {cols})",
+                xs.len()
             )));
         }
+        let total: usize = ms.iter().map(|m| m.rows).sum();
         let x = self.f32_buffer("x", xs);
         let y = self.buffer(
             "y",
-            (n * m.rows * 4) as u64,
+            (n * total * 4) as u64,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         );
         let step = self.uniform(&[0, n as u32, 0, 0]);
-        let d = self.matvec_dispatches(
-            m,
-            &x,
-            &y,
-            None,
-            &step,
-            MatvecParams {
-                in_stride: m.cols as u32,
-                out_stride: m.rows as u32,
-                scale: 1.0,
-                ..Default::default()
-            },
-        );
-        self.run_and_read(&d, n as u32, &y, n * m.rows).await
+        let mut d = Vec::new();
+        let mut off = 0;
+        for m in ms {
+            d.extend(self.matvec_dispatches(
+                m,
+                &x,
+                &y,
+                None,
+                &step,
+                MatvecParams {
+                    in_stride: cols as u32,
+                    out_off: (n * off) as u32,
+                    out_stride: m.rows as u32,
+                    scale: 1.0,
+                    ..Default::default()
+                },
+            ));
+            off += m.rows;
+        }
+        let all = self.run_and_read(&d, n as u32, &y, n * total).await?;
+        let mut out = Vec::with_capacity(ms.len());
+        let mut off = 0;
+        for m in ms {
+            out.push(all[n * off..n * (off + m.rows)].to_vec());
+            off += m.rows;
+        }
+        Ok(out)
     }
 
     /// `Wᵀ·dy` for `n` rows of `dy` (n × rows): `dx` (n × cols), `dx[t][c] = Σ_r dy[t][r] · W[r][c]` (training's
     /// backward pass through a frozen matrix). Upload, one submission (one launch per row chunk, each after the
     /// first adding to the sum), read back.
     pub async fn matvec_t(&self, m: &GpuMatrix, dy: &[f32], n: usize) -> Result<Vec<f32>> {
-        if dy.len() != n * m.rows {
+        self.matvec_t_many(&[(m, dy)], n).await
+    }
+
+    /// `Σᵢ Wᵢᵀ·dyᵢ` for matrices of the same width (the gradient reaching a layer's normed input through q, k
+    /// and v, or gate and up): one upload, one submission, one read back (n × cols).
+    pub async fn matvec_t_many(
+        &self,
+        items: &[(&GpuMatrix, &[f32])],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let cols = items.first().map_or(0, |(m, _)| m.cols);
+        if let Some((m, dy)) = items
+            .iter()
+            .find(|(m, dy)| m.cols != cols || dy.len() != n * m.rows)
+        {
             return Err(Error::Config(format!(
-                "{} gradients for {n} × {} rows",
+                "{} gradients for {n} × {} rows (every matrix must have {cols} columns)",
                 dy.len(),
                 m.rows
             )));
         }
         self.check()?;
-        let dy_buf = self.f32_buffer("dy", dy);
+        let all: Vec<f32> = items
+            .iter()
+            .flat_map(|(_, dy)| dy.iter().copied())
+            .collect();
+        let dy_buf = self.f32_buffer("dy", &all);
         let dx = self.buffer(
             "dx",
-            (n * m.cols * 4) as u64,
+            (n * cols * 4) as u64,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         );
-        let pipeline = self.matvec_t_pipeline(m.ty);
-        let layout = pipeline.get_bind_group_layout(0);
-        let d: Vec<Dispatch> = m
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(i, (buf, r0, rows))| {
+        let mut d: Vec<Dispatch> = Vec::new();
+        let mut dy_off = 0;
+        for (m, _) in items {
+            let pipeline = self.matvec_t_pipeline(m.ty);
+            let layout = pipeline.get_bind_group_layout(0);
+            for (buf, r0, rows) in &m.chunks {
                 let uniform = self.uniform(&[
                     *rows as u32,
-                    m.cols as u32,
+                    cols as u32,
                     m.row_bytes as u32,
                     n as u32,
                     *r0 as u32,
                     m.rows as u32,
-                    (i > 0) as u32,
-                    0,
+                    !d.is_empty() as u32,
+                    dy_off as u32,
                 ]);
                 let entries: Vec<wgpu::BindGroupEntry> = [buf, &dy_buf, &dx, &uniform]
                     .iter()
@@ -850,19 +892,20 @@ impl Gpu {
                         resource: buf.as_entire_binding(),
                     })
                     .collect();
-                Dispatch {
+                d.push(Dispatch {
                     pipeline: pipeline.clone(),
                     bind_group: self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                         label: Some("matvec_t"),
                         layout: &layout,
                         entries: &entries,
                     }),
-                    grid: Grid::TokensY(m.cols.div_ceil(64) as u32),
+                    grid: Grid::TokensY(cols.div_ceil(64) as u32),
                     tiled: None,
-                }
-            })
-            .collect();
-        self.run_and_read(&d, n.div_ceil(T_TILE) as u32, &dx, n * m.cols)
+                });
+            }
+            dy_off += n * m.rows;
+        }
+        self.run_and_read(&d, n.div_ceil(T_TILE) as u32, &dx, n * cols)
             .await
     }
 

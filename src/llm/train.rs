@@ -281,11 +281,71 @@ impl<'a> Products<'a> {
         Products::cpu()
     }
 
-    /// `out = W·x` for the `n` rows of `x`; `which`: (layer, projection), or `None` for the output matrix `m`.
-    async fn apply(
+    /// Whether products go to the GPU (where several of one layer share a round trip).
+    fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
+    }
+
+    /// Layer `li`'s projections `targets` (the same input width) applied to the `n` rows of `x`: one GPU round
+    /// trip for all of them.
+    async fn apply_many(
         &self,
-        which: Option<(usize, Target)>,
-        m: &Mat,
+        w: &Weights,
+        data: &[u8],
+        li: usize,
+        targets: &[Target],
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = self.gpu {
+            let ms: Vec<_> = targets.iter().map(|&t| g.weights().matrix(li, t)).collect();
+            return g.gpu.matvec_many(&ms, x, n).await;
+        }
+        Ok(targets
+            .iter()
+            .map(|&t| {
+                let m = t.mat(&w.layers[li]);
+                let mut out = vec![0.0; n * m.rows];
+                m.apply(data, x, n, &mut out);
+                out
+            })
+            .collect())
+    }
+
+    /// `dx += Σ Wₜᵀ·dyₜ` over layer `li`'s projections in `items`: one GPU round trip for all of them.
+    async fn apply_t_many(
+        &self,
+        w: &Weights,
+        data: &[u8],
+        li: usize,
+        items: &[(Target, &[f32])],
+        n: usize,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        #[cfg(feature = "gpu")]
+        if let Some(g) = self.gpu {
+            let ms: Vec<_> = items
+                .iter()
+                .map(|&(t, dy)| (g.weights().matrix(li, t), dy))
+                .collect();
+            let got = g.gpu.matvec_t_many(&ms, n).await?;
+            dx.iter_mut().zip(&got).for_each(|(d, v)| *d += v);
+            return Ok(());
+        }
+        for &(t, dy) in items {
+            mat_t(t.mat(&w.layers[li]), data, dy, n, dx);
+        }
+        Ok(())
+    }
+
+    /// The logits: `out = W_out·x` for the `n` rows of `x`.
+    async fn output(
+        &self,
+        w: &Weights,
         data: &[u8],
         x: &[f32],
         n: usize,
@@ -293,23 +353,17 @@ impl<'a> Products<'a> {
     ) -> Result<()> {
         #[cfg(feature = "gpu")]
         if let Some(g) = self.gpu {
-            let gm = match which {
-                Some((l, t)) => g.weights().matrix(l, t),
-                None => g.weights().output(),
-            };
-            out.copy_from_slice(&g.gpu.matvec(gm, x, n).await?);
+            out.copy_from_slice(&g.gpu.matvec(g.weights().output(), x, n).await?);
             return Ok(());
         }
-        let _ = which;
-        m.apply(data, x, n, out);
+        w.output.apply(data, x, n, out);
         Ok(())
     }
 
-    /// `dx += Wᵀ·dy` for the `n` rows of `dy` (`which` as in [`Products::apply`]).
-    async fn apply_t(
+    /// Back through the logits: `dx += W_outᵀ·dy` for the `n` rows of `dy`.
+    async fn output_t(
         &self,
-        which: Option<(usize, Target)>,
-        m: &Mat,
+        w: &Weights,
         data: &[u8],
         dy: &[f32],
         n: usize,
@@ -317,16 +371,11 @@ impl<'a> Products<'a> {
     ) -> Result<()> {
         #[cfg(feature = "gpu")]
         if let Some(g) = self.gpu {
-            let gm = match which {
-                Some((l, t)) => g.weights().matrix(l, t),
-                None => g.weights().output(),
-            };
-            let got = g.gpu.matvec_t(gm, dy, n).await?;
+            let got = g.gpu.matvec_t(g.weights().output(), dy, n).await?;
             dx.iter_mut().zip(&got).for_each(|(d, v)| *d += v);
             return Ok(());
         }
-        let _ = which;
-        mat_t(m, data, dy, n, dx);
+        mat_t(&w.output, data, dy, n, dx);
         Ok(())
     }
 }
@@ -474,45 +523,55 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// `out = W x (+ bias) (+ adapter)`, remembering what the adapter saw.
+    /// `W x (+ bias) (+ adapter)` for layer `li`'s projections `targets`, all reading `x` (their base products in
+    /// one GPU round trip), remembering what each adapter saw. Dropout masks are drawn in `targets`' order.
     #[allow(clippy::too_many_arguments)]
     async fn project(
         &self,
         p: &LoraParams,
-        rng: Option<&mut Rng>,
+        mut rng: Option<&mut Rng>,
         li: usize,
-        t: Target,
+        targets: &[Target],
         x: &[f32],
-        bias: Option<&Vec<f32>>,
-        out: &mut [f32],
         saved: &mut Vec<(Target, LoraSaved)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Vec<f32>>> {
         let l = &self.w.layers[li];
-        self.dev
-            .apply(Some((li, t)), t.mat(l), self.data, x, self.n, out)
+        let mut outs = self
+            .dev
+            .apply_many(self.w, self.data, li, targets, x, self.n)
             .await?;
-        if let Some(b) = bias {
-            for row in out.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b).for_each(|(o, bi)| *o += bi);
+        for (&t, out) in targets.iter().zip(&mut outs) {
+            let bias = match t {
+                Target::Q => l.bq.as_ref(),
+                Target::K => l.bk.as_ref(),
+                Target::V => l.bv.as_ref(),
+                _ => None,
+            };
+            if let Some(b) = bias {
+                for row in out.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(o, bi)| *o += bi);
+                }
+            }
+            if let Some(idx) = p.find(li, t) {
+                let mask = rng
+                    .as_deref_mut()
+                    .and_then(|r| dropout(r, p.config.dropout, x.len()));
+                let xd: Option<Vec<f32>> = mask
+                    .as_ref()
+                    .map(|mk| x.iter().zip(mk).map(|(a, b)| a * b).collect());
+                let tt = lora_fwd(&p.mats[idx].m, xd.as_deref().unwrap_or(x), self.n, out);
+                saved.push((
+                    t,
+                    LoraSaved {
+                        idx,
+                        x: xd,
+                        mask,
+                        t: tt,
+                    },
+                ));
             }
         }
-        if let Some(idx) = p.find(li, t) {
-            let mask = rng.and_then(|r| dropout(r, p.config.dropout, x.len()));
-            let xd: Option<Vec<f32>> = mask
-                .as_ref()
-                .map(|mk| x.iter().zip(mk).map(|(a, b)| a * b).collect());
-            let tt = lora_fwd(&p.mats[idx].m, xd.as_deref().unwrap_or(x), self.n, out);
-            saved.push((
-                t,
-                LoraSaved {
-                    idx,
-                    x: xd,
-                    mask,
-                    t: tt,
-                },
-            ));
-        }
-        Ok(())
+        Ok(outs)
     }
 
     /// One decoder layer: `x` in, the layer's output returned, intermediates in the tape.
@@ -531,40 +590,12 @@ impl Pass<'_> {
         let mut lora = Vec::new();
         let mut h1 = vec![0.0; n * d];
         let inv1 = rms_fwd(x, &l.attn_norm, c.eps, &mut h1);
-        let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::Q,
-            &h1,
-            l.bq.as_ref(),
-            &mut q,
-            &mut lora,
-        )
-        .await?;
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::K,
-            &h1,
-            l.bk.as_ref(),
-            &mut k,
-            &mut lora,
-        )
-        .await?;
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::V,
-            &h1,
-            l.bv.as_ref(),
-            &mut v,
-            &mut lora,
-        )
-        .await?;
+        let qkv = [Target::Q, Target::K, Target::V];
+        let [mut q, mut k, v]: [Vec<f32>; 3] = self
+            .project(p, rng.as_deref_mut(), li, &qkv, &h1, &mut lora)
+            .await?
+            .try_into()
+            .expect("three projections");
         rope(w, &mut q, n, c.n_head, &self.table);
         rope(w, &mut k, n, c.n_kv_head, &self.table);
         let group = c.n_head / c.n_kv_head;
@@ -597,52 +628,34 @@ impl Pass<'_> {
                 }
             }
         }
-        let mut o = vec![0.0; n * d];
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::O,
-            &att,
-            None,
-            &mut o,
-            &mut lora,
-        )
-        .await?;
+        let o = self
+            .project(p, rng.as_deref_mut(), li, &[Target::O], &att, &mut lora)
+            .await?
+            .remove(0);
         let x2: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
         let mut h2 = vec![0.0; n * d];
         let inv2 = rms_fwd(&x2, &l.ffn_norm, c.eps, &mut h2);
-        let (mut g, mut u) = (vec![0.0; n * c.n_ff], vec![0.0; n * c.n_ff]);
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::Gate,
-            &h2,
-            None,
-            &mut g,
-            &mut lora,
-        )
-        .await?;
-        self.project(
-            p,
-            rng.as_deref_mut(),
-            li,
-            Target::Up,
-            &h2,
-            None,
-            &mut u,
-            &mut lora,
-        )
-        .await?;
+        let [g, u]: [Vec<f32>; 2] = self
+            .project(
+                p,
+                rng.as_deref_mut(),
+                li,
+                &[Target::Gate, Target::Up],
+                &h2,
+                &mut lora,
+            )
+            .await?
+            .try_into()
+            .expect("two projections");
         let act: Vec<f32> = g
             .iter()
             .zip(&u)
             .map(|(&gi, &ui)| gi / (1.0 + (-gi).exp()) * ui)
             .collect();
-        let mut down = vec![0.0; n * d];
-        self.project(p, rng, li, Target::Down, &act, None, &mut down, &mut lora)
-            .await?;
+        let down = self
+            .project(p, rng, li, &[Target::Down], &act, &mut lora)
+            .await?
+            .remove(0);
         let out = x2.iter().zip(&down).map(|(a, b)| a + b).collect();
         let tape = Tape {
             inv1,
@@ -663,37 +676,39 @@ impl Pass<'_> {
         Ok((out, tape))
     }
 
-    /// Backward through one matrix: `dx += Wᵀ dy` (+ the adapter's part, whose gradients accumulate).
-    #[allow(clippy::too_many_arguments)]
+    /// Backward through layer `li`'s projections `items` (each with its output gradient), all of which read `x`:
+    /// `dx += Σ Wₜᵀ dyₜ` (+ each adapter's part, whose gradients accumulate). On the GPU the base products share
+    /// one round trip; on the CPU each matrix is followed by its adapter, as they always were.
     async fn project_bwd(
         &self,
         p: &mut LoraParams,
         tape_lora: &[(Target, LoraSaved)],
         li: usize,
-        t: Target,
+        items: &[(Target, &[f32])],
         x: &[f32],
-        dy: &[f32],
         dx: &mut [f32],
     ) -> Result<()> {
-        self.dev
-            .apply_t(
-                Some((li, t)),
-                t.mat(&self.w.layers[li]),
-                self.data,
-                dy,
-                self.n,
-                dx,
-            )
-            .await?;
-        if let Some((_, s)) = tape_lora.iter().find(|(tt, _)| *tt == t) {
-            let input = s.x.as_deref().unwrap_or(x);
-            match &s.mask {
-                None => lora_bwd(&mut p.mats[s.idx], input, &s.t, dy, self.n, dx),
-                Some(mask) => {
-                    let mut dxd = vec![0.0; dx.len()];
-                    lora_bwd(&mut p.mats[s.idx], input, &s.t, dy, self.n, &mut dxd);
-                    for ((d, g), m) in dx.iter_mut().zip(&dxd).zip(mask) {
-                        *d += g * m;
+        let (w, data, n) = (self.w, self.data, self.n);
+        let batched = self.dev.on_gpu();
+        if batched {
+            self.dev.apply_t_many(w, data, li, items, n, dx).await?;
+        }
+        for &(t, dy) in items {
+            if !batched {
+                self.dev
+                    .apply_t_many(w, data, li, &[(t, dy)], n, dx)
+                    .await?;
+            }
+            if let Some((_, s)) = tape_lora.iter().find(|(tt, _)| *tt == t) {
+                let input = s.x.as_deref().unwrap_or(x);
+                match &s.mask {
+                    None => lora_bwd(&mut p.mats[s.idx], input, &s.t, dy, n, dx),
+                    Some(mask) => {
+                        let mut dxd = vec![0.0; dx.len()];
+                        lora_bwd(&mut p.mats[s.idx], input, &s.t, dy, n, &mut dxd);
+                        for ((d, g), m) in dx.iter_mut().zip(&dxd).zip(mask) {
+                            *d += g * m;
+                        }
                     }
                 }
             }
@@ -717,7 +732,7 @@ impl Pass<'_> {
         let (qd, kvd) = (c.n_head * hd, c.n_kv_head * hd);
         // Feed-forward: out = x2 + Wd(silu(Wg h2) ⊙ Wu h2), h2 = norm(x2).
         let mut dact = vec![0.0; n * ff];
-        self.project_bwd(p, &tp.lora, li, Target::Down, &tp.act, dout, &mut dact)
+        self.project_bwd(p, &tp.lora, li, &[(Target::Down, dout)], &tp.act, &mut dact)
             .await?;
         let (mut dg, mut du) = (vec![0.0; n * ff], vec![0.0; n * ff]);
         for i in 0..n * ff {
@@ -727,15 +742,14 @@ impl Pass<'_> {
             dg[i] = dact[i] * u * sig * (1.0 + g * (1.0 - sig));
         }
         let mut dh2 = vec![0.0; n * d];
-        self.project_bwd(p, &tp.lora, li, Target::Gate, &tp.h2, &dg, &mut dh2)
-            .await?;
-        self.project_bwd(p, &tp.lora, li, Target::Up, &tp.h2, &du, &mut dh2)
+        let gate_up = [(Target::Gate, &dg[..]), (Target::Up, &du[..])];
+        self.project_bwd(p, &tp.lora, li, &gate_up, &tp.h2, &mut dh2)
             .await?;
         let mut dx2 = dout.to_vec();
         rms_bwd(&tp.x2, &l.ffn_norm, &tp.inv2, &dh2, &mut dx2);
         // Attention: x2 = x + Wo attn(q, k, v).
         let mut datt = vec![0.0; n * qd];
-        self.project_bwd(p, &tp.lora, li, Target::O, &tp.att, &dx2, &mut datt)
+        self.project_bwd(p, &tp.lora, li, &[(Target::O, &dx2)], &tp.att, &mut datt)
             .await?;
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -783,11 +797,12 @@ impl Pass<'_> {
         rope(w, &mut dq, n, c.n_head, &self.inverse);
         rope(w, &mut dk, n, c.n_kv_head, &self.inverse);
         let mut dh1 = vec![0.0; n * d];
-        self.project_bwd(p, &tp.lora, li, Target::Q, &tp.h1, &dq, &mut dh1)
-            .await?;
-        self.project_bwd(p, &tp.lora, li, Target::K, &tp.h1, &dk, &mut dh1)
-            .await?;
-        self.project_bwd(p, &tp.lora, li, Target::V, &tp.h1, &dv, &mut dh1)
+        let qkv = [
+            (Target::Q, &dq[..]),
+            (Target::K, &dk[..]),
+            (Target::V, &dv[..]),
+        ];
+        self.project_bwd(p, &tp.lora, li, &qkv, &tp.h1, &mut dh1)
             .await?;
         let mut dx = dx2;
         rms_bwd(x, &l.attn_norm, &tp.inv1, &dh1, &mut dx);
@@ -905,8 +920,7 @@ async fn loss_and_grad_with(
     let mut hn = vec![0.0f32; m * d];
     let inv = rms_fwd(&xs, &w.output_norm, c.eps, &mut hn);
     let mut logits = vec![0.0f32; m * c.n_vocab];
-    dev.apply(None, &w.output, data, &hn, m, &mut logits)
-        .await?;
+    dev.output(w, data, &hn, m, &mut logits).await?;
     let mut loss = 0.0f64;
     for (r, &t) in rows.iter().enumerate() {
         let row = &mut logits[r * c.n_vocab..(r + 1) * c.n_vocab];
@@ -926,8 +940,7 @@ async fn loss_and_grad_with(
         return Ok((loss, m));
     }
     let mut dhn = vec![0.0f32; m * d];
-    dev.apply_t(None, &w.output, data, &logits, m, &mut dhn)
-        .await?;
+    dev.output_t(w, data, &logits, m, &mut dhn).await?;
     let mut dxs = vec![0.0f32; m * d];
     rms_bwd(&xs, &w.output_norm, &inv, &dhn, &mut dxs);
     let mut dx = vec![0.0f32; n * d];

@@ -140,3 +140,69 @@ window.runIdb = async () => {
     return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
   }
 };
+
+// An interrupted save leaves the previous pack, in OPFS and in IndexedDB: the npm package's browser entry on this
+// page (not the Worker, so the page can break the storage calls it makes). A pack with faq.txt is saved; then
+// safety.html is added and a second save is cut off half-way: OPFS's writable stream takes half the bytes and then
+// fails (as when a tab dies mid-write), IndexedDB's transaction is aborted after the put. The save must fail with a
+// typed error, and reopening must give the first pack: its documents and its search hits.
+function interrupt(backend) {
+  if (backend === "opfs") {
+    const proto = FileSystemWritableFileStream.prototype;
+    const write = proto.write;
+    proto.write = async function (data) {
+      await write.call(this, data.slice(0, data.byteLength >> 1));
+      throw new DOMException("simulated crash half-way through the save", "UnknownError");
+    };
+    return () => (proto.write = write);
+  }
+  const proto = IDBObjectStore.prototype;
+  const put = proto.put;
+  proto.put = function (...args) {
+    const req = put.apply(this, args);
+    this.transaction.abort();
+    return req;
+  };
+  return () => (proto.put = put);
+}
+
+window.runAtomic = async () => {
+  const { Lorag } = await import("/pkg/npm/web.js");
+  const doc = async (id) => ({ id, bytes: new Uint8Array(await (await fetch(`/examples/docs/${id}`)).arrayBuffer()) });
+  const q = "Where is the nearest defibrillator?";
+  const out = {};
+  try {
+    for (const backend of ["opfs", "indexeddb"]) {
+      const spec = { embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` }, cache: false, storage: { backend, dir: "atomic" } };
+      const rag = await Lorag.create(spec);
+      await rag.add([await doc("faq.txt")]);
+      const hits = (await rag.search(q, { k: 1 })).map((h) => h.chunk.id);
+      const first = await rag.save("pack");
+      await rag.add([await doc("safety.html")]);
+      const changed = (await rag.search(q, { k: 1 })).map((h) => h.chunk.id);
+      const restore = interrupt(backend);
+      let failed;
+      try {
+        await rag.save("pack");
+      } catch (e) {
+        failed = `${e.code}: ${e.message}`;
+      } finally {
+        restore();
+      }
+      const again = await Lorag.open("pack", spec);
+      out[backend] = {
+        first: first.bytes,
+        failed,
+        hits,
+        changed,
+        reopened: (await again.search(q, { k: 1 })).map((h) => h.chunk.id),
+        docs: (await again.documents()).map((d) => d.id),
+      };
+      await again.dispose();
+      await rag.dispose();
+    }
+    return { ok: true, ...out };
+  } catch (e) {
+    return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
+  }
+};

@@ -74,10 +74,21 @@ try {
   assert.deepEqual(idb.reopened, idb.hits);
   assert.equal(idb.stored, idb.saved.bytes);
   assert.equal(idb.missing, "NotFound");
+  // An interrupted save (OPFS stream cut off half-way, IndexedDB transaction aborted) is a typed error and leaves
+  // the previous pack: reopened, it has its one document and its search hit.
+  const atomic = await page.evaluate(() => window.runAtomic());
+  assert.ok(atomic.ok, atomic.error);
+  for (const backend of ["opfs", "indexeddb"]) {
+    const r = atomic[backend];
+    assert.match(r.failed ?? "", /^Storage: /, `${backend}: ${r.failed}`);
+    assert.match(r.changed[0], /^safety\.html#/, backend); // the unsaved state differs from the saved one
+    assert.deepEqual(r.docs, ["faq.txt"], backend);
+    assert.deepEqual(r.reopened, r.hits, backend);
+  }
   assert.deepEqual(errors, []);
   console.log(
     `ok - the npm package in a Worker in ${browser.version()}: models over HTTP (${(out.createMs / 1000).toFixed(1)} s), ` +
-      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS and IndexedDB save and reopen; two tabs on one SharedWorker`,
+      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS and IndexedDB save and reopen, an interrupted save leaving the previous pack in both; two tabs on one SharedWorker`,
   );
 } finally {
   await browser.close();

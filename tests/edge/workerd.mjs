@@ -165,10 +165,12 @@ await test("bad requests get a typed error and change nothing", async () => {
     assert.equal(body.error.code, code, `${name}: ${JSON.stringify(body)}`);
     assert.ok(body.error.message.length > 0);
   }
-  // Chunked upload without a content-length, over the limit: refused while reading, not after.
+  // Chunked upload without a content-length, over the limit: refused while reading, not after. 70 kB, just over
+  // the 64 KiB cap: the worker answers once it has read 64 KiB + 1 and drops the rest unread; with much more still
+  // to send the client's next write can meet the closed socket (EPIPE) before it reads the 413.
   const big = new ReadableStream({
     start(c) {
-      for (let i = 0; i < 20; i++) c.enqueue(new TextEncoder().encode(" ".repeat(10_000)));
+      for (let i = 0; i < 7; i++) c.enqueue(new TextEncoder().encode(" ".repeat(10_000)));
       c.close();
     },
   });

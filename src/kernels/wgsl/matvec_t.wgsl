@@ -16,8 +16,8 @@ struct Params {
     n: u32,          // tokens
     r0: u32,         // the chunk's first row: dy's column of row 0
     dy_stride: u32,  // elements between tokens in DY (the whole matrix's rows)
-    accumulate: u32, // 1: add to what DX holds (the second and later chunks)
-    _pad: u32,
+    accumulate: u32, // 1: add to what DX holds (the second and later chunks or matrices)
+    dy_off: u32,     // offset of this matrix's dy[0][0] in DY (several matrices' gradients in one buffer)
 }
 
 override TY: u32 = 0u;
@@ -116,7 +116,7 @@ fn main(
     var acc: array<f32, 8>;
     for (var r = 0u; r < P.rows; r++) {
         let w = weight(r, c);
-        let dy0 = t0 * P.dy_stride + P.r0 + r;
+        let dy0 = P.dy_off + t0 * P.dy_stride + P.r0 + r;
         for (var t = 0u; t < nt; t++) {
             acc[t] += w * DY[dy0 + t * P.dy_stride];
         }
