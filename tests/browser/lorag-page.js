@@ -166,9 +166,10 @@ function interrupt(backend) {
   return () => (proto.put = put);
 }
 
+const doc = async (id) => ({ id, bytes: new Uint8Array(await (await fetch(`/examples/docs/${id}`)).arrayBuffer()) });
+
 window.runAtomic = async () => {
   const { Lorag } = await import("/pkg/npm/web.js");
-  const doc = async (id) => ({ id, bytes: new Uint8Array(await (await fetch(`/examples/docs/${id}`)).arrayBuffer()) });
   const q = "Where is the nearest defibrillator?";
   const out = {};
   try {
@@ -202,6 +203,42 @@ window.runAtomic = async () => {
       await rag.dispose();
     }
     return { ok: true, ...out };
+  } catch (e) {
+    return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
+  }
+};
+
+// A trap in wasm on a page (the package's browser entry, unbundled): the call that trapped throws Crashed, calls
+// meanwhile throw Restarting, and after `ready` a fresh instance has the knowledge base as of the last completed
+// change: the same hits, and a document added after the restart survives a second trap.
+window.runTrap = async () => {
+  const { Lorag } = await import("/pkg/npm/web.js");
+  const codes = [];
+  const code = (f) => {
+    try {
+      f();
+      codes.push("none");
+    } catch (e) {
+      codes.push(e.code);
+    }
+  };
+  try {
+    const events = [];
+    const rag = await Lorag.create({ embedder: { url: `${origin}/models/all-MiniLM-L6-v2-int8/` }, cache: false, onProgress: (ev) => events.push(ev.stage) });
+    await rag.add([await doc("safety.html"), await doc("faq.txt")]);
+    const q = "Where is the nearest defibrillator?";
+    const before = rag.search(q, { k: 3 }).map((h) => h.chunk.id);
+    code(() => rag._trapForTests());
+    code(() => rag.search(q));
+    await rag.ready;
+    const after = rag.search(q, { k: 3 }).map((h) => h.chunk.id);
+    await rag.add({ id: "note.txt", text: "The bike rack is behind the building." });
+    code(() => rag._trapForTests());
+    await rag.ready;
+    const note = rag.search("bike rack", { k: 1, mode: "bm25" })[0]?.chunk.doc_id;
+    const stats = rag.stats;
+    rag.dispose();
+    return { ok: true, codes, before, after, note, documents: stats.documents, restarted: events.filter((e) => e === "restarted").length };
   } catch (e) {
     return { ok: false, error: `${e.code ?? e.name}: ${e.message}` };
   }

@@ -85,10 +85,22 @@ try {
     assert.deepEqual(r.docs, ["faq.txt"], backend);
     assert.deepEqual(r.reopened, r.hits, backend);
   }
+  // A trap on the page: Crashed, Restarting meanwhile, then a fresh instance with nothing lost, twice.
+  const logged = errors.length;
+  const trap = await page.evaluate(() => window.runTrap());
+  assert.ok(trap.ok, trap.error);
+  // The panic hook logs each deliberate trap to the console; nothing else may appear.
+  assert.deepEqual(errors.splice(logged).filter((e) => !/deliberate trap/.test(e)), []);
+  assert.deepEqual(trap.codes, ["Crashed", "Restarting", "Crashed"]);
+  assert.match(trap.before[0], /^safety\.html#/);
+  assert.deepEqual(trap.after, trap.before);
+  assert.equal(trap.note, "note.txt");
+  assert.equal(trap.documents, 3);
+  assert.equal(trap.restarted, 2);
   assert.deepEqual(errors, []);
   console.log(
     `ok - the npm package in a Worker in ${browser.version()}: models over HTTP (${(out.createMs / 1000).toFixed(1)} s), ` +
-      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS and IndexedDB save and reopen, an interrupted save leaving the previous pack in both; two tabs on one SharedWorker`,
+      `4 documents, search, ${tokens.length} streamed tokens, abort, a LoRA training step (stopped from the page), typed errors, OPFS and IndexedDB save and reopen, an interrupted save leaving the previous pack in both, a trap restarting with nothing lost; two tabs on one SharedWorker`,
   );
 } finally {
   await browser.close();
