@@ -848,6 +848,17 @@ async fn matvec_t_every_format() {
             );
         }
     }
+    // Activation buffers over the binding limit go in token slices: forced here with a 1 kB cap (one token a
+    // call); every token's sums are the same, so are the bits.
+    g.limit_activation_buffers(1000);
+    let before = g.counters.submissions.load(Ordering::Relaxed);
+    assert_eq!(g.matvec_many(&refs, &xs, n).await.unwrap(), many);
+    assert_eq!(g.matvec_t_many(&items, n).await.unwrap(), sum);
+    assert_eq!(
+        g.counters.submissions.load(Ordering::Relaxed) - before,
+        2 * n
+    );
+    g.limit_activation_buffers(0);
     let short = [(&ms[0], &dys[0][..]), (&ms[1], &dys[0][..])];
     assert!(matches!(
         g.matvec_t_many(&short, n).await,

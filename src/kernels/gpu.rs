@@ -65,6 +65,8 @@ pub struct Gpu {
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
+    /// Bytes an activation buffer of `matvec_many` / `matvec_t_many` may take (0: the device's binding limit).
+    activation_cap: AtomicUsize,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -432,6 +434,7 @@ impl Gpu {
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
+            activation_cap: AtomicUsize::new(0),
             kernels,
         })
     }
@@ -796,6 +799,20 @@ impl Gpu {
             )));
         }
         let total: usize = ms.iter().map(|m| m.rows).sum();
+        let per_call = self.tokens_per_call(total.max(cols));
+        if n > per_call {
+            // In token slices whose buffers fit one binding; each token's sums are the same whatever the slice.
+            let mut out = vec![Vec::new(); ms.len()];
+            for t0 in (0..n).step_by(per_call) {
+                let k = per_call.min(n - t0);
+                let part =
+                    Box::pin(self.matvec_many(ms, &xs[t0 * cols..(t0 + k) * cols], k)).await?;
+                for (o, p) in out.iter_mut().zip(part) {
+                    o.extend(p);
+                }
+            }
+            return Ok(out);
+        }
         let x = self.f32_buffer("x", xs);
         let y = self.buffer(
             "y",
@@ -858,6 +875,20 @@ impl Gpu {
             )));
         }
         self.check()?;
+        let total: usize = items.iter().map(|(m, _)| m.rows).sum();
+        let per_call = self.tokens_per_call(total.max(cols));
+        if n > per_call {
+            let mut out = Vec::with_capacity(n * cols);
+            for t0 in (0..n).step_by(per_call) {
+                let k = per_call.min(n - t0);
+                let part: Vec<(&GpuMatrix, &[f32])> = items
+                    .iter()
+                    .map(|&(m, dy)| (m, &dy[t0 * m.rows..(t0 + k) * m.rows]))
+                    .collect();
+                out.extend(Box::pin(self.matvec_t_many(&part, k)).await?);
+            }
+            return Ok(out);
+        }
         let all: Vec<f32> = items
             .iter()
             .flat_map(|(_, dy)| dy.iter().copied())
@@ -907,6 +938,23 @@ impl Gpu {
         }
         self.run_and_read(&d, n.div_ceil(T_TILE) as u32, &dx, n * cols)
             .await
+    }
+
+    /// Split the activation buffers of [`Gpu::matvec_many`] / [`Gpu::matvec_t_many`] at `bytes` (tests; 0: the
+    /// device's storage-binding limit, the default). Long training sequences against a large vocabulary need
+    /// that split: 1,024 tokens × 49,152 logits is 200 MB, over WebGPU's default 128 MiB binding.
+    pub fn limit_activation_buffers(&self, bytes: usize) {
+        self.activation_cap.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Tokens per call when each token needs `width` f32 values in the widest activation buffer.
+    fn tokens_per_call(&self, width: usize) -> usize {
+        let device = self.info.max_storage_binding.min(self.info.max_buffer) as usize;
+        let cap = match self.activation_cap.load(Ordering::Relaxed) {
+            0 => device,
+            c => c.min(device),
+        };
+        (cap / (4 * width.max(1))).max(1)
     }
 
     fn matvec_t_pipeline(&self, ty: GgmlType) -> wgpu::ComputePipeline {
