@@ -117,6 +117,30 @@ const TYPES: [GgmlType; 11] = [
     GgmlType::Q6_K,
 ];
 
+/// `w` (rows × cols of type `ty`) on the GPU, split into row chunks of at most `cap` bytes when given (and then
+/// split for certain).
+fn upload(
+    g: &Gpu,
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    cap: Option<usize>,
+) -> lorag::kernels::gpu::GpuMatrix {
+    let m = match cap {
+        None => g.upload_matrix(ty, w, rows, cols).unwrap(),
+        Some(c) => g.upload_matrix_with_cap(ty, w, rows, cols, c).unwrap(),
+    };
+    if let Some(c) = cap {
+        assert!(
+            m.chunks.len() > 1,
+            "{}: a {c}-byte cap split nothing",
+            ty.name()
+        );
+    }
+    m
+}
+
 /// Every format, awkward shapes (rows not a multiple of the 4 rows of a workgroup; float rows not a multiple of
 /// the 32-element unit), three tokens, against `dot_row_ref`. The shader computes each weight with the reference's
 /// operations in the reference's order, so weights are bit-identical and only the order of the sum differs: two
@@ -136,17 +160,7 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>) {
         let xs: Vec<f32> = (0..n * cols)
             .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
             .collect();
-        let m = match cap {
-            None => g.upload_matrix(ty, &w, rows, cols).unwrap(),
-            Some(c) => g.upload_matrix_with_cap(ty, &w, rows, cols, c).unwrap(),
-        };
-        if let Some(c) = cap {
-            assert!(
-                m.chunks.len() > 1,
-                "{}: a {c}-byte cap split nothing",
-                ty.name()
-            );
-        }
+        let m = upload(g, ty, &w, rows, cols, cap);
         let got = g.matvec(&m, &xs, n).await.unwrap();
         // Several tokens go through the tiled pipeline (each weight decoded once for the tile), one token through
         // the plain one; each token's sum runs in the same order in both, so the bits agree.
@@ -738,43 +752,53 @@ async fn check_matvec_t(g: &Gpu, cap: Option<usize>) {
         let dy: Vec<f32> = (0..n * rows)
             .map(|_| (rng.below(2001) as f32 - 1000.0) / 1000.0)
             .collect();
-        let m = match cap {
-            None => g.upload_matrix(ty, &w, rows, cols).unwrap(),
-            Some(c) => g.upload_matrix_with_cap(ty, &w, rows, cols, c).unwrap(),
-        };
-        if let Some(c) = cap {
-            assert!(
-                m.chunks.len() > 1,
-                "{}: a {c}-byte cap split nothing",
-                ty.name()
-            );
-        }
+        let m = upload(g, ty, &w, rows, cols, cap);
         let got = g.matvec_t(&m, &dy, n).await.unwrap();
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut deq = vec![0.0f32; rows * cols];
-        for r in 0..rows {
-            quant::dequantize_row_ref(
-                ty,
-                &w[r * rb..(r + 1) * rb],
-                &mut deq[r * cols..(r + 1) * cols],
-            );
-        }
-        for t in 0..n {
-            for c in 0..cols {
-                let (mut want, mut mag) = (0.0f64, 0.0f64);
+        assert_transposed(&got, &[(ty, &w, rows, &dy)], n, cols, ty.name());
+    }
+}
+
+/// `got` (n × cols) against `Σ dyᵀ·W` over `mats` ((type, bytes, rows, dy) each, dy n × rows) summed in f64 over
+/// the reference's dequantized weights, within (all rows)·ε·Σ|dy·w|.
+fn assert_transposed(
+    got: &[f32],
+    mats: &[(GgmlType, &[u8], usize, &[f32])],
+    n: usize,
+    cols: usize,
+    what: &str,
+) {
+    let deq: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|&(ty, w, rows, _)| {
+            let rb = ty.row_bytes(cols).unwrap();
+            let mut d = vec![0.0f32; rows * cols];
+            for r in 0..rows {
+                quant::dequantize_row_ref(
+                    ty,
+                    &w[r * rb..(r + 1) * rb],
+                    &mut d[r * cols..(r + 1) * cols],
+                );
+            }
+            d
+        })
+        .collect();
+    let all_rows: usize = mats.iter().map(|m| m.2).sum();
+    for t in 0..n {
+        for c in 0..cols {
+            let (mut want, mut mag) = (0.0f64, 0.0f64);
+            for (&(_, _, rows, dy), d) in mats.iter().zip(&deq) {
                 for r in 0..rows {
-                    let term = dy[t * rows + r] as f64 * deq[r * cols + c] as f64;
+                    let term = dy[t * rows + r] as f64 * d[r * cols + c] as f64;
                     want += term;
                     mag += term.abs();
                 }
-                let tol = rows as f64 * f32::EPSILON as f64 * mag;
-                let v = got[t * cols + c] as f64;
-                assert!(
-                    (v - want).abs() <= tol,
-                    "{} token {t} column {c}: GPU {v} vs reference {want} (tolerance {tol})",
-                    ty.name()
-                );
             }
+            let tol = all_rows as f64 * f32::EPSILON as f64 * mag;
+            let v = got[t * cols + c] as f64;
+            assert!(
+                (v - want).abs() <= tol,
+                "{what} token {t} column {c}: GPU {v} vs reference {want} (tolerance {tol})"
+            );
         }
     }
 }
@@ -826,28 +850,13 @@ async fn matvec_t_every_format() {
         .collect();
     let items: Vec<_> = ms.iter().zip(&dys).map(|(m, dy)| (m, &dy[..])).collect();
     let sum = g.matvec_t_many(&items, n).await.unwrap();
-    let all_rows: usize = shapes.iter().map(|s| s.1).sum();
-    for t in 0..n {
-        for c in 0..cols {
-            let (mut want, mut mag) = (0.0f64, 0.0f64);
-            for ((&(ty, rows), b), dy) in shapes.iter().zip(&bytes).zip(&dys) {
-                let rb = ty.row_bytes(cols).unwrap();
-                let mut deq = vec![0.0f32; cols];
-                for r in 0..rows {
-                    quant::dequantize_row_ref(ty, &b[r * rb..(r + 1) * rb], &mut deq);
-                    let term = dy[t * rows + r] as f64 * deq[c] as f64;
-                    want += term;
-                    mag += term.abs();
-                }
-            }
-            let tol = all_rows as f64 * f32::EPSILON as f64 * mag;
-            let v = sum[t * cols + c] as f64;
-            assert!(
-                (v - want).abs() <= tol,
-                "sum token {t} column {c}: {v} vs {want}"
-            );
-        }
-    }
+    let mats: Vec<_> = shapes
+        .iter()
+        .zip(&bytes)
+        .zip(&dys)
+        .map(|((&(ty, rows), b), dy)| (ty, &b[..], rows, &dy[..]))
+        .collect();
+    assert_transposed(&sum, &mats, n, cols, "sum");
     // Activation buffers over the binding limit go in token slices: forced here with a 1 kB cap (one token a
     // call); every token's sums are the same, so are the bits.
     g.limit_activation_buffers(1000);

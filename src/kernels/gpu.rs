@@ -699,6 +699,18 @@ impl Gpu {
     /// A launch of `kernel` with `buffers` bound to bindings 0, 1, … in order.
     pub fn dispatch(&self, kernel: Kernel, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
         let pipeline = self.kernels[Kernel::ALL.iter().position(|k| *k == kernel).unwrap()].clone();
+        self.launch(kernel.name(), pipeline, buffers, grid)
+    }
+
+    /// A launch of `pipeline` (its layout derived from the shader) with `buffers` bound to bindings 0, 1, … in
+    /// order.
+    fn launch(
+        &self,
+        label: &str,
+        pipeline: wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        grid: Grid,
+    ) -> Dispatch {
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
@@ -709,7 +721,7 @@ impl Gpu {
             })
             .collect();
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.name()),
+            label: Some(label),
             layout: &layout,
             entries: &entries,
         });
@@ -903,7 +915,6 @@ impl Gpu {
         let mut dy_off = 0;
         for (m, _) in items {
             let pipeline = self.matvec_t_pipeline(m.ty);
-            let layout = pipeline.get_bind_group_layout(0);
             for (buf, r0, rows) in &m.chunks {
                 let uniform = self.uniform(&[
                     *rows as u32,
@@ -915,24 +926,12 @@ impl Gpu {
                     !d.is_empty() as u32,
                     dy_off as u32,
                 ]);
-                let entries: Vec<wgpu::BindGroupEntry> = [buf, &dy_buf, &dx, &uniform]
-                    .iter()
-                    .enumerate()
-                    .map(|(b, buf)| wgpu::BindGroupEntry {
-                        binding: b as u32,
-                        resource: buf.as_entire_binding(),
-                    })
-                    .collect();
-                d.push(Dispatch {
-                    pipeline: pipeline.clone(),
-                    bind_group: self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("matvec_t"),
-                        layout: &layout,
-                        entries: &entries,
-                    }),
-                    grid: Grid::TokensY(cols.div_ceil(64) as u32),
-                    tiled: None,
-                });
+                d.push(self.launch(
+                    "matvec_t",
+                    pipeline.clone(),
+                    &[buf, &dy_buf, &dx, &uniform],
+                    Grid::TokensY(cols.div_ceil(64) as u32),
+                ));
             }
             dy_off += n * m.rows;
         }

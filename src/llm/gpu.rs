@@ -37,17 +37,7 @@ fn upload(gpu: &Gpu, m: &Mat, data: &[u8]) -> Result<GpuMatrix> {
 impl GpuWeights {
     /// Layer `layer`'s projection `t`.
     pub fn matrix(&self, layer: usize, t: super::lora::Target) -> &GpuMatrix {
-        use super::lora::Target;
-        let i = match t {
-            Target::Q => 0,
-            Target::K => 1,
-            Target::V => 2,
-            Target::O => 3,
-            Target::Gate => 4,
-            Target::Up => 5,
-            Target::Down => 6,
-        };
-        &self.layers[layer].mats[i]
+        &self.layers[layer].mats[t.index()]
     }
 
     /// The output (logits) matrix.

@@ -109,7 +109,8 @@ impl Target {
         })
     }
 
-    fn index(self) -> usize {
+    /// Position in [`Target::ALL`] (also the order of a GPU layer's matrices).
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 

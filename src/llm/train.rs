@@ -251,14 +251,14 @@ fn mat_t(m: &Mat, data: &[u8], dy: &[f32], n: usize, dx: &mut [f32]) {
 /// through matvec_t.wgsl, on the weights already resident there. The adapters, attention and the element-wise
 /// work stay on the CPU.
 #[derive(Clone, Copy)]
-pub(crate) struct Products<'a> {
+struct Products<'a> {
     #[cfg(feature = "gpu")]
     gpu: Option<&'a super::GpuBackend>,
     _model: std::marker::PhantomData<&'a ()>,
 }
 
 impl<'a> Products<'a> {
-    pub(crate) fn cpu() -> Products<'a> {
+    fn cpu() -> Products<'a> {
         Products {
             #[cfg(feature = "gpu")]
             gpu: None,
@@ -267,7 +267,7 @@ impl<'a> Products<'a> {
     }
 
     /// The model's GPU when it has one and `allow`, else the CPU.
-    pub(crate) fn of(model: &'a Model, allow: bool) -> Products<'a> {
+    fn of(model: &'a Model, allow: bool) -> Products<'a> {
         #[cfg(feature = "gpu")]
         if allow {
             if let Some(g) = model.gpu() {
@@ -1648,11 +1648,8 @@ async fn batch(
     {
         let _ = threads;
         let mut out = Vec::with_capacity(seqs.len());
-        for (seq, mut rng) in seqs.iter().zip(rngs) {
-            let mut q = p.clone();
-            q.zero_grad();
-            let (l, k) = loss_and_grad_with(dev, w, data, &mut q, seq, grad, rng.as_mut()).await?;
-            out.push((l, k, grad.then_some(q)));
+        for (seq, rng) in seqs.iter().zip(rngs) {
+            out.push(sequence_grad(dev, w, data, p, seq, grad, rng).await?);
         }
         Ok(out)
     }
@@ -1660,19 +1657,8 @@ async fn batch(
     // model is on the GPU (the device takes work from several threads; their CPU parts overlap its waits).
     #[cfg(not(target_arch = "wasm32"))]
     {
-        let one = |i: usize, mut rng: Option<Rng>| -> Result<(f64, usize, Option<LoraParams>)> {
-            let mut q = p.clone();
-            q.zero_grad();
-            let (l, k) = crate::kernels::block_on(loss_and_grad_with(
-                dev,
-                w,
-                data,
-                &mut q,
-                seqs[i],
-                grad,
-                rng.as_mut(),
-            ))?;
-            Ok((l, k, grad.then_some(q)))
+        let one = |i: usize, rng: Option<Rng>| {
+            crate::kernels::block_on(sequence_grad(dev, w, data, p, seqs[i], grad, rng))
         };
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -1713,6 +1699,23 @@ async fn batch(
             .map(|(i, r)| one(i, r))
             .collect()
     }
+}
+
+/// One sequence of a batch: (loss sum, tokens counted, the gradients when `grad`) from its own zeroed copy of
+/// the parameters.
+async fn sequence_grad(
+    dev: Products<'_>,
+    w: &Weights,
+    data: &[u8],
+    p: &LoraParams,
+    seq: &Sequence,
+    grad: bool,
+    mut rng: Option<Rng>,
+) -> Result<(f64, usize, Option<LoraParams>)> {
+    let mut q = p.clone();
+    q.zero_grad();
+    let (l, k) = loss_and_grad_with(dev, w, data, &mut q, seq, grad, rng.as_mut()).await?;
+    Ok((l, k, grad.then_some(q)))
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
