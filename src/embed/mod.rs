@@ -7,6 +7,8 @@
 //! tract allocates anything; the graph is optimized once with the model's own symbolic batch and sequence
 //! dimensions, so one plan serves every batch shape.
 
+mod bert;
+mod gemm;
 mod onnx;
 
 use std::sync::Arc;
@@ -54,6 +56,20 @@ pub struct EmbedderConfig {
     /// (the rewrite is exact; this exists so tests can prove it). Not part of the stable API.
     #[doc(hidden)]
     pub as_exported: bool,
+    /// What runs the graph. Default: lorag's own BERT encoder when the graph is one it recognizes
+    /// (sentence-transformers BERT exports: MiniLM, mpnet-free BERT-base, bge, e5…), else tract.
+    pub engine: Option<Engine>,
+}
+
+/// What runs an embedder's graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// lorag's BERT encoder (its own kernels; weights packed once; no padding). Refused, with the reason,
+    /// for a graph it does not recognize.
+    Native,
+    /// tract-onnx's optimized plan: any graph tract runs.
+    Tract,
 }
 
 /// How token states become one vector.
@@ -98,7 +114,7 @@ enum Role {
 /// A loaded sentence embedder. Cheap to share (`&self` methods); build once per model.
 pub struct Embedder {
     tokenizer: tokenizers::Tokenizer,
-    plan: Arc<TypedRunnableModel>,
+    runner: Runner,
     inputs: Vec<(Role, DatumType)>,
     dim: usize,
     vocab_size: usize,
@@ -110,6 +126,14 @@ pub struct Embedder {
     batch_size: usize,
     config: EmbedderConfig,
     identity: String,
+}
+
+enum Runner {
+    Native {
+        bert: bert::Bert,
+        scratch: std::sync::Mutex<bert::Scratch>,
+    },
+    Tract(Arc<TypedRunnableModel>),
 }
 
 fn model_err(file: &'static str) -> impl Fn(String) -> Error {
@@ -142,7 +166,7 @@ impl Embedder {
             files.model_onnx.len(),
             limits.max_model_bytes,
         )?;
-        let mut proto = onnx::decode_and_validate(files.model_onnx, limits.max_model_bytes)?;
+        let proto = onnx::decode_and_validate(files.model_onnx, limits.max_model_bytes)?;
         let (graph_inputs, graph_outputs) = onnx::graph_io(&proto);
 
         // Inputs by name.
@@ -274,7 +298,70 @@ impl Embedder {
             .or_else(|| tokenizer.token_to_id("[PAD]"))
             .unwrap_or(0);
 
-        // The tract plan, with the model's own symbolic dims.
+        // lorag's encoder when the graph is a BERT it recognizes (and the caller did not ask for tract).
+        let out_name = graph_outputs[out_ix].name.clone();
+        let native = match config.engine {
+            Some(Engine::Tract) => None,
+            Some(Engine::Native) => Some(bert::from_graph(&proto, &out_name).map_err(|why| {
+                onnx_err(format!("the native engine does not run this graph: {why}"))
+            })?),
+            None => bert::from_graph(&proto, &out_name).ok(),
+        };
+        let (runner, dim) = match native {
+            Some(bert) => {
+                if bert.vocab() != vocab_size {
+                    return Err(tok_err(format!(
+                        "tokenizer.json has {vocab_size} tokens but the model's vocabulary has {}",
+                        bert.vocab()
+                    )));
+                }
+                if max_seq_length > bert.max_positions() {
+                    return Err(Error::Config(format!(
+                        "max_seq_length {max_seq_length} is over the model's {} positions",
+                        bert.max_positions()
+                    )));
+                }
+                let dim = bert.hidden();
+                let runner = Runner::Native {
+                    bert,
+                    scratch: Default::default(),
+                };
+                (runner, dim)
+            }
+            None => Self::tract_plan(proto, &graph_inputs, &inputs, out_ix, &cfg, &config)?,
+        };
+
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(files.model_onnx);
+        let identity = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let batch_size = config.batch_size.unwrap_or(16).clamp(1, 1024);
+        Ok(Embedder {
+            tokenizer,
+            runner,
+            inputs,
+            dim,
+            vocab_size,
+            pooling,
+            normalize,
+            max_seq_length,
+            do_lower_case,
+            pad_id,
+            batch_size,
+            config,
+            identity,
+        })
+    }
+
+    /// The tract plan, with the model's own symbolic dims.
+    fn tract_plan(
+        mut proto: tract_onnx::pb::ModelProto,
+        graph_inputs: &[onnx::Io],
+        inputs: &[(Role, DatumType)],
+        out_ix: usize,
+        cfg: &Option<serde_json::Value>,
+        config: &EmbedderConfig,
+    ) -> Result<(Runner, usize)> {
+        let onnx_err = model_err("model.onnx");
         let tract_err = |e: TractError| onnx_err(format!("{e:#}"));
         // Intermediate shapes in `value_info` are exporter hints, sometimes wrong (the MiniLM int8 export
         // declares an attention-mask broadcast as [batch, 1, sequence, sequence]); tract infers its own.
@@ -341,25 +428,7 @@ impl Embedder {
             })?;
         let plan = typed.into_runnable().map_err(tract_err)?;
 
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(files.model_onnx);
-        let identity = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        let batch_size = config.batch_size.unwrap_or(16).clamp(1, 1024);
-        Ok(Embedder {
-            tokenizer,
-            plan,
-            inputs,
-            dim,
-            vocab_size,
-            pooling,
-            normalize,
-            max_seq_length,
-            do_lower_case,
-            pad_id,
-            batch_size,
-            config,
-            identity,
-        })
+        Ok((Runner::Tract(plan), dim))
     }
 
     /// Vector dimension.
@@ -453,33 +522,54 @@ impl Embedder {
         Ok(out)
     }
 
-    /// Where the time of one forward pass over `ids` (one batch) goes: milliseconds and node count per tract
-    /// operator, most expensive first. For benchmarks and profiles; not part of the stable API.
+    /// Where the time of one forward pass over `ids` (one batch) goes: milliseconds and count per stage (the
+    /// native encoder) or per tract operator, most expensive first. For benchmarks and profiles; not part of
+    /// the stable API.
     #[doc(hidden)]
     pub fn profile_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<(String, f64, usize)>> {
         let seqs: Vec<&[u32]> = ids.iter().map(|q| q.as_slice()).collect();
-        let feeds = self.feeds(&seqs)?;
-        let tract_err = |e: TractError| Error::Model {
-            file: "model.onnx",
-            detail: format!("{e:#}"),
-        };
-        let mut state =
-            tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(tract_err)?;
         let mut per_op: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
-        state
-            .run_plan_with_eval(feeds, |ctx, op_state, node, inputs| {
-                let t = now_ms();
-                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                let e = per_op.entry(node.op().name().to_string()).or_default();
-                e.0 += now_ms() - t;
-                e.1 += 1;
-                out
-            })
-            .map_err(tract_err)?;
+        match &self.runner {
+            Runner::Native { bert, scratch } => {
+                let mut s = scratch.lock().unwrap_or_else(|e| e.into_inner());
+                s.profile = Some(Default::default());
+                bert.forward(&seqs, &mut s);
+                for (k, v) in s.profile.take().unwrap_or_default() {
+                    per_op.insert(k.to_string(), v);
+                }
+            }
+            Runner::Tract(plan) => {
+                let feeds = self.feeds(&seqs)?;
+                let tract_err = |e: TractError| Error::Model {
+                    file: "model.onnx",
+                    detail: format!("{e:#}"),
+                };
+                let mut state =
+                    tract_onnx::tract_core::plan::SimpleState::new(plan).map_err(tract_err)?;
+                state
+                    .run_plan_with_eval(feeds, |ctx, op_state, node, inputs| {
+                        let t = now_ms();
+                        let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                        let e = per_op.entry(node.op().name().to_string()).or_default();
+                        e.0 += now_ms() - t;
+                        e.1 += 1;
+                        out
+                    })
+                    .map_err(tract_err)?;
+            }
+        }
         let mut rows: Vec<(String, f64, usize)> =
             per_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
         rows.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(rows)
+    }
+
+    /// Which engine runs the graph: `"native"` (lorag's BERT encoder) or `"tract"`.
+    pub fn engine(&self) -> Engine {
+        match self.runner {
+            Runner::Native { .. } => Engine::Native,
+            Runner::Tract(_) => Engine::Tract,
+        }
     }
 
     /// The padded input tensors for one batch, in the graph's input order.
@@ -514,59 +604,80 @@ impl Embedder {
             .collect()
     }
 
-    /// One forward pass over `seqs`, padded to the longest, then pooled.
+    /// One forward pass over `seqs` (tract: padded to the longest; native: each at its length), then pooled.
     fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
-        let tract_err = |e: TractError| Error::Model {
-            file: "model.onnx",
-            detail: format!("{e:#}"),
-        };
-        let feeds = self.feeds(seqs)?;
-        let outputs = self.plan.run(feeds).map_err(tract_err)?;
-        let states = outputs[0].to_plain_array_view::<f32>().map_err(tract_err)?;
-        let shape = states.shape();
-        if shape.len() != 3 || shape[0] != b || shape[1] != s || shape[2] != self.dim {
-            return Err(Error::Model {
-                file: "model.onnx",
-                detail: format!(
-                    "token states have shape {shape:?}, expected [{b}, {s}, {}]",
-                    self.dim
-                ),
-            });
-        }
-        let mut result = Vec::with_capacity(b);
-        for (r, q) in seqs.iter().enumerate() {
-            let n = q.len();
-            let mut v = vec![0f32; self.dim];
-            match self.pooling {
-                Pooling::Cls => v
-                    .iter_mut()
+        let d = self.dim;
+        match &self.runner {
+            Runner::Native { bert, scratch } => {
+                let states = {
+                    let mut s = scratch.lock().unwrap_or_else(|e| e.into_inner());
+                    bert.forward(seqs, &mut s)
+                };
+                let mut t0 = 0;
+                let out = seqs
+                    .iter()
+                    .map(|q| {
+                        let rows = &states[t0 * d..(t0 + q.len()) * d];
+                        t0 += q.len();
+                        self.pool(q.len(), |c, k| rows[c * d + k])
+                    })
+                    .collect();
+                Ok(out)
+            }
+            Runner::Tract(plan) => {
+                let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
+                let tract_err = |e: TractError| Error::Model {
+                    file: "model.onnx",
+                    detail: format!("{e:#}"),
+                };
+                let feeds = self.feeds(seqs)?;
+                let outputs = plan.run(feeds).map_err(tract_err)?;
+                let states = outputs[0].to_plain_array_view::<f32>().map_err(tract_err)?;
+                let shape = states.shape();
+                if shape.len() != 3 || shape[0] != b || shape[1] != s || shape[2] != d {
+                    return Err(Error::Model {
+                        file: "model.onnx",
+                        detail: format!(
+                            "token states have shape {shape:?}, expected [{b}, {s}, {d}]"
+                        ),
+                    });
+                }
+                Ok(seqs
+                    .iter()
                     .enumerate()
-                    .for_each(|(d, x)| *x = states[[r, 0, d]]),
-                Pooling::Mean => {
-                    for c in 0..n {
-                        for (d, x) in v.iter_mut().enumerate() {
-                            *x += states[[r, c, d]];
-                        }
-                    }
-                    v.iter_mut().for_each(|x| *x /= n as f32);
-                }
-                Pooling::Max => {
-                    v.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-                    for c in 0..n {
-                        for (d, x) in v.iter_mut().enumerate() {
-                            *x = x.max(states[[r, c, d]]);
-                        }
-                    }
-                }
+                    .map(|(r, q)| self.pool(q.len(), |c, k| states[[r, c, k]]))
+                    .collect())
             }
-            if self.normalize {
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-            result.push(v);
         }
-        Ok(result)
+    }
+
+    /// Pool `n` token states (`state(token, dim)`) into one vector, normalized when configured.
+    fn pool(&self, n: usize, state: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+        let mut v = vec![0f32; self.dim];
+        match self.pooling {
+            Pooling::Cls => v.iter_mut().enumerate().for_each(|(d, x)| *x = state(0, d)),
+            Pooling::Mean => {
+                for c in 0..n {
+                    for (d, x) in v.iter_mut().enumerate() {
+                        *x += state(c, d);
+                    }
+                }
+                v.iter_mut().for_each(|x| *x /= n as f32);
+            }
+            Pooling::Max => {
+                v.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                for c in 0..n {
+                    for (d, x) in v.iter_mut().enumerate() {
+                        *x = x.max(state(c, d));
+                    }
+                }
+            }
+        }
+        if self.normalize {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
     }
 }
 

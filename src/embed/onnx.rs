@@ -3,6 +3,7 @@
 //! raw bytes, and nothing points at external files. tract allocates from these declarations, so a lying file
 //! must be refused here, not there.
 
+pub(crate) use tract_onnx::pb;
 use tract_onnx::pb::{tensor_proto::DataType, GraphProto, ModelProto, TensorProto};
 
 use crate::{Error, Result};
