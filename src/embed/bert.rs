@@ -328,15 +328,31 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// erf(x), Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7).
+/// erf(x): the odd Taylor series below 0.5, above it 1 − erfc(|x|) with Numerical Recipes' Chebyshev fit
+/// of erfc (relative error < 1.2e-7, so absolute ≤ 1.2e-7 · erfc(0.5) ≈ 6e-8 there). Both are computed and
+/// one selected, so loops over it vectorize.
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let y = 1.0
-        - t * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))))
-            * exp(-a * a);
+    // Taylor: 2/√π (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360), error < 1e-9 for |x| < 0.5.
+    let z = a * a;
+    let series = a
+        * std::f32::consts::FRAC_2_SQRT_PI
+        * (1.0
+            + z * (-1.0 / 3.0
+                + z * (1.0 / 10.0
+                    + z * (-1.0 / 42.0 + z * (1.0 / 216.0 + z * (-1.0 / 1320.0 + z / 9360.0))))));
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp(-z + poly);
+    let y = if a < 0.5 { series } else { 1.0 - erfc };
     y.copysign(x)
 }
 
@@ -788,11 +804,12 @@ mod tests {
             s * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
         };
         let mut worst = 0f64;
-        for i in -600..=600 {
-            let x = i as f32 / 100.0;
+        for i in -6000..=6000 {
+            let x = i as f32 / 1000.0;
             worst = worst.max((erf(x) as f64 - erf64(x as f64)).abs());
         }
-        assert!(worst < 3e-7, "erf absolute error {worst}");
+        // Method error ≤ 6e-8 (see `erf`) plus the f32 rounding of a result below 1 (≤ 6e-8 per operation, two).
+        assert!(worst < 2e-7, "erf absolute error {worst}");
     }
 
     #[test]
