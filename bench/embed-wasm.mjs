@@ -75,17 +75,21 @@ const batch = pass.ids.slice(0, 16);
 embedder.profileIds(new Uint32Array(batch.flat()), new Uint32Array(batch.map((x) => x.length)));
 const prof = embedder.profileIds(new Uint32Array(batch.flat()), new Uint32Array(batch.map((x) => x.length)));
 const totalMs = prof.reduce((a, [, ms]) => a + ms, 0);
+const one = [short.ids[0]];
+embedder.profileIds(new Uint32Array(one.flat()), new Uint32Array([one[0].length]));
+const profShort = embedder.profileIds(new Uint32Array(one.flat()), new Uint32Array([one[0].length]));
 const profile = prof.slice(0, 12).map(([op, ms, nodes]) => ({ op, ms: +ms.toFixed(1), share: +(ms / totalMs).toFixed(3), nodes }));
 console.log(
   JSON.stringify(
     {
       name: "lorag_wasm_embed_t1",
-      engine: "lorag wasm (tract 0.23.9, simd128) in Node " + process.version,
+      engine: `lorag wasm (${embedder.engine} engine, simd128) in Node ${process.version}`,
       load_ms: +loadMs.toFixed(1),
       short: { batch: 1, n: short.ids.length, emb_per_s: +(short.ids.length / shortSec).toFixed(1), p50_ms: +p50(lat).toFixed(2) },
       passages,
       profile_batch16_total_ms: +totalMs.toFixed(1),
       profile_batch16: profile,
+      profile_short: profShort.map(([op, ms, nodes]) => ({ op, ms: +ms.toFixed(2), nodes })),
     },
     null,
     1,

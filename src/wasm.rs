@@ -200,6 +200,15 @@ impl JsEmbedder {
         self.inner.identity().to_string()
     }
 
+    /// What runs the graph: `"native"` (lorag's BERT encoder) or `"tract"`.
+    #[wasm_bindgen(getter)]
+    pub fn engine(&self) -> String {
+        match self.inner.engine() {
+            crate::Engine::Native => "native".into(),
+            crate::Engine::Tract => "tract".into(),
+        }
+    }
+
     /// Embed texts; returns one `Float32Array` per text, concatenated into one array of `texts.length * dim`.
     /// `kind` is `"query"` or `"passage"` (default).
     pub fn embed(

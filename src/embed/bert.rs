@@ -296,11 +296,19 @@ impl Bert {
 /// `row = softmax(row · scale)`.
 fn softmax_scaled(row: &mut [f32], scale: f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = exp(*v * scale - max);
-        sum += *v;
+    map(row, |v| {
+        let (scale, max) = (Lane::splat(scale), Lane::splat(max));
+        exp(v.mul(scale).sub(max))
+    });
+    // Four partial sums (a loop-carried f32 sum would not vectorize, and the order is fixed either way).
+    let mut part = [0f32; 4];
+    let mut quads = row.chunks_exact(4);
+    for q in &mut quads {
+        for (p, v) in part.iter_mut().zip(q) {
+            *p += v;
+        }
     }
+    let sum = (part[0] + part[1]) + (part[2] + part[3]) + quads.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
@@ -309,51 +317,239 @@ fn softmax_scaled(row: &mut [f32], scale: f32) {
 
 /// `x · ½(1 + erf(x/√2))` in place.
 fn gelu(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = *v * 0.5 * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    map(x, |v| {
+        let half = Lane::splat(0.5);
+        let e = erf(v.mul(Lane::splat(std::f32::consts::FRAC_1_SQRT_2)));
+        v.mul(half).mul(Lane::splat(1.0).add(e))
+    });
+}
+
+/// `f` over `xs` in place: four lanes at a time with wasm simd128, one at a time elsewhere and for the tail.
+/// The lane operations are the scalar ones (IEEE add/sub/mul/div, ties-to-even rounding, compare-select), so
+/// both give the same bits.
+#[inline(always)]
+fn map(xs: &mut [f32], f: impl Fn(Lane) -> Lane + Copy) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    let xs = {
+        let mut quads = xs.chunks_exact_mut(4);
+        for q in &mut quads {
+            let p = q.as_mut_ptr() as *mut core::arch::wasm32::v128;
+            // SAFETY: `q` is 4 f32s; unaligned v128 loads and stores are allowed in wasm.
+            unsafe { p.write_unaligned(f4(p.read_unaligned(), f)) };
+        }
+        quads.into_remainder()
+    };
+    for v in xs.iter_mut() {
+        *v = f(Lane::one(*v)).first();
     }
 }
 
-/// eˣ: range reduction by powers of two and a degree-6 polynomial (relative error ≈ 2 ulp); plain arithmetic
-/// so that loops over it vectorize.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+fn f4(v: core::arch::wasm32::v128, f: impl Fn(Lane) -> Lane) -> core::arch::wasm32::v128 {
+    f(Lane(v)).0
+}
+
+/// Four f32 lanes (wasm simd128) or one (elsewhere).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[derive(Clone, Copy)]
+struct Lane(core::arch::wasm32::v128);
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+#[derive(Clone, Copy)]
+struct Lane(f32);
+
+trait Lanes: Copy {
+    fn splat(x: f32) -> Self;
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    fn abs(self) -> Self;
+    /// Round to the nearest integer, ties to even.
+    fn nearest(self) -> Self;
+    /// `if self < b { yes } else { no }`.
+    fn lt_select(self, b: Self, yes: Self, no: Self) -> Self;
+    /// 2ⁿ for integral `n` in −127..=128 (exponent bits).
+    fn pow2(self) -> Self;
+    /// `self` (≥ 0) with the sign of `x`.
+    fn sign_of(self, x: Self) -> Self;
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+impl Lanes for Lane {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Lane(core::arch::wasm32::f32x4_splat(x))
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        Lane(core::arch::wasm32::f32x4_add(self.0, o.0))
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        Lane(core::arch::wasm32::f32x4_sub(self.0, o.0))
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        Lane(core::arch::wasm32::f32x4_mul(self.0, o.0))
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        Lane(core::arch::wasm32::f32x4_div(self.0, o.0))
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        Lane(core::arch::wasm32::f32x4_abs(self.0))
+    }
+    #[inline(always)]
+    fn nearest(self) -> Self {
+        Lane(core::arch::wasm32::f32x4_nearest(self.0))
+    }
+    #[inline(always)]
+    fn lt_select(self, b: Self, yes: Self, no: Self) -> Self {
+        use core::arch::wasm32::*;
+        Lane(v128_bitselect(yes.0, no.0, f32x4_lt(self.0, b.0)))
+    }
+    #[inline(always)]
+    fn pow2(self) -> Self {
+        use core::arch::wasm32::*;
+        let n = i32x4_trunc_sat_f32x4(self.0);
+        Lane(i32x4_shl(i32x4_add(n, i32x4_splat(127)), 23))
+    }
+    #[inline(always)]
+    fn sign_of(self, x: Self) -> Self {
+        use core::arch::wasm32::*;
+        Lane(v128_or(self.0, v128_and(x.0, u32x4_splat(0x8000_0000))))
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+impl Lane {
+    #[inline(always)]
+    fn one(x: f32) -> Self {
+        Lane(core::arch::wasm32::f32x4_splat(x))
+    }
+    #[inline(always)]
+    fn first(self) -> f32 {
+        core::arch::wasm32::f32x4_extract_lane::<0>(self.0)
+    }
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+impl Lanes for Lane {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Lane(x)
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        Lane(self.0 + o.0)
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        Lane(self.0 - o.0)
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        Lane(self.0 * o.0)
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        Lane(self.0 / o.0)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        Lane(self.0.abs())
+    }
+    #[inline(always)]
+    fn nearest(self) -> Self {
+        Lane(self.0.round_ties_even())
+    }
+    #[inline(always)]
+    fn lt_select(self, b: Self, yes: Self, no: Self) -> Self {
+        if self.0 < b.0 {
+            yes
+        } else {
+            no
+        }
+    }
+    #[inline(always)]
+    fn pow2(self) -> Self {
+        Lane(f32::from_bits(((self.0 as i32 + 127) as u32) << 23))
+    }
+    #[inline(always)]
+    fn sign_of(self, x: Self) -> Self {
+        Lane(f32::from_bits(
+            self.0.to_bits() | (x.0.to_bits() & 0x8000_0000),
+        ))
+    }
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+impl Lane {
+    #[inline(always)]
+    fn one(x: f32) -> Self {
+        Lane(x)
+    }
+    #[inline(always)]
+    fn first(self) -> f32 {
+        self.0
+    }
+}
+
+/// eˣ: range reduction by powers of two and a degree-6 polynomial (relative error ≈ 2 ulp).
+#[inline(always)]
+fn exp(x: Lane) -> Lane {
+    let c = Lane::splat;
+    let x = x.lt_select(c(-87.0), c(-87.0), x);
+    let x = c(88.0).lt_select(x, c(88.0), x);
+    let n = x.mul(c(std::f32::consts::LOG2_E)).nearest();
+    let r = x.sub(n.mul(c(0.693_145_75))).sub(n.mul(c(1.428_606_8e-6)));
+    let mut p = c(1.0 / 720.0);
+    for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = c(k).add(r.mul(p));
+    }
+    p.mul(n.pow2())
 }
 
 /// erf(x): the odd Taylor series below 0.5, above it 1 − erfc(|x|) with Numerical Recipes' Chebyshev fit
 /// of erfc (relative error < 1.2e-7, so absolute ≤ 1.2e-7 · erfc(0.5) ≈ 6e-8 there). Both are computed and
-/// one selected, so loops over it vectorize.
+/// one selected (no branch per lane).
 #[inline(always)]
-pub(crate) fn erf(x: f32) -> f32 {
+fn erf(x: Lane) -> Lane {
+    let c = Lane::splat;
     let a = x.abs();
-    // Taylor: 2/√π (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360), error < 1e-9 for |x| < 0.5.
-    let z = a * a;
-    let series = a
-        * std::f32::consts::FRAC_2_SQRT_PI
-        * (1.0
-            + z * (-1.0 / 3.0
-                + z * (1.0 / 10.0
-                    + z * (-1.0 / 42.0 + z * (1.0 / 216.0 + z * (-1.0 / 1320.0 + z / 9360.0))))));
-    let t = 1.0 / (1.0 + 0.5 * a);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let erfc = t * exp(-z + poly);
-    let y = if a < 0.5 { series } else { 1.0 - erfc };
-    y.copysign(x)
+    let z = a.mul(a);
+    // 2/√π (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360), error < 1e-9 for |x| < 0.5.
+    let mut s = c(1.0 / 9360.0);
+    for k in [
+        -1.0 / 1320.0,
+        1.0 / 216.0,
+        -1.0 / 42.0,
+        1.0 / 10.0,
+        -1.0 / 3.0,
+        1.0,
+    ] {
+        s = c(k).add(z.mul(s));
+    }
+    let series = a.mul(c(std::f32::consts::FRAC_2_SQRT_PI)).mul(s);
+    let t = c(1.0).div(c(1.0).add(c(0.5).mul(a)));
+    let mut p = c(0.170_872_77);
+    for k in [
+        -0.822_152_23,
+        1.488_515_87,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+        -1.265_512_2,
+    ] {
+        p = c(k).add(t.mul(p));
+    }
+    let erfc = t.mul(exp(p.sub(z)));
+    a.lt_select(c(0.5), series, c(1.0).sub(erfc)).sign_of(x)
 }
 
 // ---- Recognition -------------------------------------------------------------------------------------------
@@ -786,7 +982,8 @@ mod tests {
         let mut worst_exp = 0f64;
         let mut x = -80f32;
         while x < 80.0 {
-            let rel = ((exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            let rel =
+                ((exp(Lane::one(x)).first() as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
             worst_exp = worst_exp.max(rel);
             x += 0.01;
         }
@@ -806,7 +1003,7 @@ mod tests {
         let mut worst = 0f64;
         for i in -6000..=6000 {
             let x = i as f32 / 1000.0;
-            worst = worst.max((erf(x) as f64 - erf64(x as f64)).abs());
+            worst = worst.max((erf(Lane::one(x)).first() as f64 - erf64(x as f64)).abs());
         }
         // Method error ≤ 6e-8 (see `erf`) plus the f32 rounding of a result below 1 (≤ 6e-8 per operation, two).
         assert!(worst < 2e-7, "erf absolute error {worst}");
