@@ -24,7 +24,7 @@
 //! [`Limits`] before work starts.
 
 pub mod chunk;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "embed")]
 pub mod embed;
 mod error;
 pub mod eval;
@@ -35,7 +35,7 @@ pub mod kernels;
 mod limits;
 #[cfg(feature = "llm")]
 pub mod llm;
-#[cfg(all(feature = "onnx", feature = "index", feature = "llm"))]
+#[cfg(all(feature = "embed", feature = "index", feature = "llm"))]
 pub mod pipeline;
 pub mod prompt;
 #[cfg(feature = "tokenizer")]
@@ -47,7 +47,7 @@ pub mod wasm;
 #[cfg(feature = "tokenizer")]
 pub use chunk::TokenCounter;
 pub use chunk::{Chunk, ChunkConfig, Chunker, Unit};
-#[cfg(feature = "onnx")]
+#[cfg(feature = "embed")]
 pub use embed::{Embedder, EmbedderConfig, EmbedderFiles, Embedding, Engine, Pooling, TextKind};
 pub use error::{Error, Format, Result};
 #[cfg(feature = "index")]
@@ -56,7 +56,7 @@ pub use index::{
 };
 pub use ingest::{detect_format, ingest, Block, BlockKind, Document, IngestOptions, Warning};
 pub use limits::Limits;
-#[cfg(all(feature = "onnx", feature = "index", feature = "llm"))]
+#[cfg(all(feature = "embed", feature = "index", feature = "llm"))]
 pub use pipeline::{Answer, AskOptions, LogRecord, Mode, Rag};
 
 /// The crate version, for the CLI and the JS side.

@@ -138,13 +138,13 @@ impl JsChunker {
 }
 
 /// A sentence embedder built from model files passed in as bytes (fetched, cached and read by the JS side).
-#[cfg(feature = "onnx")]
+#[cfg(feature = "embed")]
 #[wasm_bindgen(js_name = Embedder)]
 pub struct JsEmbedder {
     inner: crate::Embedder,
 }
 
-#[cfg(feature = "onnx")]
+#[cfg(feature = "embed")]
 #[wasm_bindgen(js_class = Embedder)]
 impl JsEmbedder {
     /// `new Embedder({ model_onnx, tokenizer_json, config_json?, pooling_config_json?, sentence_bert_config_json?,
@@ -745,7 +745,7 @@ impl JsGenerator {
     /// to stop). Returns `{question, mode, text, sources: [{number, chunkId, docId, title, headingPath, pages,
     /// span, score, text, trimmed}], citations: [{number, at, chunkId, docId, span, pages}] (chunkId null: a
     /// number that was not a source), dropped, retrieved, messages, promptTokens, answerTokens, timings, …}`.
-    #[cfg(all(feature = "onnx", feature = "index"))]
+    #[cfg(all(feature = "embed", feature = "index"))]
     pub fn ask(
         &self,
         embedder: &JsEmbedder,
@@ -770,7 +770,7 @@ impl JsGenerator {
     /// `ask` with generation on the device chosen with `useDevice`, as a Promise. Retrieval and the prompt are
     /// done before this returns (the embedder and knowledge base are free again at once); the Promise resolves
     /// to the answer.
-    #[cfg(all(feature = "onnx", feature = "index"))]
+    #[cfg(all(feature = "embed", feature = "index"))]
     #[wasm_bindgen(js_name = askAsync)]
     pub fn ask_async(
         &self,

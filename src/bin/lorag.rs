@@ -105,6 +105,8 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        engine: EngineArg,
         /// Texts to embed.
         #[arg(required = true)]
         texts: Vec<String>,
@@ -365,13 +367,41 @@ enum EvalCommand {
         /// Texts per forward pass.
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
+        #[command(flatten)]
+        engine: EngineArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// `--engine`: what runs the embedder's graph.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct EngineArg {
+    /// What runs the embedding model: native (lorag's BERT encoder) or tract. Default: native when the
+    /// graph is a BERT it recognizes, else tract.
+    #[arg(long, value_parser = ["native", "tract"])]
+    engine: Option<String>,
+}
+
+impl EngineArg {
+    fn get(&self) -> Option<lorag::Engine> {
+        self.engine.as_deref().map(|e| match e {
+            "tract" => lorag::Engine::Tract,
+            _ => lorag::Engine::Native,
+        })
+    }
+}
+
 fn load_embedder(dir: &Path, batch_size: Option<usize>) -> Result<lorag::Embedder, String> {
+    load_embedder_on(dir, batch_size, None)
+}
+
+fn load_embedder_on(
+    dir: &Path,
+    batch_size: Option<usize>,
+    engine: Option<lorag::Engine>,
+) -> Result<lorag::Embedder, String> {
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| format!("{}/{name}: {e}", dir.display()))
     };
@@ -393,13 +423,20 @@ fn load_embedder(dir: &Path, batch_size: Option<usize>) -> Result<lorag::Embedde
     };
     let config = lorag::EmbedderConfig {
         batch_size,
+        engine,
         ..Default::default()
     };
     lorag::Embedder::from_bytes(files, config, &Limits::default()).map_err(|e| e.to_string())
 }
 
-fn run_embed(model: &Path, query: bool, json: bool, texts: &[String]) -> Result<(), String> {
-    let embedder = load_embedder(model, None)?;
+fn run_embed(
+    model: &Path,
+    query: bool,
+    json: bool,
+    engine: Option<lorag::Engine>,
+    texts: &[String],
+) -> Result<(), String> {
+    let embedder = load_embedder_on(model, None, engine)?;
     let kind = if query {
         lorag::TextKind::Query
     } else {
@@ -428,7 +465,7 @@ fn run_embed(model: &Path, query: bool, json: bool, texts: &[String]) -> Result<
         }
     }
     if json {
-        let doc = serde_json::json!({"model": model.display().to_string(), "identity": embedder.identity(), "dim": embedder.dim(), "normalized": embedder.normalizes(), "embeddings": rows});
+        let doc = serde_json::json!({"model": model.display().to_string(), "identity": embedder.identity(), "engine": embedder.engine(), "weight_bytes": embedder.weight_bytes(), "dim": embedder.dim(), "normalized": embedder.normalizes(), "embeddings": rows});
         println!(
             "{}",
             serde_json::to_string(&doc).map_err(|e| e.to_string())?
@@ -443,7 +480,7 @@ fn run_eval_beir(
     search: &str,
     pack: Option<&Path>,
     ef: Option<usize>,
-    batch_size: usize,
+    (batch_size, engine): (usize, Option<lorag::Engine>),
     json: bool,
 ) -> Result<(), String> {
     let modes: Vec<lorag::SearchMode> = if search == "all" {
@@ -464,7 +501,7 @@ fn run_eval_beir(
         &read("qrels/test.tsv")?,
     )
     .map_err(|e| e.to_string())?;
-    let embedder = load_embedder(model, Some(batch_size))?;
+    let embedder = load_embedder_on(model, Some(batch_size), engine)?;
     let id = lorag::EmbedderId::of(&embedder, model_name(model));
     // The corpus's identity: a cached pack is reused only for the same corpus and model.
     let corpus_hash = hex16(&corpus_bytes);
@@ -582,7 +619,7 @@ fn run_eval_beir(
     if json {
         let doc = serde_json::json!({
             "dataset": dir.display().to_string(), "model": model.display().to_string(), "identity": embedder.identity(),
-            "documents": beir.corpus.len(), "queries": beir.queries.len(),
+            "engine": embedder.engine(), "weight_bytes": embedder.weight_bytes(), "documents": beir.corpus.len(), "queries": beir.queries.len(),
             "results": rows.iter().map(|(mode, m, qps)| serde_json::json!({"search": mode, "metrics": m, "search_qps_k100": qps})).collect::<Vec<_>>(),
             "corpus_docs_per_s": corpus_secs.map(|s| beir.corpus.len() as f64 / s), "queries_per_s": queries.len() as f64 / query_secs,
             "memory": mem,
@@ -1081,8 +1118,9 @@ fn main() -> ExitCode {
             model,
             query,
             json,
+            engine,
             texts,
-        } => run_embed(&model, query, json, &texts),
+        } => run_embed(&model, query, json, engine.get(), &texts),
         Command::Eval(EvalCommand::Beir {
             dir,
             model,
@@ -1091,7 +1129,16 @@ fn main() -> ExitCode {
             ef,
             batch_size,
             json,
-        }) => run_eval_beir(&dir, &model, &search, pack.as_deref(), ef, batch_size, json),
+            engine,
+        }) => run_eval_beir(
+            &dir,
+            &model,
+            &search,
+            pack.as_deref(),
+            ef,
+            (batch_size, engine.get()),
+            json,
+        ),
         Command::Index {
             paths,
             output,

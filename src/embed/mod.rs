@@ -10,11 +10,15 @@
 mod bert;
 mod gemm;
 mod onnx;
+pub(crate) mod pb;
 
+#[cfg(feature = "onnx")]
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "onnx")]
 use tract_onnx::prelude::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::DimLike;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen::JsCast;
@@ -115,13 +119,15 @@ enum Role {
 pub struct Embedder {
     tokenizer: tokenizers::Tokenizer,
     runner: Runner,
-    inputs: Vec<(Role, DatumType)>,
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
+    inputs: Vec<(Role, IdType)>,
     dim: usize,
     vocab_size: usize,
     pooling: Pooling,
     normalize: bool,
     max_seq_length: usize,
     do_lower_case: bool,
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
     pad_id: u32,
     batch_size: usize,
     config: EmbedderConfig,
@@ -133,7 +139,15 @@ enum Runner {
         bert: bert::Bert,
         scratch: std::sync::Mutex<bert::Scratch>,
     },
+    #[cfg(feature = "onnx")]
     Tract(Arc<TypedRunnableModel>),
+}
+
+/// Element type of a graph's id inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdType {
+    I64,
+    I32,
 }
 
 fn model_err(file: &'static str) -> impl Fn(String) -> Error {
@@ -180,8 +194,8 @@ impl Embedder {
                 other => return Err(onnx_err(format!("unexpected graph input {other:?} (known: input_ids, attention_mask, token_type_ids)"))),
             };
             let dt = match io.elem_type {
-                7 => i64::datum_type(),
-                6 => i32::datum_type(),
+                7 => IdType::I64,
+                6 => IdType::I32,
                 t => {
                     return Err(onnx_err(format!(
                         "graph input {} has element type {t}; expected int64 or int32",
@@ -301,12 +315,23 @@ impl Embedder {
         // lorag's encoder when the graph is a BERT it recognizes (and the caller did not ask for tract).
         let out_name = graph_outputs[out_ix].name.clone();
         let native = match config.engine {
-            Some(Engine::Tract) => None,
+            Some(Engine::Tract) if cfg!(feature = "onnx") => None,
+            Some(Engine::Tract) => {
+                return Err(Error::Config(
+                    "this build of lorag has no tract engine (the `onnx` feature)".into(),
+                ))
+            }
             Some(Engine::Native) => Some(bert::from_graph(&proto, &out_name).map_err(|why| {
                 onnx_err(format!("the native engine does not run this graph: {why}"))
             })?),
-            None => bert::from_graph(&proto, &out_name).ok(),
+            None if cfg!(feature = "onnx") => bert::from_graph(&proto, &out_name).ok(),
+            None => Some(bert::from_graph(&proto, &out_name).map_err(|why| {
+                onnx_err(format!(
+                    "not a BERT graph lorag's encoder runs, and this build has no tract engine (the `onnx` feature): {why}"
+                ))
+            })?),
         };
+        drop(proto);
         let (runner, dim) = match native {
             Some(bert) => {
                 if bert.vocab() != vocab_size {
@@ -328,7 +353,17 @@ impl Embedder {
                 };
                 (runner, dim)
             }
-            None => Self::tract_plan(proto, &graph_inputs, &inputs, out_ix, &cfg, &config)?,
+            #[cfg(feature = "onnx")]
+            None => Self::tract_plan(
+                files.model_onnx,
+                &graph_inputs,
+                &inputs,
+                out_ix,
+                &cfg,
+                &config,
+            )?,
+            #[cfg(not(feature = "onnx"))]
+            None => unreachable!("refused above without tract"),
         };
 
         use sha2::Digest;
@@ -352,17 +387,21 @@ impl Embedder {
         })
     }
 
-    /// The tract plan, with the model's own symbolic dims.
+    /// The tract plan, with the model's own symbolic dims. tract reads the file with its own (complete) ONNX
+    /// schema, after lorag's validation of the same bytes.
+    #[cfg(feature = "onnx")]
     fn tract_plan(
-        mut proto: tract_onnx::pb::ModelProto,
+        model_onnx: &[u8],
         graph_inputs: &[onnx::Io],
-        inputs: &[(Role, DatumType)],
+        inputs: &[(Role, IdType)],
         out_ix: usize,
         cfg: &Option<serde_json::Value>,
         config: &EmbedderConfig,
     ) -> Result<(Runner, usize)> {
         let onnx_err = model_err("model.onnx");
         let tract_err = |e: TractError| onnx_err(format!("{e:#}"));
+        let mut proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(model_onnx)
+            .map_err(|e| onnx_err(format!("not a valid ONNX protobuf: {e}")))?;
         // Intermediate shapes in `value_info` are exporter hints, sometimes wrong (the MiniLM int8 export
         // declares an attention-mask broadcast as [batch, 1, sequence, sequence]); tract infers its own.
         if !config.as_exported {
@@ -405,7 +444,10 @@ impl Embedder {
                 })
                 .collect();
             model
-                .set_input_fact(ix, InferenceFact::dt_shape(inputs[ix].1, shape))
+                .set_input_fact(
+                    ix,
+                    InferenceFact::dt_shape(inputs[ix].1.datum_type(), shape),
+                )
                 .map_err(tract_err)?;
         }
         let out = model.output_outlets().map_err(tract_err)?[out_ix];
@@ -538,6 +580,7 @@ impl Embedder {
                     per_op.insert(k.to_string(), v);
                 }
             }
+            #[cfg(feature = "onnx")]
             Runner::Tract(plan) => {
                 let feeds = self.feeds(&seqs)?;
                 let tract_err = |e: TractError| Error::Model {
@@ -564,15 +607,26 @@ impl Embedder {
         Ok(rows)
     }
 
+    /// Bytes of weights the native encoder holds (tables, packed matrices); `None` on tract.
+    pub fn weight_bytes(&self) -> Option<usize> {
+        match &self.runner {
+            Runner::Native { bert, .. } => Some(bert.bytes()),
+            #[cfg(feature = "onnx")]
+            Runner::Tract(_) => None,
+        }
+    }
+
     /// Which engine runs the graph: `"native"` (lorag's BERT encoder) or `"tract"`.
     pub fn engine(&self) -> Engine {
         match self.runner {
             Runner::Native { .. } => Engine::Native,
+            #[cfg(feature = "onnx")]
             Runner::Tract(_) => Engine::Tract,
         }
     }
 
     /// The padded input tensors for one batch, in the graph's input order.
+    #[cfg(feature = "onnx")]
     fn feeds(&self, seqs: &[&[u32]]) -> Result<TVec<TValue>> {
         let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
         let mut input_ids = vec![self.pad_id as i64; b * s];
@@ -587,7 +641,8 @@ impl Embedder {
             file: "model.onnx",
             detail: format!("{e:#}"),
         };
-        let make = |data: &[i64], dt: DatumType| -> Result<TValue> {
+        let make = |data: &[i64], dt: IdType| -> Result<TValue> {
+            let dt = dt.datum_type();
             let t =
                 tract_ndarray::Array2::from_shape_vec((b, s), data.to_vec()).expect("b*s elements");
             let t: Tensor = t.into();
@@ -624,6 +679,7 @@ impl Embedder {
                     .collect();
                 Ok(out)
             }
+            #[cfg(feature = "onnx")]
             Runner::Tract(plan) => {
                 let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
                 let tract_err = |e: TractError| Error::Model {
@@ -678,6 +734,16 @@ impl Embedder {
             v.iter_mut().for_each(|x| *x /= norm);
         }
         v
+    }
+}
+
+#[cfg(feature = "onnx")]
+impl IdType {
+    fn datum_type(self) -> DatumType {
+        match self {
+            IdType::I64 => i64::datum_type(),
+            IdType::I32 => i32::datum_type(),
+        }
     }
 }
 

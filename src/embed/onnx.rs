@@ -3,8 +3,8 @@
 //! raw bytes, and nothing points at external files. tract allocates from these declarations, so a lying file
 //! must be refused here, not there.
 
-pub(crate) use tract_onnx::pb;
-use tract_onnx::pb::{tensor_proto::DataType, GraphProto, ModelProto, TensorProto};
+pub(crate) use super::pb;
+use pb::{tensor_proto::DataType, GraphProto, ModelProto, TensorProto};
 
 use crate::{Error, Result};
 
@@ -144,9 +144,9 @@ pub(crate) struct Io {
     pub dims: Option<Vec<std::result::Result<i64, String>>>,
 }
 
-fn io_of(v: &tract_onnx::pb::ValueInfoProto) -> Io {
-    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
-    use tract_onnx::pb::type_proto::Value as TV;
+fn io_of(v: &pb::ValueInfoProto) -> Io {
+    use pb::tensor_shape_proto::dimension::Value;
+    use pb::type_proto::Value as TV;
     let (elem_type, dims) = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(TV::TensorType(t)) => (
             t.elem_type,
@@ -200,9 +200,10 @@ pub(crate) fn word_embedding_rows(proto: &ModelProto) -> Option<i64> {
 /// scaling each row commute with picking rows, so the results are bit-identical; but tract folds constants
 /// only up to 4 MiB, so without this the whole word-embedding table (30522 × 384 in MiniLM) is cast and
 /// scaled on every run. Returns how many gathers were rewritten.
-pub(crate) fn gather_before_dequantize(proto: &mut ModelProto) -> usize {
+#[cfg(feature = "onnx")]
+pub(crate) fn gather_before_dequantize(proto: &mut tract_onnx::pb::ModelProto) -> usize {
     use std::collections::HashMap;
-    use tract_onnx::pb::{AttributeProto, NodeProto};
+    use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, NodeProto};
     let Some(g) = proto.graph.as_mut() else {
         return 0;
     };
@@ -329,7 +330,7 @@ pub(crate) fn gather_before_dequantize(proto: &mut ModelProto) -> usize {
     count
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "onnx"))]
 mod tests {
     use super::*;
 
@@ -338,7 +339,8 @@ mod tests {
     #[test]
     fn gathers_move_before_dequantization() {
         let bytes = include_bytes!("../../models/all-MiniLM-L6-v2-int8/model.onnx");
-        let mut proto = decode_and_validate(bytes, 1 << 30).unwrap();
+        decode_and_validate(bytes, 1 << 30).unwrap();
+        let mut proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(&bytes[..]).unwrap();
         let before = proto.graph.as_ref().unwrap().node.len();
         assert_eq!(gather_before_dequantize(&mut proto), 2);
         let g = proto.graph.as_ref().unwrap();

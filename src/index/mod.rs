@@ -65,7 +65,7 @@ impl EmbedderId {
     }
 
     /// The identity of a loaded embedder.
-    #[cfg(feature = "onnx")]
+    #[cfg(feature = "embed")]
     pub fn of(embedder: &crate::Embedder, name: impl Into<String>) -> Self {
         EmbedderId::new(name, embedder.dim() as u32, embedder.identity())
     }
