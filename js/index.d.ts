@@ -13,7 +13,11 @@ export interface EmbedderSpec {
   sha256?: Partial<Record<string, string>>;
   /** Identity recorded in knowledge packs (default: the folder's name). */
   name?: string;
-  config?: { normalize?: boolean; query_prefix?: string; passage_prefix?: string; batch_size?: number; max_seq_length?: number };
+  config?: {
+    normalize?: boolean; query_prefix?: string; passage_prefix?: string; batch_size?: number; max_seq_length?: number;
+    /** What runs the model: "native" (lorag's BERT encoder; the default for the BERT graphs it recognizes) or "tract". */
+    engine?: "native" | "tract";
+  };
 }
 
 /** A GGUF-LoRA file, or PEFT's two files. */

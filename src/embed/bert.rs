@@ -755,6 +755,45 @@ fn dims2(t: &TensorProto) -> Result<(usize, usize), NotBert> {
     }
 }
 
+/// Pack matrices `[k, cols_i]` side by side (q, k, v as one product; or one matrix): int8 panels when every
+/// one is int8 with per-column scales, else f32 panels of the dequantized values (the same f32 either way).
+fn pack(parts: &[&(Matrix, usize, usize)]) -> Packed {
+    let k = parts[0].1;
+    let n: usize = parts.iter().map(|p| p.2).sum();
+    let mut owner = Vec::with_capacity(n);
+    for (i, p) in parts.iter().enumerate() {
+        owner.extend((0..p.2).map(|c| (i, c)));
+    }
+    let all_i8 = parts
+        .iter()
+        .all(|p| matches!(p.0, Matrix::I8 { per_row: false, .. }));
+    if all_i8 {
+        Packed::new_i8(
+            k,
+            n,
+            |r, c| {
+                let (i, c) = owner[c];
+                match &parts[i].0 {
+                    Matrix::I8 { q, .. } => q[r * parts[i].2 + c],
+                    Matrix::F32(_) => unreachable!("checked: all int8"),
+                }
+            },
+            |c| {
+                let (i, c) = owner[c];
+                match &parts[i].0 {
+                    Matrix::I8 { scale, .. } => scale[c],
+                    Matrix::F32(_) => unreachable!("checked: all int8"),
+                }
+            },
+        )
+    } else {
+        Packed::new(k, n, |r, c| {
+            let (i, c) = owner[c];
+            weight_at(&parts[i].0, parts[i].2, r, c)
+        })
+    }
+}
+
 /// `W[k][n]` as f32: the same product onnxruntime computes for a dequantized weight.
 fn weight_at(m: &Matrix, cols: usize, r: usize, c: usize) -> f32 {
     match m {
@@ -798,7 +837,7 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
     }
 
     // Weight products, by the bias added to them.
-    let mut linears: HashMap<(usize, usize), Linear> = HashMap::new();
+    let mut linears: HashMap<(usize, usize), ((Matrix, usize, usize), Vec<f32>)> = HashMap::new();
     let mut constant_matmuls = 0;
     let mut query_out: Option<&str> = None;
     for n in &g.node {
@@ -841,8 +880,10 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
         if role == 0 && layer == 0 {
             query_out = Some(add.output[0].as_str());
         }
-        let w = Packed::new(k, cols, |r, c| weight_at(&m, cols, r, c));
-        if linears.insert((layer, role), Linear { w, bias }).is_some() {
+        if linears
+            .insert((layer, role), ((m, k, cols), bias))
+            .is_some()
+        {
             return Err(format!("two weights for {bias_name}"));
         }
     }
@@ -923,23 +964,25 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
         let mut take = |role: usize| linears.remove(&(l, role)).expect("counted above");
         let (q, k, v) = (take(0), take(1), take(2));
         let (out, up, down) = (take(3), take(4), take(5));
+        let dims = |x: &((Matrix, usize, usize), Vec<f32>)| (x.0 .1, x.0 .2);
         if [&q, &k, &v, &out]
             .iter()
-            .any(|x| x.w.k() != hidden || x.w.n() != hidden)
-            || up.w.k() != hidden
-            || down.w.k() != up.w.n()
-            || down.w.n() != hidden
+            .any(|x| dims(x) != (hidden, hidden))
+            || dims(&up).0 != hidden
+            || dims(&down) != (dims(&up).1, hidden)
         {
             return Err(format!("layer {l}: weight shapes are not a BERT layer's"));
         }
-        // q, k, v as one [hidden, 3·hidden] product.
-        let cols = [&q, &k, &v];
-        let qkv = Linear {
-            w: Packed::new(hidden, 3 * hidden, |r, c| {
-                cols[c / hidden].w.at(r, c % hidden)
-            }),
-            bias: [q.bias, k.bias, v.bias].concat(),
+        let linear = |x: ((Matrix, usize, usize), Vec<f32>)| Linear {
+            w: pack(&[&x.0]),
+            bias: x.1,
         };
+        // q, k, v as one [hidden, 3·hidden] product.
+        let qkv = Linear {
+            w: pack(&[&q.0, &k.0, &v.0]),
+            bias: [q.1, k.1, v.1].concat(),
+        };
+        let (out, up, down) = (linear(out), linear(up), linear(down));
         let mut norm = |name: String| norms.remove(&name).map(|(n, _)| n).ok_or(name);
         layers.push(Layer {
             qkv,

@@ -12,12 +12,18 @@ pub(crate) const NR: usize = 8;
 /// 15 registers, spills in V8: 25 % slower).
 const WASM_MR: usize = 4;
 
-/// `B` (`k × n`) packed for [`matmul`].
+/// `B` (`k × n`) packed for [`matmul`]: f32 panels, or int8 panels with one scale per column (weight-only
+/// int8 models: a quarter of the memory, and of the memory traffic when few rows share each panel). An int8
+/// panel is dequantized (`q as f32 × scale`, the f32 product onnxruntime computes) into a small buffer once
+/// per block of rows, so both give the same bits.
 #[derive(Clone, Default)]
 pub(crate) struct Packed {
     k: usize,
     n: usize,
     data: Vec<f32>,
+    q: Vec<i8>,
+    /// Per column, padded to whole panels (int8 only).
+    scale: Vec<f32>,
 }
 
 impl Packed {
@@ -25,6 +31,31 @@ impl Packed {
     pub fn new(k: usize, n: usize, b: impl Fn(usize, usize) -> f32) -> Packed {
         let mut p = Packed::default();
         p.repack(k, n, b);
+        p
+    }
+
+    /// Pack int8 `q(row, col)` with per-column `scale(col)`.
+    pub fn new_i8(
+        k: usize,
+        n: usize,
+        q: impl Fn(usize, usize) -> i8,
+        scale: impl Fn(usize) -> f32,
+    ) -> Packed {
+        let panels = n.div_ceil(NR);
+        let mut p = Packed {
+            k,
+            n,
+            data: Vec::new(),
+            q: vec![0; panels * k * NR],
+            scale: vec![0.0; panels * NR],
+        };
+        for col in 0..n {
+            let (panel, j) = (col / NR, col % NR);
+            p.scale[col] = scale(col);
+            for row in 0..k {
+                p.q[panel * k * NR + row * NR + j] = q(row, col);
+            }
+        }
         p
     }
 
@@ -56,12 +87,54 @@ impl Packed {
 
     /// Element (`row`, `col`) of the packed matrix.
     pub fn at(&self, row: usize, col: usize) -> f32 {
-        self.data[(col / NR) * self.k * NR + row * NR + col % NR]
+        let i = (col / NR) * self.k * NR + row * NR + col % NR;
+        if self.q.is_empty() {
+            self.data[i]
+        } else {
+            self.q[i] as f32 * self.scale[col]
+        }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * 4 + self.q.len() + self.scale.len() * 4
+    }
+
+    /// Panel `p` as f32: the packed floats, or the int8 panel dequantized into `buf`.
+    #[inline(always)]
+    fn panel<'a>(&'a self, p: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let len = self.k * NR;
+        if self.q.is_empty() {
+            return &self.data[p * len..(p + 1) * len];
+        }
+        buf.resize(len, 0.0);
+        let scale: &[f32; NR] = self.scale[p * NR..(p + 1) * NR].try_into().expect("NR");
+        let src = &self.q[p * len..(p + 1) * len];
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            use core::arch::wasm32::*;
+            // SAFETY: `src` and `buf` hold `len` = k·8 elements; each step reads 8 int8 and writes 8 f32.
+            unsafe {
+                let s0 = v128_load(scale.as_ptr() as *const v128);
+                let s1 = v128_load(scale.as_ptr().add(4) as *const v128);
+                for row in 0..self.k {
+                    let q8 = v128_load64_zero(src.as_ptr().add(row * NR) as *const u64);
+                    let q16 = i16x8_extend_low_i8x16(q8);
+                    let lo = f32x4_convert_i32x4(i32x4_extend_low_i16x8(q16));
+                    let hi = f32x4_convert_i32x4(i32x4_extend_high_i16x8(q16));
+                    let d = buf.as_mut_ptr().add(row * NR) as *mut v128;
+                    v128_store(d, f32x4_mul(lo, s0));
+                    v128_store(d.add(1), f32x4_mul(hi, s1));
+                }
+            }
+        }
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        for (dst, src) in buf.chunks_exact_mut(NR).zip(src.chunks_exact(NR)) {
+            for j in 0..NR {
+                dst[j] = src[j] as f32 * scale[j];
+            }
+        }
+        buf
     }
 }
 
@@ -93,9 +166,10 @@ pub(crate) fn matmul(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32],
     });
 }
 
-/// Rows per block: a block of `A` stays in cache (≈ 128 KiB) while every panel of `B` passes over it.
+/// Rows per block: a block of `A` stays in cache (≈ 256 KiB) while every panel of `B` passes over it (an int8
+/// panel is dequantized once per block).
 fn block_rows(k: usize, mr: usize) -> usize {
-    ((128 * 1024 / 4) / k.max(1)).max(mr) / mr * mr
+    ((256 * 1024 / 4) / k.max(1)).max(mr) / mr * mr
 }
 
 /// The driver: row blocks, then panels, then tiles of `MR` rows (the last one shorter); `tile` returns the
@@ -112,10 +186,11 @@ fn drive<const MR: usize>(
 ) {
     let (k, n) = (b.k, b.n);
     let mb = block_rows(k, MR);
+    let mut buf = Vec::new();
     for i0 in (0..m).step_by(mb) {
         let i1 = (i0 + mb).min(m);
         for p in 0..n.div_ceil(NR) {
-            let panel = b.data[p * k * NR..].as_ptr();
+            let panel = b.panel(p, &mut buf).as_ptr();
             let cols = NR.min(n - p * NR);
             let mut i = i0;
             while i < i1 {
@@ -224,6 +299,7 @@ mod avx2 {
         });
     }
 
+    /// Up to 8 rows: one tile function per row count, so a short tile does only its own rows.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile(
@@ -233,19 +309,39 @@ mod avx2 {
         lda: usize,
         panel: *const f32,
     ) -> [[f32; NR]; 8] {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut ptr = [a; 8];
-        for (r, p) in ptr.iter_mut().enumerate().take(rows) {
+        match rows {
+            1 => rows_tile::<1>(k, a, lda, panel),
+            2 => rows_tile::<2>(k, a, lda, panel),
+            3 => rows_tile::<3>(k, a, lda, panel),
+            4 => rows_tile::<4>(k, a, lda, panel),
+            5 => rows_tile::<5>(k, a, lda, panel),
+            6 => rows_tile::<6>(k, a, lda, panel),
+            7 => rows_tile::<7>(k, a, lda, panel),
+            _ => rows_tile::<8>(k, a, lda, panel),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_tile<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+    ) -> [[f32; NR]; 8] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut ptr = [a; R];
+        for (r, p) in ptr.iter_mut().enumerate() {
             *p = a.add(r * lda);
         }
         for kk in 0..k {
             let bv = _mm256_loadu_ps(panel.add(kk * NR));
-            for r in 0..8 {
+            for r in 0..R {
                 acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*ptr[r].add(kk)), bv, acc[r]);
             }
         }
         let mut out = [[0f32; NR]; 8];
-        for r in 0..8 {
+        for r in 0..R {
             _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
         }
         out
@@ -255,6 +351,29 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Int8 panels give the same bits as f32 panels of the dequantized weights, for short and long inputs.
+    #[test]
+    fn int8_panels_equal_dequantized_f32_panels() {
+        let (k, n) = (37, 21);
+        let q = |r: usize, c: usize| ((r * 31 + c * 17) % 255) as i8;
+        let scale = |c: usize| 0.001 + c as f32 * 1e-4;
+        let b8 = Packed::new_i8(k, n, q, scale);
+        let b32 = Packed::new(k, n, |r, c| q(r, c) as f32 * scale(c));
+        for m in [1, 3, 11, 700] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let (mut c8, mut c32) = (vec![0f32; m * n], vec![1f32; m * n]);
+            matmul(&a, k, m, &b8, &mut c8, n);
+            matmul(&a, k, m, &b32, &mut c32, n);
+            assert!(
+                c8.iter().zip(&c32).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "m = {m}"
+            );
+        }
+        assert_eq!(b8.bytes(), 3 * k * NR + 3 * NR * 4);
+    }
 
     /// Awkward shapes (rows not a multiple of any tile, columns not of the panel) against an f64 sum, with
     /// the f32 summation bound k·ε·Σ|a·b|.
