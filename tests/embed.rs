@@ -434,7 +434,8 @@ fn scifact_sample_matches_onnxruntime_vectors() {
 #[test]
 fn graphs_the_encoder_does_not_know_go_to_tract() {
     use tract_onnx::pb::ModelProto;
-    let edits: [(&str, fn(&mut ModelProto)); 2] = [
+    type Edit = fn(&mut ModelProto);
+    let edits: [(&str, Edit); 2] = [
         ("erf", |p| {
             let g = p.graph.as_mut().unwrap();
             let n = g.node.iter_mut().find(|n| n.op_type == "Erf").unwrap();

@@ -516,6 +516,7 @@ fn exp(x: Lane) -> Lane {
 /// of erfc (relative error < 1.2e-7, so absolute ≤ 1.2e-7 · erfc(0.5) ≈ 6e-8 there). Both are computed and
 /// one selected (no branch per lane).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // the published coefficients, as printed
 fn erf(x: Lane) -> Lane {
     let c = Lane::splat;
     let a = x.abs();
@@ -755,6 +756,9 @@ fn dims2(t: &TensorProto) -> Result<(usize, usize), NotBert> {
     }
 }
 
+/// A weight product as recognized: (matrix, rows, columns) and its bias.
+type Weight = ((Matrix, usize, usize), Vec<f32>);
+
 /// Pack matrices `[k, cols_i]` side by side (q, k, v as one product; or one matrix): int8 panels when every
 /// one is int8 with per-column scales, else f32 panels of the dequantized values (the same f32 either way).
 fn pack(parts: &[&(Matrix, usize, usize)]) -> Packed {
@@ -837,7 +841,7 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
     }
 
     // Weight products, by the bias added to them.
-    let mut linears: HashMap<(usize, usize), ((Matrix, usize, usize), Vec<f32>)> = HashMap::new();
+    let mut linears: HashMap<(usize, usize), Weight> = HashMap::new();
     let mut constant_matmuls = 0;
     let mut query_out: Option<&str> = None;
     for n in &g.node {
@@ -964,7 +968,7 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
         let mut take = |role: usize| linears.remove(&(l, role)).expect("counted above");
         let (q, k, v) = (take(0), take(1), take(2));
         let (out, up, down) = (take(3), take(4), take(5));
-        let dims = |x: &((Matrix, usize, usize), Vec<f32>)| (x.0 .1, x.0 .2);
+        let dims = |x: &Weight| (x.0 .1, x.0 .2);
         if [&q, &k, &v, &out]
             .iter()
             .any(|x| dims(x) != (hidden, hidden))
@@ -973,7 +977,7 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
         {
             return Err(format!("layer {l}: weight shapes are not a BERT layer's"));
         }
-        let linear = |x: ((Matrix, usize, usize), Vec<f32>)| Linear {
+        let linear = |x: Weight| Linear {
             w: pack(&[&x.0]),
             bias: x.1,
         };

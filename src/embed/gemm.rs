@@ -85,16 +85,6 @@ impl Packed {
         self.n
     }
 
-    /// Element (`row`, `col`) of the packed matrix.
-    pub fn at(&self, row: usize, col: usize) -> f32 {
-        let i = (col / NR) * self.k * NR + row * NR + col % NR;
-        if self.q.is_empty() {
-            self.data[i]
-        } else {
-            self.q[i] as f32 * self.scale[col]
-        }
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 4 + self.q.len() + self.scale.len() * 4

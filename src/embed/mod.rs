@@ -136,8 +136,8 @@ pub struct Embedder {
 
 enum Runner {
     Native {
-        bert: bert::Bert,
-        scratch: std::sync::Mutex<bert::Scratch>,
+        bert: Box<bert::Bert>,
+        scratch: Box<std::sync::Mutex<bert::Scratch>>,
     },
     #[cfg(feature = "onnx")]
     Tract(Arc<TypedRunnableModel>),
@@ -348,7 +348,7 @@ impl Embedder {
                 }
                 let dim = bert.hidden();
                 let runner = Runner::Native {
-                    bert,
+                    bert: Box::new(bert),
                     scratch: Default::default(),
                 };
                 (runner, dim)
