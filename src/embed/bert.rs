@@ -834,7 +834,14 @@ pub(crate) fn from_graph(proto: &ModelProto, output: &str) -> Result<Bert, NotBe
     let hidden = word.cols();
     let mut token_type0 = vec![0f32; hidden];
     if tables.contains_key("token_type") {
-        table("token_type")?.row(0, &mut token_type0);
+        let tt = table("token_type")?;
+        if tt.cols() != hidden {
+            return Err(format!(
+                "token-type embeddings are {} wide, not {hidden}",
+                tt.cols()
+            ));
+        }
+        tt.row(0, &mut token_type0);
     }
     if position.cols() != hidden {
         return Err("embedding widths differ".into());
