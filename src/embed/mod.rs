@@ -1,11 +1,12 @@
-//! Embedding: a sentence-transformers model (ONNX through tract, tokenizer.json through `tokenizers`) turns
-//! texts into pooled, optionally normalized vectors.
+//! Embedding: a sentence-transformers model (ONNX, tokenizer.json through `tokenizers`) turns texts into pooled,
+//! optionally normalized vectors.
 //!
 //! [`Embedder::from_bytes`] takes the files of a Hugging Face sentence-transformers folder as bytes
 //! ([`EmbedderFiles`]): `model.onnx` (fp32 or weight-int8), `tokenizer.json`, and when present `config.json`,
 //! `1_Pooling/config.json`, `sentence_bert_config.json` and `modules.json`. The ONNX file is validated before
-//! tract allocates anything; the graph is optimized once with the model's own symbolic batch and sequence
-//! dimensions, so one plan serves every batch shape.
+//! anything allocates from it. Two engines ([`Engine`]): lorag's BERT encoder (`bert.rs`, the default for the
+//! graphs it recognizes; no padding, weights packed once) and, with the `onnx` feature, tract (the graph optimized
+//! once with the model's own symbolic batch and sequence dimensions, so one plan serves every batch shape).
 
 mod bert;
 mod gemm;
@@ -52,7 +53,8 @@ pub struct EmbedderConfig {
     pub query_prefix: String,
     /// Text put before every passage (e5: `"passage: "`).
     pub passage_prefix: String,
-    /// Texts per forward pass (default 16); inputs are sorted by length and padded per batch.
+    /// Texts per forward pass (default 16); inputs are sorted by length (tract pads each batch to its longest;
+    /// the native encoder does not pad).
     pub batch_size: Option<usize>,
     /// Override `max_seq_length` (tokens, special tokens included).
     pub max_seq_length: Option<usize>,
@@ -61,7 +63,8 @@ pub struct EmbedderConfig {
     #[doc(hidden)]
     pub as_exported: bool,
     /// What runs the graph. Default: lorag's own BERT encoder when the graph is one it recognizes
-    /// (sentence-transformers BERT exports: MiniLM, mpnet-free BERT-base, bge, e5…), else tract.
+    /// (sentence-transformers BERT exports; tested: all-MiniLM-L6-v2 int8 and paraphrase-MiniLM-L3-v2 fp32), else
+    /// tract.
     pub engine: Option<Engine>,
 }
 
