@@ -340,7 +340,7 @@ fn map(xs: &mut [f32], f: impl Fn(Lane) -> Lane + Copy) {
         quads.into_remainder()
     };
     for v in xs.iter_mut() {
-        *v = f(Lane::one(*v)).first();
+        *v = f(Lane::splat(*v)).first();
     }
 }
 
@@ -373,6 +373,8 @@ trait Lanes: Copy {
     fn pow2(self) -> Self;
     /// `self` (≥ 0) with the sign of `x`.
     fn sign_of(self, x: Self) -> Self;
+    /// The first lane.
+    fn first(self) -> f32;
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -420,14 +422,6 @@ impl Lanes for Lane {
     fn sign_of(self, x: Self) -> Self {
         use core::arch::wasm32::*;
         Lane(v128_or(self.0, v128_and(x.0, u32x4_splat(0x8000_0000))))
-    }
-}
-
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-impl Lane {
-    #[inline(always)]
-    fn one(x: f32) -> Self {
-        Lane(core::arch::wasm32::f32x4_splat(x))
     }
     #[inline(always)]
     fn first(self) -> f32 {
@@ -482,14 +476,6 @@ impl Lanes for Lane {
         Lane(f32::from_bits(
             self.0.to_bits() | (x.0.to_bits() & 0x8000_0000),
         ))
-    }
-}
-
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-impl Lane {
-    #[inline(always)]
-    fn one(x: f32) -> Self {
-        Lane(x)
     }
     #[inline(always)]
     fn first(self) -> f32 {
@@ -1037,7 +1023,7 @@ mod tests {
         let mut x = -80f32;
         while x < 80.0 {
             let rel =
-                ((exp(Lane::one(x)).first() as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+                ((exp(Lane::splat(x)).first() as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
             worst_exp = worst_exp.max(rel);
             x += 0.01;
         }
@@ -1057,7 +1043,7 @@ mod tests {
         let mut worst = 0f64;
         for i in -6000..=6000 {
             let x = i as f32 / 1000.0;
-            worst = worst.max((erf(Lane::one(x)).first() as f64 - erf64(x as f64)).abs());
+            worst = worst.max((erf(Lane::splat(x)).first() as f64 - erf64(x as f64)).abs());
         }
         // Method error ≤ 6e-8 (see `erf`) plus the f32 rounding of a result below 1 (≤ 6e-8 per operation, two).
         assert!(worst < 2e-7, "erf absolute error {worst}");
