@@ -402,7 +402,6 @@ impl Embedder {
         config: &EmbedderConfig,
     ) -> Result<(Runner, usize)> {
         let onnx_err = model_err("model.onnx");
-        let tract_err = |e: TractError| onnx_err(format!("{e:#}"));
         let mut proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(model_onnx)
             .map_err(|e| onnx_err(format!("not a valid ONNX protobuf: {e}")))?;
         // Intermediate shapes in `value_info` are exporter hints, sometimes wrong (the MiniLM int8 export
@@ -586,10 +585,6 @@ impl Embedder {
             #[cfg(feature = "onnx")]
             Runner::Tract(plan) => {
                 let feeds = self.feeds(&seqs)?;
-                let tract_err = |e: TractError| Error::Model {
-                    file: "model.onnx",
-                    detail: format!("{e:#}"),
-                };
                 let mut state =
                     tract_onnx::tract_core::plan::SimpleState::new(plan).map_err(tract_err)?;
                 state
@@ -640,10 +635,6 @@ impl Embedder {
                 mask[r * s + c] = 1;
             }
         }
-        let tract_err = |e: TractError| Error::Model {
-            file: "model.onnx",
-            detail: format!("{e:#}"),
-        };
         let make = |data: &[i64], dt: IdType| -> Result<TValue> {
             let dt = dt.datum_type();
             let t =
@@ -685,10 +676,6 @@ impl Embedder {
             #[cfg(feature = "onnx")]
             Runner::Tract(plan) => {
                 let (b, s) = (seqs.len(), seqs.iter().map(|q| q.len()).max().unwrap_or(1));
-                let tract_err = |e: TractError| Error::Model {
-                    file: "model.onnx",
-                    detail: format!("{e:#}"),
-                };
                 let feeds = self.feeds(seqs)?;
                 let outputs = plan.run(feeds).map_err(tract_err)?;
                 let states = outputs[0].to_plain_array_view::<f32>().map_err(tract_err)?;
@@ -737,6 +724,15 @@ impl Embedder {
             v.iter_mut().for_each(|x| *x /= norm);
         }
         v
+    }
+}
+
+/// A tract failure as the model's error.
+#[cfg(feature = "onnx")]
+fn tract_err(e: TractError) -> Error {
+    Error::Model {
+        file: "model.onnx",
+        detail: format!("{e:#}"),
     }
 }
 
