@@ -61,6 +61,7 @@ pub struct Gpu {
     lost: Arc<AtomicBool>,
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
+    matmul_module: wgpu::ShaderModule,
     matvec: Mutex<Vec<((u32, u32), wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
@@ -235,16 +236,28 @@ pub struct Dispatch {
     pub bind_group: wgpu::BindGroup,
     /// Workgroup counts.
     pub grid: Grid,
-    /// For steps of several tokens: a pipeline handling `TILE` tokens per workgroup (same bindings).
+    /// For steps of 2..=`TILE` tokens: a pipeline handling `TILE` tokens per workgroup (same bindings).
     pub tiled: Option<wgpu::ComputePipeline>,
+    /// For steps of more than `TILE` tokens: the matrix-matrix pipeline (matmul.wgsl, same bindings) and its
+    /// workgroups for the rows (x, y); z is the token tiles.
+    pub gemm: Option<(wgpu::ComputePipeline, u32, u32)>,
 }
 
-/// Tokens per workgroup of the tiled matvec pipeline (prefill).
+/// Tokens per workgroup of the tiled matvec pipeline; longer steps (prefill) take the matrix-matrix kernel.
 pub const TILE: u32 = 8;
+
+/// Rows and tokens of one matmul.wgsl workgroup's tile.
+pub const GEMM_TILE: u32 = 64;
 
 impl Dispatch {
     /// Record into a compute pass for a step of `n` tokens.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        if let (Some((p, x, y)), true) = (&self.gemm, n > TILE) {
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, &self.bind_group, &[]);
+            pass.dispatch_workgroups(*x, *y, n.div_ceil(GEMM_TILE));
+            return;
+        }
         if let (Some(p), Grid::TokensZ(x, y), true) = (&self.tiled, self.grid, n > 1) {
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
@@ -305,6 +318,13 @@ const MATVEC_T_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/matvec_t.wgsl")
 );
+const MATMUL_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/matmul.wgsl")
+);
+
+/// `matvec_pipeline`'s tile value for matmul.wgsl.
+const MATMUL: u32 = 0;
 
 /// Tokens per workgroup of matvec_t.wgsl.
 const T_TILE: usize = 8;
@@ -375,6 +395,7 @@ impl Gpu {
         };
         let matvec_module = shader(&device, "matvec", MATVEC_WGSL).await?;
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
+        let matmul_module = shader(&device, "matmul", MATMUL_WGSL).await?;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -431,6 +452,7 @@ impl Gpu {
             lost,
             matvec_layout,
             matvec_module,
+            matmul_module,
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
@@ -576,6 +598,7 @@ impl Gpu {
         })
     }
 
+    /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`).
     fn matvec_pipeline(&self, ty: GgmlType, tile: u32) -> wgpu::ComputePipeline {
         let mut cache = self.matvec.lock().unwrap();
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == (ty.id(), tile)) {
@@ -588,15 +611,24 @@ impl Gpu {
                 bind_group_layouts: &[Some(&self.matvec_layout)],
                 immediate_size: 0,
             });
+        let (label, module, constants): (_, _, &[(&str, f64)]) = if tile == MATMUL {
+            ("matmul", &self.matmul_module, &[("TY", ty.id() as f64)])
+        } else {
+            (
+                "matvec",
+                &self.matvec_module,
+                &[("TY", ty.id() as f64), ("TT", tile as f64)],
+            )
+        };
         let p = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("matvec"),
+                label: Some(label),
                 layout: Some(&layout),
-                module: &self.matvec_module,
+                module,
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[("TY", ty.id() as f64), ("TT", tile as f64)],
+                    constants,
                     ..Default::default()
                 },
                 cache: None,
@@ -608,7 +640,7 @@ impl Gpu {
     /// The dispatches computing `y (+)= scale · W·x (+ bias)` for the step's tokens (`step` holds `[pos0, n,
     /// 0, 0]`): `x` holds token t's input at `in_off + t·in_stride`, `y` gets row r of token t at
     /// `out_off + t·out_stride + r`. Built once, recorded as often as needed (the buffers' contents may change
-    /// between recordings); steps of several tokens use the tiled pipeline.
+    /// between recordings); steps of up to `TILE` tokens use the tiled pipeline, longer ones matmul.wgsl.
     pub fn matvec_dispatches(
         &self,
         m: &GpuMatrix,
@@ -620,6 +652,7 @@ impl Gpu {
     ) -> Vec<Dispatch> {
         let pipeline = self.matvec_pipeline(m.ty, 1);
         let tiled = self.matvec_pipeline(m.ty, TILE);
+        let gemm = self.matvec_pipeline(m.ty, MATMUL);
         let dummy;
         let bias_buf = match bias {
             Some(b) => b,
@@ -675,11 +708,14 @@ impl Gpu {
                 });
                 let groups = rows.div_ceil(4) as u32;
                 let gx = groups.min(65_535);
+                let tiles = (*rows as u32).div_ceil(GEMM_TILE);
+                let tx = tiles.min(65_535);
                 Dispatch {
                     pipeline: pipeline.clone(),
                     bind_group,
                     grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
                     tiled: Some(tiled.clone()),
+                    gemm: Some((gemm.clone(), tx, tiles.div_ceil(tx))),
                 }
             })
             .collect()
@@ -730,6 +766,7 @@ impl Gpu {
             bind_group,
             grid,
             tiled: None,
+            gemm: None,
         }
     }
 

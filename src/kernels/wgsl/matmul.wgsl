@@ -1,0 +1,124 @@
+// Y[t][r] (+)= scale · (W[r] · X[t]) (+ bias[r]) for a step of many tokens (prefill): the matrix-matrix product,
+// with the same bindings and parameters as matvec.wgsl, so one bind group serves both.
+//
+// A workgroup of 256 invocations computes a tile of 64 rows × 64 tokens. The shared dimension is walked 32 columns
+// at a time: the workgroup decodes the tile's 64 × 32 weights (each element with weight_at, the reference's
+// operations in the reference's association, so the weights are bit-identical to quant::dequantize_row_ref) and
+// copies the 64 tokens' 32 inputs into workgroup memory, then each invocation multiplies a 4-row × 4-token block
+// out of it, in registers (16 sums, two vec4 reads per 16 multiply-adds). Each weight is decoded once per 64
+// tokens. Workgroup memory: two 8 KiB tiles, exactly WebGPU's default 16 KiB limit.
+//
+// Each sum runs over the columns in order (one fma each), so it is a different order from matvec.wgsl's; the
+// results agree within the usual bound for two orders of an f32 sum, not bit for bit.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_bytes: u32,
+    w_off: u32,
+    in_off: u32,
+    in_stride: u32,
+    out_off: u32,
+    out_stride: u32,
+    accumulate: u32,
+    has_bias: u32,
+    scale: f32,
+    bias_off: u32,
+}
+
+override TY: u32 = 0u;
+struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
+
+@group(0) @binding(0) var<storage, read> W: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<storage, read> BIAS: array<f32>;
+@group(0) @binding(4) var<uniform> P: Params;
+@group(0) @binding(5) var<uniform> STEP: Step;
+
+const BM: u32 = 64u; // rows per tile
+const BN: u32 = 64u; // tokens per tile
+const BK: u32 = 32u; // columns per pass
+// ws[k * 16 + r / 4][r % 4] = W[row0 + r][k0 + k]; xs[k * 16 + t / 4][t % 4] = X[tok0 + t][k0 + k].
+var<workgroup> ws: array<vec4<f32>, 512>;
+var<workgroup> xs: array<vec4<f32>, 512>;
+
+fn store(r: u32, t0: u32, v: vec4<f32>) {
+    if (r >= P.rows) {
+        return;
+    }
+    for (var c = 0u; c < 4u; c++) {
+        let t = t0 + c;
+        if (t < STEP.n) {
+            var y = v[c] * P.scale;
+            if (P.has_bias != 0u) {
+                y += BIAS[P.bias_off + r];
+            }
+            let o = P.out_off + t * P.out_stride + r;
+            if (P.accumulate != 0u) {
+                y += Y[o];
+            }
+            Y[o] = y;
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row0 = (wg.x + wg.y * nwg.x) * BM;
+    let tok0 = wg.z * BN;
+    // Loading: invocation li fills 8 neighbouring columns (part lp) of tile row / token lr.
+    let lr = li / 4u;
+    let lp = li % 4u;
+    let w_row = row0 + lr;
+    let rb = P.w_off + w_row * P.row_bytes;
+    let x_tok = tok0 + lr;
+    let xb = P.in_off + x_tok * P.in_stride;
+    let w_ok = w_row < P.rows;
+    let x_ok = x_tok < STEP.n;
+    // Computing: rows 4·ty .. 4·ty + 3 of the tile, tokens 4·tx .. 4·tx + 3.
+    let tx = li % 16u;
+    let ty = li / 16u;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < P.cols; k0 += BK) {
+        for (var e = 0u; e < 8u; e++) {
+            let k = lp * 8u + e;
+            let c = k0 + k;
+            var w = 0.0;
+            var x = 0.0;
+            if (c < P.cols) {
+                if (w_ok) {
+                    w = weight_at(rb, c);
+                }
+                if (x_ok) {
+                    x = X[xb + c];
+                }
+            }
+            ws[k * 16u + lr / 4u][lr % 4u] = w;
+            xs[k * 16u + lr / 4u][lr % 4u] = x;
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < BK; k++) {
+            let a = ws[k * 16u + ty];
+            let b = xs[k * 16u + tx];
+            a0 = fma(vec4<f32>(a.x), b, a0);
+            a1 = fma(vec4<f32>(a.y), b, a1);
+            a2 = fma(vec4<f32>(a.z), b, a2);
+            a3 = fma(vec4<f32>(a.w), b, a3);
+        }
+        workgroupBarrier();
+    }
+    let r = row0 + ty * 4u;
+    let t = tok0 + tx * 4u;
+    store(r, t, a0);
+    store(r + 1u, t, a1);
+    store(r + 2u, t, a2);
+    store(r + 3u, t, a3);
+}
