@@ -214,6 +214,94 @@ async fn matvec_every_format() {
     check_matvec(&g, Some(1024)).await;
 }
 
+gpu_test!(the_products_normalize_or_gate_their_input, input_transforms);
+/// The input transforms that let the decoder skip its norm and SwiGLU launches, in both product kernels (3
+/// tokens: matvec.wgsl; 70: matmul.wgsl) and with a forced row split, against an f64 reference: x' = x ·
+/// (1/√(mean x² + eps)) · w, or silu(x) · u, then the dequantized row's dot product. Bound, for an n-term sum:
+/// n·ε·Σ|w·x'| for the order (as in `check_matvec`), plus each x' element's own error carried into the sum: for
+/// RMSNorm the f32 sum of n squares ((n−1)·u, all terms positive), the square root and reciprocal and the two
+/// products (≤ 4u more); for SwiGLU WGSL's exp (≤ 3 + 2·|x| ULP, |x| ≤ 2 here: 7u), 1 + e, the division and the
+/// product (≤ 4u more) — 2n·ε·Σ|w·x'| covers both for the n ≥ 32 used here.
+async fn input_transforms() {
+    use lorag::kernels::gpu::{Input, MatvecParams};
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(77);
+    for ty in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q6_K] {
+        let cols = if ty == GgmlType::Q6_K { 256 } else { 96 };
+        for (rows, n, cap) in [(37, 3, None), (101, 70, None), (101, 70, Some(1024))] {
+            let w = random_rows(ty, rows, cols, &mut rng);
+            let m = upload(&g, ty, &w, rows, cols, cap);
+            let step = g.uniform(&[0, n as u32, 0, 0]);
+            let xs = rand_vec(&mut rng, n * cols, 2.0);
+            let norm_w = rand_vec(&mut rng, cols, 1.5);
+            let up = rand_vec(&mut rng, n * cols, 1.0);
+            let eps = 1e-5f32;
+            let rb = ty.row_bytes(cols).unwrap();
+            let mut deq = vec![0.0f32; rows * cols];
+            for r in 0..rows {
+                quant::dequantize_row_ref(
+                    ty,
+                    &w[r * rb..(r + 1) * rb],
+                    &mut deq[r * cols..(r + 1) * cols],
+                );
+            }
+            for input in [Input::RmsNorm { eps }, Input::SwiGlu] {
+                let x = g.f32_buffer("x", &xs);
+                let aux = g.f32_buffer("aux", if input == Input::SwiGlu { &up } else { &norm_w });
+                let y = g.f32_buffer("y", &vec![0.0; n * rows]);
+                let d = g.matvec_dispatches_with(
+                    &m,
+                    &x,
+                    &y,
+                    None,
+                    Some(&aux),
+                    &step,
+                    MatvecParams {
+                        in_stride: cols as u32,
+                        out_stride: rows as u32,
+                        scale: 1.0,
+                        input,
+                        ..Default::default()
+                    },
+                );
+                let got = g.run_and_read(&d, n as u32, &y, n * rows).await.unwrap();
+                for t in 0..n {
+                    let x = &xs[t * cols..(t + 1) * cols];
+                    let inv = 1.0
+                        / (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64
+                            + eps as f64)
+                            .sqrt();
+                    let xp: Vec<f64> = (0..cols)
+                        .map(|c| match input {
+                            Input::SwiGlu => {
+                                let v = x[c] as f64;
+                                v / (1.0 + (-v).exp()) * up[t * cols + c] as f64
+                            }
+                            _ => x[c] as f64 * inv * norm_w[c] as f64,
+                        })
+                        .collect();
+                    for r in 0..rows {
+                        let row = &deq[r * cols..(r + 1) * cols];
+                        let want: f64 = row.iter().zip(&xp).map(|(&a, b)| a as f64 * b).sum();
+                        let mag: f64 = row
+                            .iter()
+                            .zip(&xp)
+                            .map(|(&a, b)| (a as f64 * b).abs())
+                            .sum();
+                        let tol = 2.0 * cols as f64 * f32::EPSILON as f64 * mag;
+                        let v = got[t * rows + r] as f64;
+                        assert!(
+                            (v - want).abs() <= tol,
+                            "{} {input:?} {n} tokens, token {t} row {r}: GPU {v} vs {want} (tolerance {tol})",
+                            ty.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 gpu_test!(unsupported_formats_and_bad_shapes_are_errors, bad_uploads);
 async fn bad_uploads() {
     let Some(g) = gpu().await else { return };
@@ -301,6 +389,13 @@ async fn tiny_decoder() {
                 GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 16, batch, &lora)
                     .unwrap();
             let mut cache = m.new_cache(16).unwrap();
+            // Per layer 9 launches (the norms and SwiGLU run inside the products), the final norm and the
+            // output projection; two more per adapted matrix (2 layers × 7).
+            let n_layer = m.weights.layers.len();
+            assert_eq!(
+                s.launches(),
+                9 * n_layer + 2 + 2 * 7 * n_layer * adapters.len()
+            );
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();
             close(&gpu_logits, &cpu_logits, "prompt");

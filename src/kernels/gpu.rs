@@ -154,10 +154,34 @@ pub struct MatvecParams {
     pub scale: f32,
     /// Offset of bias\[0\] in the bias buffer.
     pub bias_off: u32,
+    /// What the kernel does to the input on the way in (the auxiliary buffer of
+    /// [`Gpu::matvec_dispatches_with`] holds its other operand).
+    pub input: Input,
+}
+
+/// An input transform of the matvec and matmul kernels: the decoder's RMSNorm and SwiGLU run inside the products
+/// that read their results instead of in launches of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Input {
+    /// x as it is.
+    #[default]
+    Plain,
+    /// x · (1 / sqrt(mean(x²) + eps)) · aux\[c\] (aux: the norm weights, one per column).
+    RmsNorm {
+        /// Epsilon.
+        eps: f32,
+    },
+    /// silu(x) · aux (aux: the up projection, laid out as x).
+    SwiGlu,
 }
 
 impl MatvecParams {
-    fn bytes(&self) -> [u8; 48] {
+    fn bytes(&self) -> [u8; 64] {
+        let (mode, eps) = match self.input {
+            Input::Plain => (0, 0.0f32),
+            Input::RmsNorm { eps } => (1, eps),
+            Input::SwiGlu => (2, 0.0),
+        };
         let w = [
             self.rows,
             self.cols,
@@ -171,8 +195,12 @@ impl MatvecParams {
             self.has_bias as u32,
             self.scale.to_bits(),
             self.bias_off,
+            mode,
+            eps.to_bits(),
+            0,
+            0,
         ];
-        let mut out = [0u8; 48];
+        let mut out = [0u8; 64];
         for (o, v) in out.chunks_exact_mut(4).zip(w) {
             o.copy_from_slice(&v.to_le_bytes());
         }
@@ -425,6 +453,7 @@ impl Gpu {
                 storage(3, true),
                 uniform(4),
                 uniform(5),
+                storage(6, true),
             ],
         });
         let mut kernels = Vec::new();
@@ -650,17 +679,29 @@ impl Gpu {
         step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
+        self.matvec_dispatches_with(m, x, y, bias, None, step, base)
+    }
+
+    /// [`Gpu::matvec_dispatches`] with an input transform (`base.input`) and its auxiliary operand `aux`: the
+    /// norm weights (one per column) or the up projection (laid out as `x`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_dispatches_with(
+        &self,
+        m: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        aux: Option<&wgpu::Buffer>,
+        step: &wgpu::Buffer,
+        base: MatvecParams,
+    ) -> Vec<Dispatch> {
         let pipeline = self.matvec_pipeline(m.ty, 1);
         let tiled = self.matvec_pipeline(m.ty, TILE);
         let gemm = self.matvec_pipeline(m.ty, MATMUL);
-        let dummy;
-        let bias_buf = match bias {
-            Some(b) => b,
-            None => {
-                dummy = self.buffer("no bias", 4, wgpu::BufferUsages::STORAGE);
-                &dummy
-            }
-        };
+        let dummy = (bias.is_none() || aux.is_none())
+            .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
+        let bias_buf = bias.or(dummy.as_ref()).unwrap();
+        let aux_buf = aux.or(dummy.as_ref()).unwrap();
         m.chunks
             .iter()
             .map(|(buf, r0, rows)| {
@@ -703,6 +744,10 @@ impl Gpu {
                         wgpu::BindGroupEntry {
                             binding: 5,
                             resource: step.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 6,
+                            resource: aux_buf.as_entire_binding(),
                         },
                     ],
                 });

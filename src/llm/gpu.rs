@@ -3,14 +3,17 @@
 //! [`GpuWeights`] uploads every matrix once, still quantized. A [`GpuSession`] is one conversation: the KV cache
 //! and activations live on the GPU, and every kernel launch of a step (all layers, the final norm, the output
 //! projection, the active adapters' low-rank products) is built once, with its bind group, when the session
-//! starts. A step then writes the new tokens' embeddings and the step's position into two small buffers, records
+//! starts: per layer, q, k and v (each normalizing its input itself), RoPE with the cache writes, attention, the
+//! output projection (adding into the residual), gate and up (normalizing likewise), and down (applying SwiGLU to
+//! its input, adding into the residual): 9 launches, plus the final norm and the output projection (and two per
+//! adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records
 //! the launches into one compute pass, submits once, and reads back only the logits: no buffer or bind group is
 //! created per token.
 
 use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
-use crate::kernels::gpu::{Dispatch, Gpu, GpuMatrix, Grid, Kernel, MatvecParams};
+use crate::kernels::gpu::{Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams};
 use crate::{Error, Result};
 
 /// One layer on the GPU.
@@ -103,6 +106,14 @@ impl std::fmt::Debug for GpuSession<'_> {
     }
 }
 
+/// A product's input: a buffer, how the kernel transforms it on the way in (the layer's norms and SwiGLU run
+/// inside the products that read their results), and the transform's other operand.
+type In<'b> = (&'b wgpu::Buffer, Input, Option<&'b wgpu::Buffer>);
+
+fn plain(b: &wgpu::Buffer) -> In<'_> {
+    (b, Input::Plain, None)
+}
+
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -170,44 +181,43 @@ impl<'a> GpuSession<'a> {
         let mut adapters = Vec::new();
         let mut ds: Vec<Dispatch> = Vec::new();
         let mv =
-            |m: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, bias, acc: bool, scale: f32| {
-                gpu.matvec_dispatches(
+            |m: &GpuMatrix, (x, input, aux): In, y: &wgpu::Buffer, bias, acc: bool, scale: f32| {
+                gpu.matvec_dispatches_with(
                     m,
                     x,
                     y,
                     bias,
+                    aux,
                     &step,
                     MatvecParams {
                         in_stride: m.cols as u32,
                         out_stride: m.rows as u32,
                         accumulate: acc,
                         scale,
+                        input,
                         ..Default::default()
                     },
                 )
             };
+        let normed = Input::RmsNorm { eps: c.eps };
         let half = c.rope_dim / 2;
         let groups_rope = (c.n_head * half + kv_dim) as u32;
         for (li, l) in gw.layers.iter().enumerate() {
             let cache_off = (li * n_ctx * kv_dim) as u32;
-            let norm_p = gpu.uniform(&[d as u32, 0, c.eps.to_bits(), 0]);
-            ds.push(gpu.dispatch(
-                Kernel::RmsNorm,
-                &[&x, &l.attn_norm, &h, &norm_p, &step],
-                Grid::TokensX,
-            ));
+            let attn_in = (&x, normed, Some(&l.attn_norm));
+            let ffn_in = (&x, normed, Some(&l.ffn_norm));
             // (matrix index, input, output, accumulate into the output)
-            let plan: [(usize, &wgpu::Buffer, &wgpu::Buffer, bool); 7] = [
-                (0, &h, &q, false),
-                (1, &h, &k, false),
-                (2, &h, &v, false),
-                (3, &att, &x, true),
-                (4, &h, &g, false),
-                (5, &h, &u, false),
-                (6, &g, &x, true),
+            let plan: [(usize, In, &wgpu::Buffer, bool); 7] = [
+                (0, attn_in, &q, false),
+                (1, attn_in, &k, false),
+                (2, attn_in, &v, false),
+                (3, plain(&att), &x, true),
+                (4, ffn_in, &g, false),
+                (5, ffn_in, &u, false),
+                (6, (&g, Input::SwiGlu, Some(&u)), &x, true),
             ];
             let mut lora_ds = |idx: usize,
-                               input: &wgpu::Buffer,
+                               input: In,
                                out: &wgpu::Buffer|
              -> Result<Vec<Dispatch>> {
                 let mut out_ds = Vec::new();
@@ -232,17 +242,17 @@ impl<'a> GpuSession<'a> {
                     let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
                     let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
                     out_ds.extend(mv(&am, input, &t, None, false, 1.0));
-                    out_ds.extend(mv(&bm, &t, out, None, true, weight * lm.scale));
+                    out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale));
                     keep.push(t);
                     adapters.push(am);
                     adapters.push(bm);
                 }
                 Ok(out_ds)
             };
-            for (idx, input, out, acc) in &plan[..3] {
-                let bias = l.bias[*idx].as_ref();
-                ds.extend(mv(&l.mats[*idx], input, out, bias, *acc, 1.0));
-                ds.extend(lora_ds(*idx, input, out)?);
+            for &(idx, input, out, acc) in &plan[..3] {
+                let bias = l.bias[idx].as_ref();
+                ds.extend(mv(&l.mats[idx], input, out, bias, acc, 1.0));
+                ds.extend(lora_ds(idx, input, out)?);
             }
             let rope_p = gpu.uniform(&[
                 c.n_head as u32,
@@ -277,26 +287,11 @@ impl<'a> GpuSession<'a> {
             let (idx, input, out, acc) = plan[3];
             ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
             ds.extend(lora_ds(idx, input, out)?);
-            let norm_p2 = gpu.uniform(&[d as u32, 0, c.eps.to_bits(), 0]);
-            ds.push(gpu.dispatch(
-                Kernel::RmsNorm,
-                &[&x, &l.ffn_norm, &h, &norm_p2, &step],
-                Grid::TokensX,
-            ));
-            for (idx, input, out, acc) in &plan[4..6] {
-                ds.extend(mv(&l.mats[*idx], input, out, None, *acc, 1.0));
-                ds.extend(lora_ds(*idx, input, out)?);
+            for &(idx, input, out, acc) in &plan[4..] {
+                ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
+                ds.extend(lora_ds(idx, input, out)?);
             }
-            let sw_p = gpu.uniform(&[ff as u32, 0, 0, 0]);
-            ds.push(gpu.dispatch(
-                Kernel::SwiGlu,
-                &[&g, &u, &sw_p, &step],
-                Grid::Flat(ff as u32),
-            ));
-            let (idx, input, out, acc) = plan[6];
-            ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
-            ds.extend(lora_ds(idx, input, out)?);
-            keep.extend([norm_p, norm_p2, rope_p, att_p, sw_p]);
+            keep.extend([rope_p, att_p]);
         }
         let final_p = gpu.uniform(&[d as u32, 1, c.eps.to_bits(), 0]);
         ds.push(gpu.dispatch(
@@ -305,7 +300,7 @@ impl<'a> GpuSession<'a> {
             Grid::One,
         ));
         // The output projection runs for one token (the last), whatever the step's size.
-        let out_ds = mv(&gw.output, &h, &logits, None, false, 1.0);
+        let out_ds = mv(&gw.output, plain(&h), &logits, None, false, 1.0);
         keep.push(final_p);
         Ok(GpuSession {
             gpu,
@@ -330,6 +325,11 @@ impl GpuSession<'_> {
     /// Capacity in tokens.
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Kernel launches per step.
+    pub fn launches(&self) -> usize {
+        self.dispatches.len() + self.output.len()
     }
 
     /// Run `tokens` (at positions `len..`) through the model, in steps of at most the session's batch; returns

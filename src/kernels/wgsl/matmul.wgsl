@@ -10,6 +10,9 @@
 //
 // Each sum runs over the columns in order (one fma each), so it is a different order from matvec.wgsl's; the
 // results agree within the usual bound for two orders of an f32 sum, not bit for bit.
+//
+// The input transforms (P.mode: 1 RMSNorm with the norm weights in AUX, 2 SwiGLU with the up projection in AUX)
+// are matvec.wgsl's, applied as the tokens' inputs are copied into the tile.
 
 struct Params {
     rows: u32,
@@ -24,6 +27,10 @@ struct Params {
     has_bias: u32,
     scale: f32,
     bias_off: u32,
+    mode: u32,
+    eps: f32,
+    _a: u32,
+    _b: u32,
 }
 
 override TY: u32 = 0u;
@@ -35,6 +42,7 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(3) var<storage, read> BIAS: array<f32>;
 @group(0) @binding(4) var<uniform> P: Params;
 @group(0) @binding(5) var<uniform> STEP: Step;
+@group(0) @binding(6) var<storage, read> AUX: array<f32>;
 
 const BM: u32 = 64u; // rows per tile
 const BN: u32 = 64u; // tokens per tile
@@ -80,6 +88,19 @@ fn main(
     let xb = P.in_off + x_tok * P.in_stride;
     let w_ok = w_row < P.rows;
     let x_ok = x_tok < STEP.n;
+    // RMSNorm: token lr's mean square, from its four loaders' partial sums (xs as scratch).
+    var inv = 1.0;
+    if (P.mode == 1u) {
+        var s = 0.0;
+        if (x_ok) {
+            for (var i = lp; i < P.cols; i += 4u) { s += X[xb + i] * X[xb + i]; }
+        }
+        xs[lr][lp] = s;
+        workgroupBarrier();
+        let q = xs[lr];
+        inv = 1.0 / sqrt(((q.x + q.y) + (q.z + q.w)) / f32(P.cols) + P.eps);
+        workgroupBarrier();
+    }
     // Computing: rows 4·ty .. 4·ty + 3 of the tile, tokens 4·tx .. 4·tx + 3.
     let tx = li % 16u;
     let ty = li / 16u;
@@ -99,6 +120,11 @@ fn main(
                 }
                 if (x_ok) {
                     x = X[xb + c];
+                    switch P.mode {
+                        case 1u: { x = x * inv * AUX[c]; }
+                        case 2u: { x = x / (1.0 + exp(-x)) * AUX[xb + c]; }
+                        default: {}
+                    }
                 }
             }
             ws[k * 16u + lr / 4u][lr % 4u] = w;

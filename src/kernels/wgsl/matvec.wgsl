@@ -9,6 +9,10 @@
 // lanes take units round-robin and are summed in workgroup memory. Workgroups are laid out in x and y (more than
 // 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each token's sum runs in the same
 // order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines give identical bits.
+//
+// The input may be transformed on the way in (P.mode), which saves the decoder a launch each time: 1, RMSNorm
+// (x · (1 / sqrt(mean(x²) + eps)) · AUX[c], the norm weights; each workgroup computes its tokens' mean square);
+// 2, SwiGLU (silu(x) · AUX[same place], the up projection).
 
 struct Params {
     rows: u32,
@@ -23,6 +27,10 @@ struct Params {
     has_bias: u32,
     scale: f32,
     bias_off: u32,   // bias[bias_off + row]
+    mode: u32,       // input transform: 0 none, 1 RMSNorm, 2 SwiGLU
+    eps: f32,        // RMSNorm's epsilon
+    _a: u32,
+    _b: u32,
 }
 
 override TY: u32 = 0u;
@@ -36,6 +44,7 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(3) var<storage, read> BIAS: array<f32>;
 @group(0) @binding(4) var<uniform> P: Params;
 @group(0) @binding(5) var<uniform> STEP: Step;
+@group(0) @binding(6) var<storage, read> AUX: array<f32>;
 
 const LANES: u32 = 16u;
 const RPW: u32 = 4u;
@@ -43,10 +52,22 @@ var<workgroup> part: array<f32, 512>;
 var<private> acc: array<f32, 8>;
 var<private> xo: array<u32, 8>;
 var<private> nt: u32;
+var<private> cu: u32;            // the unit's first column
+var<workgroup> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the tile's tokens
+
+// The input of token t at X[i] (column c), after the transform.
+fn input(t: u32, i: u32, c: u32) -> f32 {
+    let x = X[i];
+    switch P.mode {
+        case 1u: { return x * inv[t] * AUX[c]; }
+        case 2u: { return x / (1.0 + exp(-x)) * AUX[i]; }
+        default: { return x; }
+    }
+}
 
 // acc[t] += w · x_t[j] for the tile's tokens.
 fn put(j: u32, w: f32) {
-    for (var t = 0u; t < nt; t++) { acc[t] += w * X[xo[t] + j]; }
+    for (var t = 0u; t < nt; t++) { acc[t] += w * input(t, xo[t] + j, cu + j); }
 }
 
 // Unit u of row r dotted with the tile's inputs (xo[t] = start of unit u in token t's input), into acc[t].
@@ -172,11 +193,32 @@ fn main(
     let lane = li % LANES;
     let tok0 = wg.z * TT;
     nt = min(TT, STEP.n - min(STEP.n, tok0));
+    if (P.mode == 1u) {
+        // Each token's mean square, by the workgroup's 64 invocations (part[] as scratch).
+        for (var t = 0u; t < TT; t++) {
+            var s = 0.0;
+            if (t < nt) {
+                let x0 = P.in_off + (tok0 + t) * P.in_stride;
+                for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
+            }
+            part[li] = s;
+            workgroupBarrier();
+            for (var k = 32u; k > 0u; k = k / 2u) {
+                if (li < k) { part[li] += part[li + k]; }
+                workgroupBarrier();
+            }
+            if (li == 0u) {
+                inv[t] = 1.0 / sqrt(part[0] / f32(P.cols) + P.eps);
+            }
+            workgroupBarrier();
+        }
+    }
     for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
         let units = (P.cols + 31u) / 32u;
         for (var u = lane; u < units; u += LANES) {
             for (var t = 0u; t < nt; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
+            cu = u * 32u;
             unit_dot(row, u);
         }
     }
