@@ -1,6 +1,6 @@
 //! GPU kernel and generation speed, for the machines that have a GPU (on a software adapter the figures only
-//! show that it runs): the matvec kernel's bandwidth and arithmetic on a 4096 × 4096 matrix per format, one token
-//! and a tile of 64, and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
+//! show that it runs): the products' bandwidth and arithmetic on a 4096 × 4096 matrix per format (one token:
+//! matvec.wgsl; 64 and 256 tokens: matmul.wgsl), and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
 //! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3).
 //!   cargo bench --bench gpu
 use lorag::kernels::gpu::{Gpu, MatvecParams};
@@ -35,7 +35,7 @@ fn main() {
             .unwrap_or(4096)
     };
     let (rows, cols) = (dim("GPU_ROWS"), dim("GPU_COLS"));
-    println!("matvec on {rows} × {cols}: one submission of {LAUNCHES} launches, time per launch");
+    println!("products on {rows} × {cols}: one submission of {LAUNCHES} launches, time per launch");
     let mut s = 0x1234_5678u64;
     let mut next = move || {
         s ^= s << 13;

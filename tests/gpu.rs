@@ -215,17 +215,21 @@ async fn matvec_every_format() {
 }
 
 gpu_test!(the_products_normalize_or_gate_their_input, input_transforms);
-/// The input transforms that let the decoder skip its norm and SwiGLU launches, in both product kernels (3
-/// tokens: matvec.wgsl; 70: matmul.wgsl) and with a forced row split, against an f64 reference: x' = x ·
-/// (1/√(mean x² + eps)) · w, or silu(x) · u, then the dequantized row's dot product. Bound, for an n-term sum:
-/// n·ε·Σ|w·x'| for the order (as in `check_matvec`), plus each x' element's own error carried into the sum: for
-/// RMSNorm the f32 sum of n squares ((n−1)·u, all terms positive), the square root and reciprocal and the two
-/// products (≤ 4u more); for SwiGLU WGSL's exp (≤ 3 + 2·|x| ULP, |x| ≤ 2 here: 7u), 1 + e, the division and the
-/// product (≤ 4u more) — 2n·ε·Σ|w·x'| covers both for the n ≥ 32 used here.
+/// The fusions that let the decoder skip its norm and SwiGLU launches, in both product kernels (3 tokens:
+/// matvec.wgsl; 70: matmul.wgsl) and with a forced row split, against an f64 reference.
+/// - RMSNorm on the input: x' = x · (1/√(mean x² + eps)) · w, then the dequantized row's dot product. Bound:
+///   n·ε·Σ|w·x'| for the summation order (as in `check_matvec`) plus each x' element's own error carried into the
+///   sum: the f32 sum of n squares ((n−1)·u, all terms positive), the square root, reciprocal and two products
+///   (≤ 4u more): 2n·ε·Σ|w·x'| covers both for the n ≥ 96 here.
+/// - SwiGLU on the output: y = silu(g) · (row · x). Bound: |silu(g)| · n·ε·Σ|w·x| for the sum, plus silu's own
+///   error on |y|: WGSL's exp (≤ 3 + 2·|g| ULP, |g| ≤ 2 here: 7u), 1 + e, the division and the product (≤ 4u
+///   more): 16ε·|y| covers it.
 async fn input_transforms() {
     use lorag::kernels::gpu::{Input, MatvecParams};
     let Some(g) = gpu().await else { return };
     let mut rng = common::Rng(77);
+    let eps = 1e-5f32;
+    let silu = |v: f64| v / (1.0 + (-v).exp());
     for ty in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q6_K] {
         let cols = if ty == GgmlType::Q6_K { 256 } else { 96 };
         for (rows, n, cap) in [(37, 3, None), (101, 70, None), (101, 70, Some(1024))] {
@@ -234,65 +238,72 @@ async fn input_transforms() {
             let step = g.uniform(&[0, n as u32, 0, 0]);
             let xs = rand_vec(&mut rng, n * cols, 2.0);
             let norm_w = rand_vec(&mut rng, cols, 1.5);
-            let up = rand_vec(&mut rng, n * cols, 1.0);
-            let eps = 1e-5f32;
+            let gate = rand_vec(&mut rng, n * rows, 2.0);
             let rb = ty.row_bytes(cols).unwrap();
             let mut deq = vec![0.0f32; rows * cols];
             for r in 0..rows {
-                quant::dequantize_row_ref(
-                    ty,
-                    &w[r * rb..(r + 1) * rb],
-                    &mut deq[r * cols..(r + 1) * cols],
-                );
+                let row = &w[r * rb..(r + 1) * rb];
+                quant::dequantize_row_ref(ty, row, &mut deq[r * cols..(r + 1) * cols]);
             }
-            for input in [Input::RmsNorm { eps }, Input::SwiGlu] {
-                let x = g.f32_buffer("x", &xs);
-                let aux = g.f32_buffer("aux", if input == Input::SwiGlu { &up } else { &norm_w });
+            let (x, norm_b, gate_b) = (
+                g.f32_buffer("x", &xs),
+                g.f32_buffer("norm", &norm_w),
+                g.f32_buffer("gate", &gate),
+            );
+            for glu in [false, true] {
                 let y = g.f32_buffer("y", &vec![0.0; n * rows]);
-                let d = g.matvec_dispatches_with(
-                    &m,
-                    &x,
-                    &y,
-                    None,
-                    Some(&aux),
-                    &step,
-                    MatvecParams {
-                        in_stride: cols as u32,
-                        out_stride: rows as u32,
-                        scale: 1.0,
-                        input,
-                        ..Default::default()
-                    },
-                );
+                let input = if glu {
+                    Input::Plain
+                } else {
+                    Input::RmsNorm { eps }
+                };
+                let params = MatvecParams {
+                    in_stride: cols as u32,
+                    out_stride: rows as u32,
+                    scale: 1.0,
+                    input,
+                    glu,
+                    ..Default::default()
+                };
+                let (norm, gate_op) = if glu {
+                    (None, Some(&gate_b))
+                } else {
+                    (Some(&norm_b), None)
+                };
+                let d = g.matvec_dispatches_with(&m, &x, &y, None, norm, gate_op, &step, params);
                 let got = g.run_and_read(&d, n as u32, &y, n * rows).await.unwrap();
                 for t in 0..n {
                     let x = &xs[t * cols..(t + 1) * cols];
-                    let inv = 1.0
-                        / (x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64
-                            + eps as f64)
-                            .sqrt();
+                    let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+                    let inv = 1.0 / (ms + eps as f64).sqrt();
                     let xp: Vec<f64> = (0..cols)
-                        .map(|c| match input {
-                            Input::SwiGlu => {
-                                let v = x[c] as f64;
-                                v / (1.0 + (-v).exp()) * up[t * cols + c] as f64
-                            }
-                            _ => x[c] as f64 * inv * norm_w[c] as f64,
+                        .map(|c| match glu {
+                            true => x[c] as f64,
+                            false => x[c] as f64 * inv * norm_w[c] as f64,
                         })
                         .collect();
                     for r in 0..rows {
                         let row = &deq[r * cols..(r + 1) * cols];
-                        let want: f64 = row.iter().zip(&xp).map(|(&a, b)| a as f64 * b).sum();
+                        let dot: f64 = row.iter().zip(&xp).map(|(&a, b)| a as f64 * b).sum();
                         let mag: f64 = row
                             .iter()
                             .zip(&xp)
                             .map(|(&a, b)| (a as f64 * b).abs())
                             .sum();
-                        let tol = 2.0 * cols as f64 * f32::EPSILON as f64 * mag;
+                        let e = f32::EPSILON as f64;
+                        let (want, tol) = if glu {
+                            let s = silu(gate[t * rows + r] as f64);
+                            (
+                                s * dot,
+                                s.abs() * cols as f64 * e * mag + 16.0 * e * (s * dot).abs(),
+                            )
+                        } else {
+                            (dot, 2.0 * cols as f64 * e * mag)
+                        };
                         let v = got[t * rows + r] as f64;
                         assert!(
                             (v - want).abs() <= tol,
-                            "{} {input:?} {n} tokens, token {t} row {r}: GPU {v} vs {want} (tolerance {tol})",
+                            "{} glu {glu} {n} tokens, token {t} row {r}: GPU {v} vs {want} (tolerance {tol})",
                             ty.name()
                         );
                     }

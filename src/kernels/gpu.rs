@@ -154,25 +154,26 @@ pub struct MatvecParams {
     pub scale: f32,
     /// Offset of bias\[0\] in the bias buffer.
     pub bias_off: u32,
-    /// What the kernel does to the input on the way in (the auxiliary buffer of
-    /// [`Gpu::matvec_dispatches_with`] holds its other operand).
+    /// What the kernel does to the input on the way in (the norm weights are an operand of
+    /// [`Gpu::matvec_dispatches_with`]).
     pub input: Input,
+    /// Finish with SwiGLU: y = silu(gate) · y, after the bias and the accumulation (the gate, laid out as y, is an
+    /// operand of [`Gpu::matvec_dispatches_with`]).
+    pub glu: bool,
 }
 
-/// An input transform of the matvec and matmul kernels: the decoder's RMSNorm and SwiGLU run inside the products
-/// that read their results instead of in launches of their own.
+/// An input transform of the matvec and matmul kernels: the decoder's RMSNorm runs inside the products that read
+/// its result instead of in a launch of its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub enum Input {
     /// x as it is.
     #[default]
     Plain,
-    /// x · (1 / sqrt(mean(x²) + eps)) · aux\[c\] (aux: the norm weights, one per column).
+    /// x · (1 / sqrt(mean(x²) + eps)) · w\[c\] (w: the norm weights, one per column).
     RmsNorm {
         /// Epsilon.
         eps: f32,
     },
-    /// silu(x) · aux (aux: the up projection, laid out as x).
-    SwiGlu,
 }
 
 impl MatvecParams {
@@ -180,7 +181,6 @@ impl MatvecParams {
         let (mode, eps) = match self.input {
             Input::Plain => (0, 0.0f32),
             Input::RmsNorm { eps } => (1, eps),
-            Input::SwiGlu => (2, 0.0),
         };
         let w = [
             self.rows,
@@ -197,7 +197,7 @@ impl MatvecParams {
             self.bias_off,
             mode,
             eps.to_bits(),
-            0,
+            self.glu as u32,
             0,
         ];
         let mut out = [0u8; 64];
@@ -454,6 +454,7 @@ impl Gpu {
                 uniform(4),
                 uniform(5),
                 storage(6, true),
+                storage(7, true),
             ],
         });
         let mut kernels = Vec::new();
@@ -679,11 +680,11 @@ impl Gpu {
         step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
-        self.matvec_dispatches_with(m, x, y, bias, None, step, base)
+        self.matvec_dispatches_with(m, x, y, bias, None, None, step, base)
     }
 
-    /// [`Gpu::matvec_dispatches`] with an input transform (`base.input`) and its auxiliary operand `aux`: the
-    /// norm weights (one per column) or the up projection (laid out as `x`).
+    /// [`Gpu::matvec_dispatches`] with the fusions' operands: `norm`, the norm weights of `base.input`
+    /// (one per column), and `gate`, the gate of `base.glu` (laid out as `y`).
     #[allow(clippy::too_many_arguments)]
     pub fn matvec_dispatches_with(
         &self,
@@ -691,17 +692,18 @@ impl Gpu {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         bias: Option<&wgpu::Buffer>,
-        aux: Option<&wgpu::Buffer>,
+        norm: Option<&wgpu::Buffer>,
+        gate: Option<&wgpu::Buffer>,
         step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
         let pipeline = self.matvec_pipeline(m.ty, 1);
         let tiled = self.matvec_pipeline(m.ty, TILE);
         let gemm = self.matvec_pipeline(m.ty, MATMUL);
-        let dummy = (bias.is_none() || aux.is_none())
+        let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
-        let bias_buf = bias.or(dummy.as_ref()).unwrap();
-        let aux_buf = aux.or(dummy.as_ref()).unwrap();
+        let [bias_buf, norm_buf, gate_buf] =
+            [bias, norm, gate].map(|b| b.or(dummy.as_ref()).unwrap());
         m.chunks
             .iter()
             .map(|(buf, r0, rows)| {
@@ -747,7 +749,11 @@ impl Gpu {
                         },
                         wgpu::BindGroupEntry {
                             binding: 6,
-                            resource: aux_buf.as_entire_binding(),
+                            resource: norm_buf.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 7,
+                            resource: gate_buf.as_entire_binding(),
                         },
                     ],
                 });

@@ -4,8 +4,8 @@
 //! and activations live on the GPU, and every kernel launch of a step (all layers, the final norm, the output
 //! projection, the active adapters' low-rank products) is built once, with its bind group, when the session
 //! starts: per layer, q, k and v (each normalizing its input itself), RoPE with the cache writes, attention, the
-//! output projection (adding into the residual), gate and up (normalizing likewise), and down (applying SwiGLU to
-//! its input, adding into the residual): 9 launches, plus the final norm and the output projection (and two per
+//! output projection (adding into the residual), gate and up (normalizing likewise; up finishes with SwiGLU,
+//! silu(gate) · up), and down (adding into the residual): 9 launches, plus the final norm and the output projection (and two per
 //! adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records
 //! the launches into one compute pass, submits once, and reads back only the logits: no buffer or bind group is
 //! created per token.
@@ -106,8 +106,8 @@ impl std::fmt::Debug for GpuSession<'_> {
     }
 }
 
-/// A product's input: a buffer, how the kernel transforms it on the way in (the layer's norms and SwiGLU run
-/// inside the products that read their results), and the transform's other operand.
+/// A product's input: a buffer, how the kernel transforms it on the way in (the layer's norms run inside the
+/// products that read their results), and the norm weights.
 type In<'b> = (&'b wgpu::Buffer, Input, Option<&'b wgpu::Buffer>);
 
 fn plain(b: &wgpu::Buffer) -> In<'_> {
@@ -180,25 +180,33 @@ impl<'a> GpuSession<'a> {
         ]);
         let mut adapters = Vec::new();
         let mut ds: Vec<Dispatch> = Vec::new();
-        let mv =
-            |m: &GpuMatrix, (x, input, aux): In, y: &wgpu::Buffer, bias, acc: bool, scale: f32| {
-                gpu.matvec_dispatches_with(
-                    m,
-                    x,
-                    y,
-                    bias,
-                    aux,
-                    &step,
-                    MatvecParams {
-                        in_stride: m.cols as u32,
-                        out_stride: m.rows as u32,
-                        accumulate: acc,
-                        scale,
-                        input,
-                        ..Default::default()
-                    },
-                )
-            };
+        // y (+)= scale · m·x (+ bias), then y = silu(gate) · y where a gate is given.
+        let mv = |m: &GpuMatrix,
+                  (x, input, norm): In,
+                  y: &wgpu::Buffer,
+                  bias,
+                  acc: bool,
+                  scale: f32,
+                  gate: Option<&wgpu::Buffer>| {
+            gpu.matvec_dispatches_with(
+                m,
+                x,
+                y,
+                bias,
+                norm,
+                gate,
+                &step,
+                MatvecParams {
+                    in_stride: m.cols as u32,
+                    out_stride: m.rows as u32,
+                    accumulate: acc,
+                    scale,
+                    input,
+                    glu: gate.is_some(),
+                    ..Default::default()
+                },
+            )
+        };
         let normed = Input::RmsNorm { eps: c.eps };
         let half = c.rope_dim / 2;
         let groups_rope = (c.n_head * half + kv_dim) as u32;
@@ -206,28 +214,41 @@ impl<'a> GpuSession<'a> {
             let cache_off = (li * n_ctx * kv_dim) as u32;
             let attn_in = (&x, normed, Some(&l.attn_norm));
             let ffn_in = (&x, normed, Some(&l.ffn_norm));
-            // (matrix index, input, output, accumulate into the output)
-            let plan: [(usize, In, &wgpu::Buffer, bool); 7] = [
-                (0, attn_in, &q, false),
-                (1, attn_in, &k, false),
-                (2, attn_in, &v, false),
-                (3, plain(&att), &x, true),
-                (4, ffn_in, &g, false),
-                (5, ffn_in, &u, false),
-                (6, (&g, Input::SwiGlu, Some(&u)), &x, true),
+            // (matrix index, input, output, accumulate into the output, SwiGLU's gate: the up projection
+            // finishes u = silu(g) · u, which down reads)
+            type Step<'b> = (
+                usize,
+                In<'b>,
+                &'b wgpu::Buffer,
+                bool,
+                Option<&'b wgpu::Buffer>,
+            );
+            let plan: [Step; 7] = [
+                (0, attn_in, &q, false, None),
+                (1, attn_in, &k, false, None),
+                (2, attn_in, &v, false, None),
+                (3, plain(&att), &x, true, None),
+                (4, ffn_in, &g, false, None),
+                (5, ffn_in, &u, false, Some(&g)),
+                (6, plain(&u), &x, true, None),
             ];
+            let adapted = |idx: usize| -> Vec<(&Adapter, f32)> {
+                lora.iter()
+                    .copied()
+                    .filter(|&(a, w)| w != 0.0 && a.get(li, Target::ALL[idx]).is_some())
+                    .collect()
+            };
+            // The adapters' products for matrix idx; the last one finishes with the gate, if any.
             let mut lora_ds = |idx: usize,
                                input: In,
-                               out: &wgpu::Buffer|
+                               out: &wgpu::Buffer,
+                               gate: Option<&wgpu::Buffer>|
              -> Result<Vec<Dispatch>> {
                 let mut out_ds = Vec::new();
-                for &(a, weight) in lora {
-                    let Some(lm) = a.get(li, Target::ALL[idx]) else {
-                        continue;
-                    };
-                    if weight == 0.0 {
-                        continue;
-                    }
+                let on = adapted(idx);
+                for (i, &(a, weight)) in on.iter().enumerate() {
+                    let lm = a.get(li, Target::ALL[idx]).expect("filtered by adapted()");
+                    let last = i + 1 == on.len();
                     let to_bytes =
                         |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
                     let am =
@@ -241,18 +262,26 @@ impl<'a> GpuSession<'a> {
                     }
                     let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
                     let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
-                    out_ds.extend(mv(&am, input, &t, None, false, 1.0));
-                    out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale));
+                    out_ds.extend(mv(&am, input, &t, None, false, 1.0, None));
+                    let g = gate.filter(|_| last);
+                    out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale, g));
                     keep.push(t);
                     adapters.push(am);
                     adapters.push(bm);
                 }
                 Ok(out_ds)
             };
-            for &(idx, input, out, acc) in &plan[..3] {
-                let bias = l.bias[idx].as_ref();
-                ds.extend(mv(&l.mats[idx], input, out, bias, acc, 1.0));
-                ds.extend(lora_ds(idx, input, out)?);
+            // A matrix's product and its adapters' (the bias, where there is one, on the base product; the gate
+            // on the last product writing the output).
+            let mut product = |(idx, input, out, acc, gate): Step| -> Result<Vec<Dispatch>> {
+                let bias = l.bias.get(idx).and_then(|b| b.as_ref());
+                let base_gate = gate.filter(|_| adapted(idx).is_empty());
+                let mut v = mv(&l.mats[idx], input, out, bias, acc, 1.0, base_gate);
+                v.extend(lora_ds(idx, input, out, gate)?);
+                Ok(v)
+            };
+            for st in &plan[..3] {
+                ds.extend(product(*st)?);
             }
             let rope_p = gpu.uniform(&[
                 c.n_head as u32,
@@ -284,12 +313,8 @@ impl<'a> GpuSession<'a> {
                 &[&q, &kc, &vc, &scores, &att, &att_p, &step],
                 Grid::TokensY(c.n_head as u32),
             ));
-            let (idx, input, out, acc) = plan[3];
-            ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
-            ds.extend(lora_ds(idx, input, out)?);
-            for &(idx, input, out, acc) in &plan[4..] {
-                ds.extend(mv(&l.mats[idx], input, out, None, acc, 1.0));
-                ds.extend(lora_ds(idx, input, out)?);
+            for st in &plan[3..] {
+                ds.extend(product(*st)?);
             }
             keep.extend([rope_p, att_p]);
         }
@@ -300,7 +325,7 @@ impl<'a> GpuSession<'a> {
             Grid::One,
         ));
         // The output projection runs for one token (the last), whatever the step's size.
-        let out_ds = mv(&gw.output, plain(&h), &logits, None, false, 1.0);
+        let out_ds = mv(&gw.output, plain(&h), &logits, None, false, 1.0, None);
         keep.push(final_p);
         Ok(GpuSession {
             gpu,

@@ -11,8 +11,8 @@
 // Each sum runs over the columns in order (one fma each), so it is a different order from matvec.wgsl's; the
 // results agree within the usual bound for two orders of an f32 sum, not bit for bit.
 //
-// The input transforms (P.mode: 1 RMSNorm with the norm weights in AUX, 2 SwiGLU with the up projection in AUX)
-// are matvec.wgsl's, applied as the tokens' inputs are copied into the tile.
+// The fusions are matvec.wgsl's: RMSNorm (P.mode = 1, the norm weights in AUX) as the tokens' inputs are copied
+// into the tile, SwiGLU (P.glu = 1, the gate in GATE) as the results are stored.
 
 struct Params {
     rows: u32,
@@ -29,8 +29,8 @@ struct Params {
     bias_off: u32,
     mode: u32,
     eps: f32,
+    glu: u32,
     _a: u32,
-    _b: u32,
 }
 
 override TY: u32 = 0u;
@@ -43,6 +43,7 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(4) var<uniform> P: Params;
 @group(0) @binding(5) var<uniform> STEP: Step;
 @group(0) @binding(6) var<storage, read> AUX: array<f32>;
+@group(0) @binding(7) var<storage, read> GATE: array<f32>;
 
 const BM: u32 = 64u; // rows per tile
 const BN: u32 = 64u; // tokens per tile
@@ -65,6 +66,10 @@ fn store(r: u32, t0: u32, v: vec4<f32>) {
             let o = P.out_off + t * P.out_stride + r;
             if (P.accumulate != 0u) {
                 y += Y[o];
+            }
+            if (P.glu != 0u) {
+                let g = GATE[o];
+                y = g / (1.0 + exp(-g)) * y;
             }
             Y[o] = y;
         }
@@ -120,10 +125,8 @@ fn main(
                 }
                 if (x_ok) {
                     x = X[xb + c];
-                    switch P.mode {
-                        case 1u: { x = x * inv * AUX[c]; }
-                        case 2u: { x = x / (1.0 + exp(-x)) * AUX[xb + c]; }
-                        default: {}
+                    if (P.mode == 1u) {
+                        x = x * inv * AUX[c];
                     }
                 }
             }

@@ -10,9 +10,10 @@
 // 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each token's sum runs in the same
 // order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines give identical bits.
 //
-// The input may be transformed on the way in (P.mode), which saves the decoder a launch each time: 1, RMSNorm
-// (x · (1 / sqrt(mean(x²) + eps)) · AUX[c], the norm weights; each workgroup computes its tokens' mean square);
-// 2, SwiGLU (silu(x) · AUX[same place], the up projection).
+// Two fusions save the decoder a launch each: P.mode = 1 normalizes the input on the way in (RMSNorm: x · (1 /
+// sqrt(mean(x²) + eps)) · AUX[c], the norm weights; each workgroup computes its tokens' mean square), and P.glu
+// = 1 applies SwiGLU to the result on the way out (y = silu(GATE[o]) · y, GATE laid out as Y: the up projection
+// finishing g = silu(gate) · up once per element).
 
 struct Params {
     rows: u32,
@@ -27,10 +28,10 @@ struct Params {
     has_bias: u32,
     scale: f32,
     bias_off: u32,   // bias[bias_off + row]
-    mode: u32,       // input transform: 0 none, 1 RMSNorm, 2 SwiGLU
+    mode: u32,       // input transform: 0 none, 1 RMSNorm
     eps: f32,        // RMSNorm's epsilon
+    glu: u32,        // 1: y = silu(GATE[o]) · y, last
     _a: u32,
-    _b: u32,
 }
 
 override TY: u32 = 0u;
@@ -45,6 +46,7 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(4) var<uniform> P: Params;
 @group(0) @binding(5) var<uniform> STEP: Step;
 @group(0) @binding(6) var<storage, read> AUX: array<f32>;
+@group(0) @binding(7) var<storage, read> GATE: array<f32>;
 
 const LANES: u32 = 16u;
 const RPW: u32 = 4u;
@@ -58,11 +60,10 @@ var<workgroup> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the 
 // The input of token t at X[i] (column c), after the transform.
 fn input(t: u32, i: u32, c: u32) -> f32 {
     let x = X[i];
-    switch P.mode {
-        case 1u: { return x * inv[t] * AUX[c]; }
-        case 2u: { return x / (1.0 + exp(-x)) * AUX[i]; }
-        default: { return x; }
+    if (P.mode == 1u) {
+        return x * inv[t] * AUX[c];
     }
+    return x;
 }
 
 // acc[t] += w · x_t[j] for the tile's tokens.
@@ -239,6 +240,10 @@ fn main(
             let o = P.out_off + (tok0 + t) * P.out_stride + row;
             if (P.accumulate != 0u) {
                 v += Y[o];
+            }
+            if (P.glu != 0u) {
+                let g = GATE[o];
+                v = g / (1.0 + exp(-g)) * v;
             }
             Y[o] = v;
         }
