@@ -220,7 +220,8 @@ gpu_test!(the_products_normalize_or_gate_their_input, input_transforms);
 /// - RMSNorm on the input: x' = x · (1/√(mean x² + eps)) · w, then the dequantized row's dot product. Bound:
 ///   n·ε·Σ|w·x'| for the summation order (as in `check_matvec`) plus each x' element's own error carried into the
 ///   sum: the f32 sum of n squares ((n−1)·u, all terms positive), the square root, reciprocal and two products
-///   (≤ 4u more): 2n·ε·Σ|w·x'| covers both for the n ≥ 96 here.
+///   (≤ 4u more; matvec.wgsl multiplies by 1/rms once after the sum instead of per element, which is the same
+///   count of roundings on each term): 2n·ε·Σ|w·x'| covers both for the n ≥ 96 here.
 /// - SwiGLU on the output: y = silu(g) · (row · x). Bound: |silu(g)| · n·ε·Σ|w·x| for the sum, plus silu's own
 ///   error on |y|: WGSL's exp (≤ 3 + 2·|g| ULP, |g| ≤ 2 here: 7u), 1 + e, the division and the product (≤ 4u
 ///   more): 16ε·|y| covers it.

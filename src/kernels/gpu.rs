@@ -62,7 +62,7 @@ pub struct Gpu {
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
     matmul_module: wgpu::ShaderModule,
-    matvec: Mutex<Vec<((u32, u32), wgpu::ComputePipeline)>>,
+    matvec: Mutex<Vec<((u32, u32, bool), wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
@@ -178,9 +178,9 @@ pub enum Input {
 
 impl MatvecParams {
     fn bytes(&self) -> [u8; 64] {
-        let (mode, eps) = match self.input {
-            Input::Plain => (0, 0.0f32),
-            Input::RmsNorm { eps } => (1, eps),
+        let eps = match self.input {
+            Input::Plain => 0.0f32,
+            Input::RmsNorm { eps } => eps,
         };
         let w = [
             self.rows,
@@ -195,9 +195,9 @@ impl MatvecParams {
             self.has_bias as u32,
             self.scale.to_bits(),
             self.bias_off,
-            mode,
             eps.to_bits(),
             self.glu as u32,
+            0,
             0,
         ];
         let mut out = [0u8; 64];
@@ -337,9 +337,11 @@ impl Kernel {
     }
 }
 
-/// matvec.wgsl and matvec_t.wgsl share the weight-reading helpers (dequant.wgsl).
+/// matvec.wgsl, matvec_t.wgsl and matmul.wgsl share the weight-reading helpers (dequant.wgsl); matvec.wgsl and
+/// matmul.wgsl also their parameters and bindings (products.wgsl: one bind group layout serves both).
 const MATVEC_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
     include_str!("wgsl/matvec.wgsl")
 );
 const MATVEC_T_WGSL: &str = concat!(
@@ -348,6 +350,7 @@ const MATVEC_T_WGSL: &str = concat!(
 );
 const MATMUL_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
     include_str!("wgsl/matmul.wgsl")
 );
 
@@ -628,10 +631,12 @@ impl Gpu {
         })
     }
 
-    /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`).
-    fn matvec_pipeline(&self, ty: GgmlType, tile: u32) -> wgpu::ComputePipeline {
+    /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`);
+    /// `norm`: the RMSNorm input transform compiled in (the override constant NORM).
+    fn matvec_pipeline(&self, ty: GgmlType, tile: u32, norm: bool) -> wgpu::ComputePipeline {
         let mut cache = self.matvec.lock().unwrap();
-        if let Some((_, p)) = cache.iter().find(|(k, _)| *k == (ty.id(), tile)) {
+        let key = (ty.id(), tile, norm);
+        if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
             return p.clone();
         }
         let layout = self
@@ -641,13 +646,18 @@ impl Gpu {
                 bind_group_layouts: &[Some(&self.matvec_layout)],
                 immediate_size: 0,
             });
+        let norm = ("NORM", norm as u32 as f64);
         let (label, module, constants): (_, _, &[(&str, f64)]) = if tile == MATMUL {
-            ("matmul", &self.matmul_module, &[("TY", ty.id() as f64)])
+            (
+                "matmul",
+                &self.matmul_module,
+                &[("TY", ty.id() as f64), norm],
+            )
         } else {
             (
                 "matvec",
                 &self.matvec_module,
-                &[("TY", ty.id() as f64), ("TT", tile as f64)],
+                &[("TY", ty.id() as f64), ("TT", tile as f64), norm],
             )
         };
         let p = self
@@ -663,7 +673,7 @@ impl Gpu {
                 },
                 cache: None,
             });
-        cache.push(((ty.id(), tile), p.clone()));
+        cache.push((key, p.clone()));
         p
     }
 
@@ -697,9 +707,10 @@ impl Gpu {
         step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
-        let pipeline = self.matvec_pipeline(m.ty, 1);
-        let tiled = self.matvec_pipeline(m.ty, TILE);
-        let gemm = self.matvec_pipeline(m.ty, MATMUL);
+        let norm_in = matches!(base.input, Input::RmsNorm { .. });
+        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in);
+        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in);
+        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in);
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =

@@ -11,39 +11,9 @@
 // Each sum runs over the columns in order (one fma each), so it is a different order from matvec.wgsl's; the
 // results agree within the usual bound for two orders of an f32 sum, not bit for bit.
 //
-// The fusions are matvec.wgsl's: RMSNorm (P.mode = 1, the norm weights in AUX) as the tokens' inputs are copied
-// into the tile, SwiGLU (P.glu = 1, the gate in GATE) as the results are stored.
-
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_bytes: u32,
-    w_off: u32,
-    in_off: u32,
-    in_stride: u32,
-    out_off: u32,
-    out_stride: u32,
-    accumulate: u32,
-    has_bias: u32,
-    scale: f32,
-    bias_off: u32,
-    mode: u32,
-    eps: f32,
-    glu: u32,
-    _a: u32,
-}
-
-override TY: u32 = 0u;
-struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
-
-@group(0) @binding(0) var<storage, read> W: array<u32>;
-@group(0) @binding(1) var<storage, read> X: array<f32>;
-@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
-@group(0) @binding(3) var<storage, read> BIAS: array<f32>;
-@group(0) @binding(4) var<uniform> P: Params;
-@group(0) @binding(5) var<uniform> STEP: Step;
-@group(0) @binding(6) var<storage, read> AUX: array<f32>;
-@group(0) @binding(7) var<storage, read> GATE: array<f32>;
+// The fusions are matvec.wgsl's (products.wgsl declares the parameters and bindings both share): RMSNorm (NORM =
+// 1, the norm weights in AUX) as the tokens' inputs are copied into the tile, SwiGLU (P.glu = 1, the gate in
+// GATE) as the results are stored.
 
 const BM: u32 = 64u; // rows per tile
 const BN: u32 = 64u; // tokens per tile
@@ -59,19 +29,8 @@ fn store(r: u32, t0: u32, v: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
         let t = t0 + c;
         if (t < STEP.n) {
-            var y = v[c] * P.scale;
-            if (P.has_bias != 0u) {
-                y += BIAS[P.bias_off + r];
-            }
             let o = P.out_off + t * P.out_stride + r;
-            if (P.accumulate != 0u) {
-                y += Y[o];
-            }
-            if (P.glu != 0u) {
-                let g = GATE[o];
-                y = g / (1.0 + exp(-g)) * y;
-            }
-            Y[o] = y;
+            Y[o] = finish(v[c], r, o);
         }
     }
 }
@@ -95,7 +54,7 @@ fn main(
     let x_ok = x_tok < STEP.n;
     // RMSNorm: token lr's mean square, from its four loaders' partial sums (xs as scratch).
     var inv = 1.0;
-    if (P.mode == 1u) {
+    if (NORM == 1u) {
         var s = 0.0;
         if (x_ok) {
             for (var i = lp; i < P.cols; i += 4u) { s += X[xb + i] * X[xb + i]; }
@@ -125,7 +84,7 @@ fn main(
                 }
                 if (x_ok) {
                     x = X[xb + c];
-                    if (P.mode == 1u) {
+                    if (NORM == 1u) {
                         x = x * inv * AUX[c];
                     }
                 }

@@ -10,43 +10,13 @@
 // 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each token's sum runs in the same
 // order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines give identical bits.
 //
-// Two fusions save the decoder a launch each: P.mode = 1 normalizes the input on the way in (RMSNorm: x · (1 /
-// sqrt(mean(x²) + eps)) · AUX[c], the norm weights; each workgroup computes its tokens' mean square), and P.glu
-// = 1 applies SwiGLU to the result on the way out (y = silu(GATE[o]) · y, GATE laid out as Y: the up projection
-// finishing g = silu(gate) · up once per element).
+// Two fusions save the decoder a launch each (products.wgsl declares them): NORM = 1 normalizes the input on the
+// way in (each workgroup computes its tokens' mean square), and P.glu = 1 applies SwiGLU to the result on the way
+// out (y = silu(GATE[o]) · y, GATE laid out as Y: the up projection finishing g = silu(gate) · up once per
+// element).
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_bytes: u32,
-    w_off: u32,      // byte offset of row 0 in W
-    in_off: u32,     // offset of x[0] in X (elements)
-    in_stride: u32,  // elements between tokens in X
-    out_off: u32,    // offset of y[0][0] in Y
-    out_stride: u32, // elements between tokens in Y
-    accumulate: u32, // 1: add to what Y holds
-    has_bias: u32,
-    scale: f32,
-    bias_off: u32,   // bias[bias_off + row]
-    mode: u32,       // input transform: 0 none, 1 RMSNorm
-    eps: f32,        // RMSNorm's epsilon
-    glu: u32,        // 1: y = silu(GATE[o]) · y, last
-    _a: u32,
-}
-
-override TY: u32 = 0u;
 override TT: u32 = 1u;
 const TMAX: u32 = 8u;
-struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
-
-@group(0) @binding(0) var<storage, read> W: array<u32>;
-@group(0) @binding(1) var<storage, read> X: array<f32>;
-@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
-@group(0) @binding(3) var<storage, read> BIAS: array<f32>;
-@group(0) @binding(4) var<uniform> P: Params;
-@group(0) @binding(5) var<uniform> STEP: Step;
-@group(0) @binding(6) var<storage, read> AUX: array<f32>;
-@group(0) @binding(7) var<storage, read> GATE: array<f32>;
 
 const LANES: u32 = 16u;
 const RPW: u32 = 4u;
@@ -57,18 +27,19 @@ var<private> nt: u32;
 var<private> cu: u32;            // the unit's first column
 var<workgroup> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the tile's tokens
 
-// The input of token t at X[i] (column c), after the transform.
-fn input(t: u32, i: u32, c: u32) -> f32 {
+// The input at X[i] (column c), after the transform: with NORM, x · AUX[c]; the token's 1 / rms is a
+// common factor of the whole sum, applied once at the end (not once per weight, as the sum's inner loop would).
+fn input(i: u32, c: u32) -> f32 {
     let x = X[i];
-    if (P.mode == 1u) {
-        return x * inv[t] * AUX[c];
+    if (NORM == 1u) {
+        return x * AUX[c];
     }
     return x;
 }
 
 // acc[t] += w · x_t[j] for the tile's tokens.
 fn put(j: u32, w: f32) {
-    for (var t = 0u; t < nt; t++) { acc[t] += w * input(t, xo[t] + j, cu + j); }
+    for (var t = 0u; t < nt; t++) { acc[t] += w * input(xo[t] + j, cu + j); }
 }
 
 // Unit u of row r dotted with the tile's inputs (xo[t] = start of unit u in token t's input), into acc[t].
@@ -194,7 +165,7 @@ fn main(
     let lane = li % LANES;
     let tok0 = wg.z * TT;
     nt = min(TT, STEP.n - min(STEP.n, tok0));
-    if (P.mode == 1u) {
+    if (NORM == 1u) {
         // Each token's mean square, by the workgroup's 64 invocations (part[] as scratch).
         for (var t = 0u; t < TT; t++) {
             var s = 0.0;
@@ -233,19 +204,12 @@ fn main(
     }
     if (lane == 0u && row < P.rows) {
         for (var t = 0u; t < nt; t++) {
-            var v = part[t * 64u + li] * P.scale;
-            if (P.has_bias != 0u) {
-                v += BIAS[P.bias_off + row];
-            }
             let o = P.out_off + (tok0 + t) * P.out_stride + row;
-            if (P.accumulate != 0u) {
-                v += Y[o];
+            var v = part[t * 64u + li];
+            if (NORM == 1u) {
+                v *= inv[t];
             }
-            if (P.glu != 0u) {
-                let g = GATE[o];
-                v = g / (1.0 + exp(-g)) * v;
-            }
-            Y[o] = v;
+            Y[o] = finish(v, row, o);
         }
     }
 }
