@@ -68,6 +68,9 @@ fn main(
     // Computing: rows 4·ty .. 4·ty + 3 of the tile, tokens 4·tx .. 4·tx + 3.
     let tx = li % 16u;
     let ty = li / 16u;
+    // A block with no row or no token in range (the last tiles of a short step or a partial row tile) loads its
+    // share but multiplies nothing: on a GPU whole warps skip, on a CPU adapter every such block saves its work.
+    let live = row0 + ty * 4u < P.rows && tok0 + tx * 4u < STEP.n;
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -93,13 +96,15 @@ fn main(
             xs[k * 16u + lr / 4u][lr % 4u] = x;
         }
         workgroupBarrier();
-        for (var k = 0u; k < BK; k++) {
-            let a = ws[k * 16u + ty];
-            let b = xs[k * 16u + tx];
-            a0 = fma(vec4<f32>(a.x), b, a0);
-            a1 = fma(vec4<f32>(a.y), b, a1);
-            a2 = fma(vec4<f32>(a.z), b, a2);
-            a3 = fma(vec4<f32>(a.w), b, a3);
+        if (live) {
+            for (var k = 0u; k < BK; k++) {
+                let a = ws[k * 16u + ty];
+                let b = xs[k * 16u + tx];
+                a0 = fma(vec4<f32>(a.x), b, a0);
+                a1 = fma(vec4<f32>(a.y), b, a1);
+                a2 = fma(vec4<f32>(a.z), b, a2);
+                a3 = fma(vec4<f32>(a.w), b, a3);
+            }
         }
         workgroupBarrier();
     }
