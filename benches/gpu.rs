@@ -3,7 +3,7 @@
 //! matvec.wgsl; 64 and 256 tokens: matmul.wgsl), and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
 //! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3).
 //!   cargo bench --bench gpu
-use lorag::kernels::gpu::{Gpu, MatvecParams};
+use lorag::kernels::gpu::{Gpu, Input, MatvecParams};
 use lorag::kernels::{block_on, DevicePref};
 use lorag::llm::quant::GgmlType;
 use lorag::llm::{GenerateOptions, Model, SamplerConfig};
@@ -43,9 +43,13 @@ fn main() {
         s ^= s << 17;
         s
     };
+    // "kernel ms": the launch's own GPU time from timestamps around it (where the adapter has them), beside the
+    // wall-clock difference "ms".
+    let timed = g.set_profiling(true);
+    g.set_profiling(false);
     println!(
-        "{:<6} {:>6} {:>10} {:>10} {:>10}",
-        "type", "tokens", "ms", "GB/s", "GFLOP/s"
+        "{:<10} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "type", "tokens", "ms", "GB/s", "GFLOP/s", "kernel ms"
     );
     for ty in [
         GgmlType::F32,
@@ -80,7 +84,9 @@ fn main() {
             }
         }
         let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
-        for n in [1usize, 64, 256] {
+        // One token also with the decoder's fused RMSNorm (what q, k, v, gate and up pay for not launching a norm).
+        let norm_w = g.f32_buffer("norm", &vec![1.0f32; cols]);
+        for (n, norm) in [(1usize, false), (1, true), (64, false), (256, false)] {
             let x = g.f32_buffer("x", &vec![0.5f32; n * cols]);
             let y = g.buffer(
                 "y",
@@ -88,16 +94,22 @@ fn main() {
                 wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             );
             let step = g.uniform(&[0, n as u32, 0, 0]);
-            let d = g.matvec_dispatches(
+            let d = g.matvec_dispatches_with(
                 &m,
                 &x,
                 &y,
+                None,
+                norm.then_some(&norm_w),
                 None,
                 &step,
                 MatvecParams {
                     in_stride: cols as u32,
                     out_stride: rows as u32,
                     scale: 1.0,
+                    input: match norm {
+                        true => Input::RmsNorm { eps: 1e-5 },
+                        false => Input::Plain,
+                    },
                     ..Default::default()
                 },
             );
@@ -117,10 +129,21 @@ fn main() {
             let ms = (time(LAUNCHES) - time(1)).max(1e-9) * 1e3 / (LAUNCHES - 1) as f64;
             let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
             let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
-            println!(
-                "{:<6} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1}",
-                ty.name()
-            );
+            let kernel = if timed {
+                g.set_profiling(true);
+                let many: Vec<_> = (0..LAUNCHES).flat_map(|_| d.iter().cloned()).collect();
+                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
+                let p = g.profile();
+                g.set_profiling(false);
+                let (ns, k) = p
+                    .iter()
+                    .fold((0.0, 0), |(s, c), t| (s + t.ns, c + t.launches));
+                format!("{:.3}", ns / 1e6 / k.max(1) as f64)
+            } else {
+                "-".into()
+            };
+            let name = format!("{}{}", ty.name(), if norm { "+norm" } else { "" });
+            println!("{name:<10} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
         }
     }
     drop(g);
@@ -179,4 +202,68 @@ fn main() {
         med(&mut gp),
         med(&mut gd)
     );
+    // Where a GPU step's time goes: each launch timed (one run of the prompt alone, then of the whole request;
+    // decoding is the difference), beside the wall-clock time per step.
+    let backend = gpu.gpu().unwrap().gpu.clone();
+    if !backend.set_profiling(true) {
+        println!("  (no per-launch profile: the adapter has no timestamp queries inside passes)");
+        return;
+    }
+    let run = |max_tokens: usize| {
+        let o = GenerateOptions {
+            max_tokens,
+            ..opts.clone()
+        };
+        let t = Instant::now();
+        block_on(gpu.generate_async(&prompt, &o, &mut |_| true)).unwrap();
+        (t.elapsed().as_secs_f64(), backend.profile())
+    };
+    let (t1, prefill) = run(1);
+    let (t64, all) = run(64);
+    backend.set_profiling(false);
+    let decode: Vec<_> = all
+        .iter()
+        .map(|k| {
+            let p = prefill.iter().find(|p| p.label == k.label);
+            let (n, ns) = p.map_or((0, 0.0), |p| (p.launches, p.ns));
+            (k.label.clone(), k.launches - n, k.ns - ns)
+        })
+        .filter(|k| k.1 > 0)
+        .collect();
+    // Steps: the final norm runs once per step.
+    let steps = |rows: &[(String, usize, f64)]| {
+        rows.iter()
+            .filter(|r| r.0 == "rmsnorm")
+            .map(|r| r.1)
+            .sum::<usize>()
+            .max(1) as f64
+    };
+    let show = |what: &str, rows: Vec<(String, usize, f64)>, wall: f64| {
+        let steps = steps(&rows);
+        let gpu_ns: f64 = rows.iter().map(|r| r.2).sum();
+        println!(
+            "  profile, {what}, {steps} steps: GPU busy {:.3} ms of {:.3} ms wall per step ({:.0} %), {} launches per step",
+            gpu_ns / 1e6 / steps,
+            wall * 1e3 / steps,
+            gpu_ns / 1e7 / wall,
+            rows.iter().map(|r| r.1).sum::<usize>() as f64 / steps
+        );
+        let mut rows = rows;
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for (label, n, ns) in rows.iter().take(12) {
+            println!(
+                "    {label:<34} {:>6} launches {:>9.1} µs each {:>5.1} %",
+                n,
+                ns / 1e3 / *n as f64,
+                100.0 * ns / gpu_ns
+            );
+        }
+    };
+    let tuples = |v: &[lorag::kernels::gpu::KernelTime]| {
+        v.iter()
+            .map(|k| (k.label.clone(), k.launches, k.ns))
+            .collect()
+    };
+    show("prefill (the prompt)", tuples(&prefill), t1);
+    show("decoding (one token a step)", decode, t64 - t1);
 }

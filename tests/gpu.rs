@@ -432,6 +432,58 @@ async fn tiny_decoder() {
 }
 gpu_test!(the_tiny_decoder_on_the_gpu_matches_the_cpu, tiny_decoder);
 
+/// Per-launch profiling (native: timestamps inside passes, which Vulkan adapters, lavapipe included, offer): a
+/// prompt step of 11 tokens and a decoding step of the tiny llama, every launch timed once under what it
+/// computed, the output pass recorded inside `run`'s tail included; turning it off stops the timing.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn a_profile_times_every_launch_by_what_it_computed() {
+    lorag::kernels::gpu::block_on(async {
+        let Some(m) = on_gpu(common::tiny::tiny(|_, _| {})).await else {
+            return;
+        };
+        let b = m.gpu().unwrap();
+        if !b.gpu.set_profiling(true) {
+            assert!(
+                std::env::var_os("LORAG_REQUIRE_GPU").is_none() || b.gpu.info.backend != "Vulkan",
+                "Vulkan adapters have timestamps inside passes"
+            );
+            return;
+        }
+        let mut s =
+            GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 16, 16, &[]).unwrap();
+        let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 256) as u32).collect();
+        s.forward(&prompt).await.unwrap();
+        s.forward(&[3]).await.unwrap();
+        let p = b.gpu.profile();
+        let n_layer = m.weights.layers.len();
+        let count = |f: &dyn Fn(&str) -> bool| -> usize {
+            p.iter().filter(|k| f(&k.label)).map(|k| k.launches).sum()
+        };
+        assert_eq!(count(&|_| true), 2 * s.launches(), "{p:#?}");
+        assert_eq!(count(&|l| l == "attention"), 2 * n_layer);
+        assert_eq!(count(&|l| l == "rope"), 2 * n_layer);
+        assert_eq!(
+            count(&|l| l == "rmsnorm"),
+            2,
+            "the final norm, once per step"
+        );
+        // The prompt's 7 products per layer take the matrix-matrix kernel, the decoding step's the matvec one;
+        // the output projection runs for one token in both.
+        assert_eq!(count(&|l| l.starts_with("matmul ")), 7 * n_layer);
+        assert_eq!(count(&|l| l.starts_with("matvec ")), 7 * n_layer + 2);
+        // Labels name the fusions: q, k, v, gate and up read the normalized input; up finishes with SwiGLU.
+        let norm = count(&|l| l.starts_with("matvec ") && l.contains(" +norm"));
+        let glu = count(&|l| l.starts_with("matvec ") && l.ends_with(" +glu"));
+        assert_eq!((norm, glu), (5 * n_layer, n_layer), "{p:#?}");
+        assert!(p.iter().all(|k| k.ns >= 0.0) && p.iter().any(|k| k.ns > 0.0));
+        assert!(b.gpu.profile().is_empty(), "reading resets");
+        b.gpu.set_profiling(false);
+        s.forward(&[4]).await.unwrap();
+        assert!(b.gpu.profile().is_empty(), "off: nothing timed");
+    })
+}
+
 const SMOLLM: &[u8] =
     include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
 

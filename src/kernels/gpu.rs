@@ -48,6 +48,9 @@ pub struct Counters {
     pub buffers: AtomicUsize,
 }
 
+/// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in).
+type MatvecKey = (u32, u32, bool);
+
 /// A wgpu device with the lorag kernels.
 pub struct Gpu {
     /// The device.
@@ -62,12 +65,45 @@ pub struct Gpu {
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
     matmul_module: wgpu::ShaderModule,
-    matvec: Mutex<Vec<((u32, u32, bool), wgpu::ComputePipeline)>>,
+    matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
     /// Bytes an activation buffer of `matvec_many` / `matvec_t_many` may take (0: the device's binding limit).
     activation_cap: AtomicUsize,
+    /// The device has timestamp queries inside passes (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    timestamps: bool,
+    #[cfg(not(target_arch = "wasm32"))]
+    profiler: Mutex<Option<Profiler>>,
+}
+
+/// Timestamps a profiled submission may write (two per launch): wgpu's limit per query set.
+#[cfg(not(target_arch = "wasm32"))]
+const PROFILE_QUERIES: u32 = 4096;
+
+/// Per-launch timing state ([`Gpu::set_profiling`]).
+#[cfg(not(target_arch = "wasm32"))]
+struct Profiler {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    period_ns: f64,
+    /// The current submission's timed launches (timestamps 2i and 2i + 1).
+    labels: Vec<String>,
+    times: Vec<KernelTime>,
+}
+
+/// GPU time of the launches that computed one thing ([`Gpu::profile`]).
+#[cfg(not(target_arch = "wasm32"))]
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    /// The pipeline and what it computed ("matvec Q4_1 576×576", "attention").
+    pub label: String,
+    /// Launches timed.
+    pub launches: usize,
+    /// Their GPU time, summed (ns).
+    pub ns: f64,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -269,6 +305,8 @@ pub struct Dispatch {
     /// For steps of more than `TILE` tokens: the matrix-matrix pipeline (matmul.wgsl, same bindings) and its
     /// workgroups for the rows (x, y); z is the token tiles.
     pub gemm: Option<(wgpu::ComputePipeline, u32, u32)>,
+    /// What it computes, for profiles ("rope"; "Q4_1 576×576" for a product, "+norm" / "+glu" with a fusion).
+    pub label: String,
 }
 
 /// Tokens per workgroup of the tiled matvec pipeline; longer steps (prefill) take the matrix-matrix kernel.
@@ -278,24 +316,30 @@ pub const TILE: u32 = 8;
 pub const GEMM_TILE: u32 = 64;
 
 impl Dispatch {
-    /// Record into a compute pass for a step of `n` tokens.
-    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+    /// Record into a compute pass for a step of `n` tokens; returns which pipeline it took ("matmul", "matvec×8",
+    /// "matvec", or "" for a kernel with one pipeline).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) -> &'static str {
         if let (Some((p, x, y)), true) = (&self.gemm, n > TILE) {
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
             pass.dispatch_workgroups(*x, *y, n.div_ceil(GEMM_TILE));
-            return;
+            return "matmul";
         }
         if let (Some(p), Grid::TokensZ(x, y), true) = (&self.tiled, self.grid, n > 1) {
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
             pass.dispatch_workgroups(x, y, n.div_ceil(TILE));
-            return;
+            return "matvec×8";
         }
         let (x, y, z) = self.grid.groups(n);
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         pass.dispatch_workgroups(x, y, z);
+        if self.tiled.is_some() {
+            "matvec"
+        } else {
+            ""
+        }
     }
 }
 
@@ -388,7 +432,16 @@ impl Gpu {
         let ai = adapter.get_info();
         let features = adapter.features();
         let mut want = wgpu::Features::empty();
-        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16] {
+        // Timestamps inside passes (native only) serve `set_profiling`; asking for them costs nothing unused.
+        #[cfg(not(target_arch = "wasm32"))]
+        let timing =
+            [wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES];
+        #[cfg(target_arch = "wasm32")]
+        let timing = [];
+        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16]
+            .into_iter()
+            .chain(timing)
+        {
             if features.contains(f) {
                 want |= f;
             }
@@ -491,6 +544,12 @@ impl Gpu {
             matvec_t: Mutex::new(Vec::new()),
             activation_cap: AtomicUsize::new(0),
             kernels,
+            #[cfg(not(target_arch = "wasm32"))]
+            timestamps: want.contains(
+                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+            ),
+            #[cfg(not(target_arch = "wasm32"))]
+            profiler: Mutex::new(None),
         })
     }
 
@@ -778,6 +837,14 @@ impl Gpu {
                     grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
                     tiled: Some(tiled.clone()),
                     gemm: Some((gemm.clone(), tx, tiles.div_ceil(tx))),
+                    label: format!(
+                        "{} {}×{}{}{}",
+                        m.ty.name(),
+                        rows,
+                        m.cols,
+                        if norm_in { " +norm" } else { "" },
+                        if base.glu { " +glu" } else { "" }
+                    ),
                 }
             })
             .collect()
@@ -829,6 +896,7 @@ impl Gpu {
             grid,
             tiled: None,
             gemm: None,
+            label: label.to_string(),
         }
     }
 
@@ -851,13 +919,161 @@ impl Gpu {
                 label: Some("lorag"),
                 timestamp_writes: None,
             });
-            for d in dispatches {
-                d.record(&mut pass, n);
-            }
+            self.record(&mut pass, dispatches, n);
         }
         then(&mut enc);
+        #[cfg(not(target_arch = "wasm32"))]
+        let timed = self.profile_resolve(&mut enc);
         self.queue.submit([enc.finish()]);
         self.counters.submissions.fetch_add(1, Ordering::Relaxed);
+        #[cfg(not(target_arch = "wasm32"))]
+        if timed {
+            self.profile_collect()?;
+        }
+        Ok(())
+    }
+
+    /// Record `dispatches` for a step of `n` tokens into `pass` (what [`Gpu::run`] does; for callers adding a pass
+    /// of their own inside `run`'s `then`). With profiling on, each launch is timed.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], n: u32) {
+        #[cfg(not(target_arch = "wasm32"))]
+        let mut prof = self.profiler.lock().unwrap();
+        for d in dispatches {
+            #[cfg(not(target_arch = "wasm32"))]
+            let slot = prof.as_mut().and_then(|p| {
+                let i = 2 * p.labels.len() as u32;
+                (i + 2 <= PROFILE_QUERIES).then(|| {
+                    pass.write_timestamp(&p.queries, i);
+                    i
+                })
+            });
+            let kind = d.record(pass, n);
+            #[cfg(not(target_arch = "wasm32"))]
+            if let (Some(i), Some(p)) = (slot, prof.as_mut()) {
+                pass.write_timestamp(&p.queries, i + 1);
+                p.labels.push(match kind {
+                    "" => d.label.clone(),
+                    k => format!("{k} {}", d.label),
+                });
+            }
+            #[cfg(target_arch = "wasm32")]
+            let _ = kind;
+        }
+    }
+
+    /// Turn per-launch timing on or off (native, where the adapter has timestamp queries inside passes); returns
+    /// whether it is on. While on, every [`Gpu::run`] waits for its submission and adds each launch's GPU time
+    /// to [`Gpu::profile`]: a measuring aid (timestamps between launches of one pass are as precise as the
+    /// driver makes them), not for production.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn set_profiling(&self, on: bool) -> bool {
+        let mut prof = self.profiler.lock().unwrap();
+        if !on || !self.timestamps {
+            *prof = None;
+            return false;
+        }
+        if prof.is_none() {
+            let bytes = PROFILE_QUERIES as u64 * 8;
+            let buf = |label, usage| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: bytes,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            *prof = Some(Profiler {
+                queries: self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("lorag profile"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: PROFILE_QUERIES,
+                }),
+                resolve: buf(
+                    "profile resolve",
+                    wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                ),
+                staging: buf(
+                    "profile staging",
+                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                ),
+                period_ns: self.queue.get_timestamp_period() as f64,
+                labels: Vec::new(),
+                times: Vec::new(),
+            });
+        }
+        true
+    }
+
+    /// The launches timed since profiling was turned on or last read, summed by what they computed, longest
+    /// first; reading resets them.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile(&self) -> Vec<KernelTime> {
+        let mut prof = self.profiler.lock().unwrap();
+        let mut out = prof
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.times))
+            .unwrap_or_default();
+        out.sort_by(|a, b| b.ns.total_cmp(&a.ns));
+        out
+    }
+
+    /// Resolve this submission's timestamps into the staging buffer; whether there are any.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn profile_resolve(&self, enc: &mut wgpu::CommandEncoder) -> bool {
+        let prof = self.profiler.lock().unwrap();
+        let Some(p) = prof.as_ref().filter(|p| !p.labels.is_empty()) else {
+            return false;
+        };
+        let n = 2 * p.labels.len() as u32;
+        enc.resolve_query_set(&p.queries, 0..n, &p.resolve, 0);
+        enc.copy_buffer_to_buffer(&p.resolve, 0, &p.staging, 0, n as u64 * 8);
+        true
+    }
+
+    /// Wait for the submission, read its timestamps and add each launch's time to its label's sum.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn profile_collect(&self) -> Result<()> {
+        let mut prof = self.profiler.lock().unwrap();
+        let Some(p) = prof.as_mut() else {
+            return Ok(());
+        };
+        let labels = std::mem::take(&mut p.labels);
+        let (s, fut) = slot();
+        p.staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                fill(&s, r.map_err(|e| e.to_string()))
+            });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| dev_err(format!("waiting for the GPU: {e}")))?;
+        block_on(fut).map_err(|e| dev_err(format!("reading the profile back: {e}")))?;
+        let ticks: Vec<u64> = {
+            let view = p
+                .staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| dev_err(format!("reading the profile back: {e}")))?;
+            view[..labels.len() * 16]
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        p.staging.unmap();
+        for (label, t) in labels.into_iter().zip(ticks.chunks_exact(2)) {
+            let ns = t[1].saturating_sub(t[0]) as f64 * p.period_ns;
+            match p.times.iter_mut().find(|k| k.label == label) {
+                Some(k) => {
+                    k.launches += 1;
+                    k.ns += ns;
+                }
+                None => p.times.push(KernelTime {
+                    label,
+                    launches: 1,
+                    ns,
+                }),
+            }
+        }
         Ok(())
     }
 

@@ -403,9 +403,7 @@ impl GpuSession<'_> {
                         label: Some("output"),
                         timestamp_writes: None,
                     });
-                    for o in output {
-                        o.record(&mut pass, 1);
-                    }
+                    gpu.record(&mut pass, output, 1);
                 }
                 enc.copy_buffer_to_buffer(logits_buf, 0, staging, 0, size);
             })?;
