@@ -6,9 +6,10 @@
 //
 // A workgroup of 64 invocations handles 4 rows (16 lanes per row) for TT tokens (a register tile: each weight
 // is decoded once and used for all TT tokens, which is what makes prefill cheaper than TT separate products);
-// lanes take units round-robin and are summed in workgroup memory. Workgroups are laid out in x and y (more than
-// 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each token's sum runs in the same
-// order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines give identical bits.
+// lanes take units round-robin and lane 0 adds up the row's 16 sums from workgroup memory. Workgroups are laid
+// out in x and y (more than 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each
+// token's sum runs in the same order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines
+// give identical bits.
 //
 // Two fusions save the decoder a launch each (products.wgsl declares them): NORM = 1 normalizes the input on the
 // way in (each workgroup computes its tokens' mean square), and P.glu = 1 applies SwiGLU to the result on the way
@@ -25,7 +26,7 @@ var<private> acc: array<f32, 8>;
 var<private> xo: array<u32, 8>;
 var<private> nt: u32;
 var<private> cu: u32;            // the unit's first column
-var<workgroup> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the tile's tokens
+var<private> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the tile's tokens (where lane = 0)
 
 // The input at X[i] (column c), after the transform: with NORM, x · AUX[c]; the token's 1 / rms is a
 // common factor of the whole sum, applied once at the end (not once per weight, as the sum's inner loop would).
@@ -166,24 +167,25 @@ fn main(
     let tok0 = wg.z * TT;
     nt = min(TT, STEP.n - min(STEP.n, tok0));
     if (NORM == 1u) {
-        // Each token's mean square, by the workgroup's 64 invocations (part[] as scratch).
+        // Each token's mean square: the 64 invocations' partial sums in part[], then each invocation that stores a
+        // row's results adds them up itself (in the same order, so all agree): two barriers whatever TT is.
         for (var t = 0u; t < TT; t++) {
             var s = 0.0;
             if (t < nt) {
                 let x0 = P.in_off + (tok0 + t) * P.in_stride;
                 for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
             }
-            part[li] = s;
-            workgroupBarrier();
-            for (var k = 32u; k > 0u; k = k / 2u) {
-                if (li < k) { part[li] += part[li + k]; }
-                workgroupBarrier();
-            }
-            if (li == 0u) {
-                inv[t] = 1.0 / sqrt(part[0] / f32(P.cols) + P.eps);
-            }
-            workgroupBarrier();
+            part[t * 64u + li] = s;
         }
+        workgroupBarrier();
+        if (lane == 0u) {
+            for (var t = 0u; t < nt; t++) {
+                var s = 0.0;
+                for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
+                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+            }
+        }
+        workgroupBarrier(); // part[] is the sums' scratch next
     }
     for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
@@ -194,18 +196,14 @@ fn main(
             unit_dot(row, u);
         }
     }
+    // The row's 16 lanes' sums, added in lane order by lane 0 (one barrier; a tree would take four).
     for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }
     workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            for (var t = 0u; t < TT; t++) { part[t * 64u + li] += part[t * 64u + li + s]; }
-        }
-        workgroupBarrier();
-    }
     if (lane == 0u && row < P.rows) {
         for (var t = 0u; t < nt; t++) {
             let o = P.out_off + (tok0 + t) * P.out_stride + row;
-            var v = part[t * 64u + li];
+            var v = 0.0;
+            for (var k = 0u; k < LANES; k++) { v += part[t * 64u + li + k]; }
             if (NORM == 1u) {
                 v *= inv[t];
             }
