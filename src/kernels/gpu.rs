@@ -1038,28 +1038,12 @@ impl Gpu {
             return Ok(());
         };
         let labels = std::mem::take(&mut p.labels);
-        let (s, fut) = slot();
-        p.staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                fill(&s, r.map_err(|e| e.to_string()))
-            });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| dev_err(format!("waiting for the GPU: {e}")))?;
-        block_on(fut).map_err(|e| dev_err(format!("reading the profile back: {e}")))?;
-        let ticks: Vec<u64> = {
-            let view = p
-                .staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| dev_err(format!("reading the profile back: {e}")))?;
-            view[..labels.len() * 16]
+        let ticks: Vec<u64> = block_on(self.read_mapped_with(&p.staging, |bytes| {
+            bytes[..labels.len() * 16]
                 .chunks_exact(8)
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
                 .collect()
-        };
-        p.staging.unmap();
+        }))?;
         for (label, t) in labels.into_iter().zip(ticks.chunks_exact(2)) {
             let ns = t[1].saturating_sub(t[0]) as f64 * p.period_ns;
             match p.times.iter_mut().find(|k| k.label == label) {
@@ -1079,6 +1063,25 @@ impl Gpu {
 
     /// Map `staging` (a `MAP_READ` buffer already filled by a submitted copy) and read `len` f32 values.
     pub async fn read_mapped(&self, staging: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+        let out = self
+            .read_mapped_with(staging, |bytes| {
+                bytes[..len * 4]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            })
+            .await?;
+        self.check()?;
+        Ok(out)
+    }
+
+    /// Map `staging` once its copy has run, hand its bytes to `read`, unmap: the read-back sequence the values
+    /// (`read_mapped`) and the profile's timestamps share.
+    async fn read_mapped_with<T>(
+        &self,
+        staging: &wgpu::Buffer,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         let (s, fut) = slot();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             fill(&s, r.map_err(|e| e.to_string()))
@@ -1094,13 +1097,9 @@ impl Gpu {
                 .slice(..)
                 .get_mapped_range()
                 .map_err(|e| dev_err(format!("reading back from the GPU: {e}")))?;
-            view[..len * 4]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect()
+            read(&view)
         };
         staging.unmap();
-        self.check()?;
         Ok(out)
     }
 
