@@ -20,11 +20,15 @@ fn main() {
         }
     };
     println!(
-        "adapter: {} ({}, {}{})",
+        "adapter: {} ({}, {}{}; subgroups: {})",
         g.info.name,
         g.info.backend,
         g.info.device_type,
-        if g.info.software { ", software" } else { "" }
+        if g.info.software { ", software" } else { "" },
+        match g.subgroups() {
+            true => "matrix-vector products on matvec_sg.wgsl; the one-token \"-sg\" rows without",
+            false => "none",
+        }
     );
     // GPU_ROWS × GPU_COLS (default 4096 × 4096); on a large GPU take a matrix well past its L2 (16384 × 8192: 75 MB
     // in Q4_1), since the repeated launches would otherwise read it from cache.
@@ -48,7 +52,7 @@ fn main() {
     let timed = g.set_profiling(true);
     g.set_profiling(false);
     println!(
-        "{:<10} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "{:<12} {:>6} {:>10} {:>10} {:>10} {:>10}",
         "type", "tokens", "ms", "GB/s", "GFLOP/s", "kernel ms"
     );
     for ty in [
@@ -84,9 +88,17 @@ fn main() {
             }
         }
         let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
-        // One token also with the decoder's fused RMSNorm (what q, k, v, gate and up pay for not launching a norm).
+        // One token also with the decoder's fused RMSNorm (what q, k, v, gate and up pay for not launching a norm),
+        // and where the adapter has subgroups, without them (matvec.wgsl's workgroup-memory sums).
         let norm_w = g.f32_buffer("norm", &vec![1.0f32; cols]);
-        for (n, norm) in [(1usize, false), (1, true), (64, false), (256, false)] {
+        let sg = g.subgroups();
+        let mut runs = vec![(1usize, false, sg), (1, true, sg)];
+        if sg {
+            runs.extend([(1, false, false), (1, true, false)]);
+        }
+        runs.extend([(64, false, sg), (256, false, sg)]);
+        for (n, norm, sub) in runs {
+            g.set_subgroups(sub);
             let x = g.f32_buffer("x", &vec![0.5f32; n * cols]);
             let y = g.buffer(
                 "y",
@@ -142,8 +154,13 @@ fn main() {
             } else {
                 "-".into()
             };
-            let name = format!("{}{}", ty.name(), if norm { "+norm" } else { "" });
-            println!("{name:<10} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
+            let name = format!(
+                "{}{}{}",
+                ty.name(),
+                if norm { "+norm" } else { "" },
+                if sg && !sub { "-sg" } else { "" }
+            );
+            println!("{name:<12} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
         }
     }
     drop(g);

@@ -209,9 +209,33 @@ gpu_test!(
 );
 async fn matvec_every_format() {
     let Some(g) = gpu().await else { return };
-    check_matvec(&g, None).await;
-    // Tensors over the storage-binding limit are split by rows: force it with a small cap.
-    check_matvec(&g, Some(1024)).await;
+    for sg in paths(&g) {
+        assert_eq!(g.set_subgroups(sg), sg);
+        check_matvec(&g, None).await;
+        // Tensors over the storage-binding limit are split by rows: force it with a small cap.
+        check_matvec(&g, Some(1024)).await;
+    }
+}
+
+/// The matrix-vector paths to test: where the adapter has subgroups, matvec_sg.wgsl (the default there; it
+/// must have compiled) and matvec.wgsl's workgroup-memory sums (subgroups turned off); elsewhere the latter.
+fn paths(g: &Gpu) -> Vec<bool> {
+    assert_eq!(
+        g.subgroups(),
+        g.info.subgroups,
+        "the adapter offers subgroups but the products do not use them (matvec_sg.wgsl did not compile?)"
+    );
+    #[cfg(not(target_arch = "wasm32"))]
+    assert!(
+        g.info.subgroups || std::env::var_os("LORAG_REQUIRE_SUBGROUPS").is_none(),
+        "LORAG_REQUIRE_SUBGROUPS is set but {} offers no subgroups",
+        g.info.name
+    );
+    if g.info.subgroups {
+        vec![true, false]
+    } else {
+        vec![false]
+    }
 }
 
 gpu_test!(the_products_normalize_or_gate_their_input, input_transforms);
@@ -231,6 +255,7 @@ async fn input_transforms() {
     let mut rng = common::Rng(77);
     let eps = 1e-5f32;
     let silu = |v: f64| v / (1.0 + (-v).exp());
+    let sg_paths = paths(&g);
     for ty in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q6_K] {
         let cols = if ty == GgmlType::Q6_K { 256 } else { 96 };
         for (rows, n, cap) in [(37, 3, None), (101, 70, None), (101, 70, Some(1024))] {
@@ -251,7 +276,9 @@ async fn input_transforms() {
                 g.f32_buffer("norm", &norm_w),
                 g.f32_buffer("gate", &gate),
             );
-            for glu in [false, true] {
+            let both = sg_paths.iter().flat_map(|&sg| [(sg, false), (sg, true)]);
+            for (sg, glu) in both {
+                g.set_subgroups(sg);
                 let y = g.f32_buffer("y", &vec![0.0; n * rows]);
                 let input = if glu {
                     Input::Plain
@@ -304,7 +331,7 @@ async fn input_transforms() {
                         let v = got[t * rows + r] as f64;
                         assert!(
                             (v - want).abs() <= tol,
-                            "{} glu {glu} {n} tokens, token {t} row {r}: GPU {v} vs {want} (tolerance {tol})",
+                            "{} glu {glu} subgroups {sg} {n} tokens, token {t} row {r}: GPU {v} vs {want} (tolerance {tol})",
                             ty.name()
                         );
                     }

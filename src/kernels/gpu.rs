@@ -48,8 +48,9 @@ pub struct Counters {
     pub buffers: AtomicUsize,
 }
 
-/// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in).
-type MatvecKey = (u32, u32, bool);
+/// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in,
+/// subgroup operations).
+type MatvecKey = (u32, u32, bool, bool);
 
 /// A wgpu device with the lorag kernels.
 pub struct Gpu {
@@ -64,6 +65,10 @@ pub struct Gpu {
     lost: Arc<AtomicBool>,
     matvec_layout: wgpu::BindGroupLayout,
     matvec_module: wgpu::ShaderModule,
+    /// matvec.wgsl + matvec_sg.wgsl, where the adapter has subgroup operations (and the module compiled).
+    matvec_sg_module: Option<wgpu::ShaderModule>,
+    /// Build matrix-vector pipelines on `matvec_sg_module` ([`Gpu::set_subgroups`]).
+    use_subgroups: AtomicBool,
     matmul_module: wgpu::ShaderModule,
     matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
@@ -307,6 +312,8 @@ pub struct Dispatch {
     pub gemm: Option<(wgpu::ComputePipeline, u32, u32)>,
     /// What it computes, for profiles ("rope"; "Q4_1 576×576" for a product, "+norm" / "+glu" with a fusion).
     pub label: String,
+    /// Its matrix-vector pipelines use subgroup operations (matvec_sg.wgsl).
+    pub subgroups: bool,
 }
 
 /// Tokens per workgroup of the tiled matvec pipeline; longer steps (prefill) take the matrix-matrix kernel.
@@ -317,7 +324,7 @@ pub const GEMM_TILE: u32 = 64;
 
 impl Dispatch {
     /// Record into a compute pass for a step of `n` tokens; returns which pipeline it took ("matmul", "matvec×8",
-    /// "matvec", or "" for a kernel with one pipeline).
+    /// "matvec", the last two with " sg" on subgroups, or "" for a kernel with one pipeline).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) -> &'static str {
         if let (Some((p, x, y)), true) = (&self.gemm, n > TILE) {
             pass.set_pipeline(p);
@@ -329,13 +336,19 @@ impl Dispatch {
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
             pass.dispatch_workgroups(x, y, n.div_ceil(TILE));
-            return "matvec×8";
+            return if self.subgroups {
+                "matvec×8 sg"
+            } else {
+                "matvec×8"
+            };
         }
         let (x, y, z) = self.grid.groups(n);
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         pass.dispatch_workgroups(x, y, z);
-        if self.tiled.is_some() {
+        if self.subgroups {
+            "matvec sg"
+        } else if self.tiled.is_some() {
             "matvec"
         } else {
             ""
@@ -391,6 +404,25 @@ const MATVEC_WGSL: &str = concat!(
 const MATVEC_T_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/matvec_t.wgsl")
+);
+/// Where the adapter has subgroups, matvec.wgsl with a second entry point (matvec_sg.wgsl). Browsers need the
+/// extension enabled (and WGSL's uniformity analysis cannot see that a loop bounded by a workgroup counter runs
+/// the same in a whole subgroup); naga, natively, rejects `enable subgroups;` and takes the operations as they
+/// are.
+#[cfg(not(target_arch = "wasm32"))]
+const MATVEC_SG_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
+    include_str!("wgsl/matvec.wgsl"),
+    include_str!("wgsl/matvec_sg.wgsl")
+);
+#[cfg(target_arch = "wasm32")]
+const MATVEC_SG_WGSL: &str = concat!(
+    "enable subgroups;\ndiagnostic(off, subgroup_uniformity);\n",
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
+    include_str!("wgsl/matvec.wgsl"),
+    include_str!("wgsl/matvec_sg.wgsl")
 );
 const MATMUL_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
@@ -478,6 +510,20 @@ impl Gpu {
             max_buffer: limits.max_buffer_size,
         };
         let matvec_module = shader(&device, "matvec", MATVEC_WGSL).await?;
+        // A driver that offers subgroups but cannot compile them loses nothing: the products run without.
+        let matvec_sg_module = match info.subgroups {
+            true => match shader(&device, "matvec_sg", MATVEC_SG_WGSL).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    #[cfg(not(target_arch = "wasm32"))]
+                    eprintln!("lorag: {e}; the products run without subgroups");
+                    #[cfg(target_arch = "wasm32")]
+                    web_sys_log(&format!("lorag: {e}; the products run without subgroups"));
+                    None
+                }
+            },
+            false => None,
+        };
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
         let matmul_module = shader(&device, "matmul", MATMUL_WGSL).await?;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
@@ -537,7 +583,9 @@ impl Gpu {
             counters: Counters::default(),
             lost,
             matvec_layout,
+            use_subgroups: AtomicBool::new(matvec_sg_module.is_some()),
             matvec_module,
+            matvec_sg_module,
             matmul_module,
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
@@ -690,11 +738,34 @@ impl Gpu {
         })
     }
 
+    /// Whether matrix-vector products built from now on use subgroup operations (matvec_sg.wgsl): on by default
+    /// where the adapter offers them; `on = false` takes matvec.wgsl's workgroup-memory sums instead (tests run
+    /// both on one adapter). Returns the setting in effect (never on without subgroups). Dispatches already built
+    /// keep their pipelines.
+    pub fn set_subgroups(&self, on: bool) -> bool {
+        let on = on && self.matvec_sg_module.is_some();
+        self.use_subgroups.store(on, Ordering::SeqCst);
+        on
+    }
+
+    /// Whether matrix-vector products built now use subgroup operations.
+    pub fn subgroups(&self) -> bool {
+        self.use_subgroups.load(Ordering::SeqCst)
+    }
+
     /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`);
-    /// `norm`: the RMSNorm input transform compiled in (the override constant NORM).
-    fn matvec_pipeline(&self, ty: GgmlType, tile: u32, norm: bool) -> wgpu::ComputePipeline {
+    /// `norm`: the RMSNorm input transform compiled in (the override constant NORM); `sg`: matvec_sg.wgsl's entry
+    /// point where the module exists (matrix-vector only).
+    fn matvec_pipeline(
+        &self,
+        ty: GgmlType,
+        tile: u32,
+        norm: bool,
+        sg: bool,
+    ) -> wgpu::ComputePipeline {
+        let sg = sg && tile != MATMUL && self.matvec_sg_module.is_some();
         let mut cache = self.matvec.lock().unwrap();
-        let key = (ty.id(), tile, norm);
+        let key = (ty.id(), tile, norm, sg);
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
             return p.clone();
         }
@@ -706,26 +777,25 @@ impl Gpu {
                 immediate_size: 0,
             });
         let norm = ("NORM", norm as u32 as f64);
-        let (label, module, constants): (_, _, &[(&str, f64)]) = if tile == MATMUL {
-            (
-                "matmul",
-                &self.matmul_module,
-                &[("TY", ty.id() as f64), norm],
-            )
-        } else {
-            (
-                "matvec",
-                &self.matvec_module,
-                &[("TY", ty.id() as f64), ("TT", tile as f64), norm],
-            )
-        };
+        let tiles = [("TY", ty.id() as f64), ("TT", tile as f64), norm];
+        let (label, module, entry, constants): (_, _, _, &[(&str, f64)]) =
+            match &self.matvec_sg_module {
+                _ if tile == MATMUL => (
+                    "matmul",
+                    &self.matmul_module,
+                    "main",
+                    &[("TY", ty.id() as f64), norm],
+                ),
+                Some(m) if sg => ("matvec_sg", m, "main_sg", &tiles),
+                _ => ("matvec", &self.matvec_module, "main", &tiles),
+            };
         let p = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
                 layout: Some(&layout),
                 module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants,
                     ..Default::default()
@@ -767,9 +837,10 @@ impl Gpu {
         base: MatvecParams,
     ) -> Vec<Dispatch> {
         let norm_in = matches!(base.input, Input::RmsNorm { .. });
-        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in);
-        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in);
-        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in);
+        let subgroups = self.subgroups();
+        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups);
+        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups);
+        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups);
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =
@@ -845,6 +916,7 @@ impl Gpu {
                         if norm_in { " +norm" } else { "" },
                         if base.glu { " +glu" } else { "" }
                     ),
+                    subgroups,
                 }
             })
             .collect()
@@ -897,6 +969,7 @@ impl Gpu {
             tiled: None,
             gemm: None,
             label: label.to_string(),
+            subgroups: false,
         }
     }
 

@@ -156,6 +156,29 @@ fn unit_dot(r: u32, u: u32) {
     }
 }
 
+// RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the 64
+// invocations' partial sums of squares in part[], then each keeping invocation adds them up itself (in the same
+// order, so all agree): two barriers whatever TT is. Called from uniform control flow.
+fn mean_squares(li: u32, tok0: u32, keep: bool) {
+    for (var t = 0u; t < TT; t++) {
+        var s = 0.0;
+        if (t < nt) {
+            let x0 = P.in_off + (tok0 + t) * P.in_stride;
+            for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
+        }
+        part[t * 64u + li] = s;
+    }
+    workgroupBarrier();
+    if (keep) {
+        for (var t = 0u; t < nt; t++) {
+            var s = 0.0;
+            for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
+            inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+        }
+    }
+    workgroupBarrier(); // part[] is the sums' scratch next
+}
+
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -167,25 +190,7 @@ fn main(
     let tok0 = wg.z * TT;
     nt = min(TT, STEP.n - min(STEP.n, tok0));
     if (NORM == 1u) {
-        // Each token's mean square: the 64 invocations' partial sums in part[], then each invocation that stores a
-        // row's results adds them up itself (in the same order, so all agree): two barriers whatever TT is.
-        for (var t = 0u; t < TT; t++) {
-            var s = 0.0;
-            if (t < nt) {
-                let x0 = P.in_off + (tok0 + t) * P.in_stride;
-                for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
-            }
-            part[t * 64u + li] = s;
-        }
-        workgroupBarrier();
-        if (lane == 0u) {
-            for (var t = 0u; t < nt; t++) {
-                var s = 0.0;
-                for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
-                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
-            }
-        }
-        workgroupBarrier(); // part[] is the sums' scratch next
+        mean_squares(li, tok0, lane == 0u);
     }
     for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
     if (row < P.rows) {

@@ -1,0 +1,60 @@
+// matvec.wgsl's products with subgroup operations (appended to matvec.wgsl only where the adapter offers them;
+// in a browser the module starts with `enable subgroups;`). Same workgroups (64 invocations, 4 rows, TT tokens),
+// but a row belongs to a whole subgroup instead of 16 invocations, and its lanes' sums are added by subgroupAdd:
+// no workgroup memory and no barrier for the sums.
+//
+// Nothing here assumes a subgroup size or which invocations share a subgroup (WGSL fixes neither: 8 on a
+// 256-bit llvmpipe, 32 on NVIDIA, 32 or 64 on AMD, up to 128 elsewhere, where one subgroup is the whole
+// workgroup): each invocation's rank in its subgroup and the subgroup's active count come from subgroup sums,
+// each subgroup draws a number from a workgroup counter, and subgroup s computes rows s, s + S, … of the
+// workgroup's 4 (S subgroups). A row's units go round-robin over its subgroup's lanes, as over 16 lanes in
+// matvec.wgsl; the order of subgroupAdd is the hardware's, so bits differ from matvec.wgsl's main (not from one
+// run to the next, nor between TT = 1 and TT = 8: the same lanes hold the same units).
+
+var<workgroup> subgroups: atomic<u32>;
+
+@compute @workgroup_size(64)
+fn main_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let tok0 = wg.z * TT;
+    nt = min(TT, STEP.n - min(STEP.n, tok0));
+    let rank = subgroupExclusiveAdd(1u);
+    let lanes = subgroupAdd(1u);
+    var drawn = 0u;
+    if (rank == 0u) {
+        drawn = atomicAdd(&subgroups, 1u) + 1u;
+    }
+    let sg = subgroupMax(drawn) - 1u;
+    if (NORM == 1u) {
+        mean_squares(li, tok0, rank == 0u);
+    } else {
+        workgroupBarrier();
+    }
+    let count = atomicLoad(&subgroups); // every subgroup has drawn (a barrier above)
+    let units = (P.cols + 31u) / 32u;
+    for (var r = sg; r < RPW; r += count) {
+        let row = (wg.x + wg.y * nwg.x) * RPW + r;
+        if (row >= P.rows) {
+            break;
+        }
+        for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
+        for (var u = rank; u < units; u += lanes) {
+            for (var t = 0u; t < nt; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
+            cu = u * 32u;
+            unit_dot(row, u);
+        }
+        for (var t = 0u; t < nt; t++) {
+            var v = subgroupAdd(acc[t]);
+            if (rank == 0u) {
+                let o = P.out_off + (tok0 + t) * P.out_stride + row;
+                if (NORM == 1u) {
+                    v *= inv[t];
+                }
+                Y[o] = finish(v, row, o);
+            }
+        }
+    }
+}
