@@ -367,8 +367,11 @@ use std::sync::atomic::Ordering;
 async fn on_gpu(bytes: Vec<u8>) -> Option<Model> {
     let g = gpu().await?;
     let mut m = Model::from_bytes(bytes).unwrap();
+    let sg = g.info.subgroups;
     let r = m.attach_gpu(g).unwrap();
     assert_eq!(r.kind, "gpu");
+    // The report says whether the products use subgroups: by default wherever the adapter has them.
+    assert_eq!(r.subgroups, sg, "{r:?}");
     Some(m)
 }
 

@@ -120,6 +120,8 @@ pub struct DeviceReport {
     pub backend: Option<String>,
     /// A software adapter (lavapipe, SwiftShader).
     pub software: bool,
+    /// The matrix-vector products use subgroup operations (on the GPU, where the adapter offers them).
+    pub subgroups: bool,
     /// Why `auto` chose the CPU, when it did.
     pub notice: Option<String>,
 }

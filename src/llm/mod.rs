@@ -528,6 +528,7 @@ impl Model {
                 name: Some(b.gpu.info.name.clone()),
                 backend: Some(b.gpu.info.backend.clone()),
                 software: b.gpu.info.software,
+                subgroups: b.gpu.subgroups(),
                 notice: None,
             };
         }
