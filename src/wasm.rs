@@ -718,8 +718,8 @@ impl JsGenerator {
 
     /// Choose where the model runs: `"auto"` (a hardware WebGPU adapter when there is one, else the CPU, with the
     /// reason in `notice`), `"gpu"` (any WebGPU adapter, or an error) or `"cpu"`. Resolves to `{kind, name,
-    /// backend, software, subgroups, notice}`. Where there is no `navigator.gpu` (Node, workers, older browsers) `auto`
-    /// resolves to the CPU and `gpu` rejects with `code: "Device"`.
+    /// backend, software, subgroups, notice}`. Where there is no `navigator.gpu` (Node, workers, older browsers)
+    /// `auto` resolves to the CPU and `gpu` rejects with `code: "Device"`.
     #[wasm_bindgen(js_name = useDevice)]
     pub fn use_device(&self, device: Option<String>) -> js_sys::Promise {
         let inner = self.inner.clone();

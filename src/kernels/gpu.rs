@@ -405,25 +405,14 @@ const MATVEC_T_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/matvec_t.wgsl")
 );
-/// Where the adapter has subgroups, matvec.wgsl with a second entry point (matvec_sg.wgsl). Browsers need the
-/// extension enabled (and WGSL's uniformity analysis cannot see that a loop bounded by a workgroup counter runs
-/// the same in a whole subgroup); naga, natively, rejects `enable subgroups;` and takes the operations as they
-/// are.
+/// Where the adapter has subgroups, MATVEC_WGSL with a second entry point (matvec_sg.wgsl), after this prefix.
+/// Browsers need the extension enabled (and WGSL's uniformity analysis cannot see that a loop bounded by a
+/// workgroup counter runs the same in a whole subgroup); naga, natively, rejects `enable subgroups;` and takes the
+/// operations as they are.
 #[cfg(not(target_arch = "wasm32"))]
-const MATVEC_SG_WGSL: &str = concat!(
-    include_str!("wgsl/dequant.wgsl"),
-    include_str!("wgsl/products.wgsl"),
-    include_str!("wgsl/matvec.wgsl"),
-    include_str!("wgsl/matvec_sg.wgsl")
-);
+const SUBGROUPS_PREFIX: &str = "";
 #[cfg(target_arch = "wasm32")]
-const MATVEC_SG_WGSL: &str = concat!(
-    "enable subgroups;\ndiagnostic(off, subgroup_uniformity);\n",
-    include_str!("wgsl/dequant.wgsl"),
-    include_str!("wgsl/products.wgsl"),
-    include_str!("wgsl/matvec.wgsl"),
-    include_str!("wgsl/matvec_sg.wgsl")
-);
+const SUBGROUPS_PREFIX: &str = "enable subgroups;\ndiagnostic(off, subgroup_uniformity);\n";
 const MATMUL_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/products.wgsl"),
@@ -493,12 +482,7 @@ impl Gpu {
             let lost = lost.clone();
             device.set_device_lost_callback(move |_, _| lost.store(true, Ordering::SeqCst));
         }
-        device.on_uncaptured_error(Arc::new(|e| {
-            #[cfg(not(target_arch = "wasm32"))]
-            eprintln!("lorag: GPU error: {e}");
-            #[cfg(target_arch = "wasm32")]
-            web_sys_log(&format!("lorag: GPU error: {e}"));
-        }));
+        device.on_uncaptured_error(Arc::new(|e| warn(&format!("lorag: GPU error: {e}"))));
         let info = GpuInfo {
             name: ai.name.clone(),
             backend: format!("{:?}", ai.backend),
@@ -512,16 +496,21 @@ impl Gpu {
         let matvec_module = shader(&device, "matvec", MATVEC_WGSL).await?;
         // A driver that offers subgroups but cannot compile them loses nothing: the products run without.
         let matvec_sg_module = match info.subgroups {
-            true => match shader(&device, "matvec_sg", MATVEC_SG_WGSL).await {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    #[cfg(not(target_arch = "wasm32"))]
-                    eprintln!("lorag: {e}; the products run without subgroups");
-                    #[cfg(target_arch = "wasm32")]
-                    web_sys_log(&format!("lorag: {e}; the products run without subgroups"));
-                    None
+            true => {
+                let src = [
+                    SUBGROUPS_PREFIX,
+                    MATVEC_WGSL,
+                    include_str!("wgsl/matvec_sg.wgsl"),
+                ]
+                .concat();
+                match shader(&device, "matvec_sg", &src).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        warn(&format!("lorag: {e}; the products run without subgroups"));
+                        None
+                    }
                 }
-            },
+            }
             false => None,
         };
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
@@ -1399,6 +1388,14 @@ async fn shader(device: &wgpu::Device, name: &str, src: &str) -> Result<wgpu::Sh
         return Err(dev_err(format!("kernel {name} failed to compile: {e}")));
     }
     Ok(m)
+}
+
+/// A warning the caller cannot act on (standard error natively, the console in a browser).
+fn warn(s: &str) {
+    #[cfg(not(target_arch = "wasm32"))]
+    eprintln!("{s}");
+    #[cfg(target_arch = "wasm32")]
+    web_sys_log(s);
 }
 
 #[cfg(target_arch = "wasm32")]
