@@ -514,14 +514,14 @@ fn a_profile_times_every_launch_by_what_it_computed() {
     })
 }
 
-const SMOLLM: &[u8] =
-    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+/// Read when the test runs (`common::asset`), not compiled in.
+const SMOLLM: &str = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// SmolLM2 on the GPU: the reference prompts' greedy tokens, and top-5 logits within 0.05 of the float64
 /// reference (the same bound as the CPU path).
 async fn smollm_reference() {
     use common::reference::ids;
-    let Some(m) = on_gpu(SMOLLM.to_vec()).await else {
+    let Some(m) = on_gpu(common::asset(SMOLLM).await).await else {
         return;
     };
     // In the browser (SwiftShader runs WebGPU on the CPU, slowly) the raw prompt only; natively both.

@@ -12,6 +12,69 @@ pub const TOKENIZER_JSON: &[u8] =
 pub const SBERT_CONFIG: &[u8] =
     include_bytes!("../../models/all-MiniLM-L6-v2-int8/sentence_bert_config.json");
 
+/// A file of this crate (`path` relative to the crate root, e.g. a model from `scripts/fetch-models`), read when
+/// the test runs rather than compiled into it: natively from disk; in wasm through Node's `fs`, or in a browser
+/// from wasm-bindgen's test server, which serves the crate root. A test wasm carrying a 100 MB model took
+/// Chromium longer to load than chromedriver's 30-second renderer deadline.
+pub async fn asset(path: &str) -> Vec<u8> {
+    let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::fs::read(&full).unwrap_or_else(|e| panic!("{full}: {e} (run scripts/fetch-models)"))
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let read = js_sys::Function::new_with_args(
+            "full, path",
+            r#"return (async () => {
+                if (typeof process === "object" && process.versions && process.versions.node) {
+                    const fs = process.getBuiltinModule ? process.getBuiltinModule("fs") : await import("node:fs");
+                    return new Uint8Array(fs.readFileSync(full));
+                }
+                const r = await fetch("/" + path);
+                if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+                return new Uint8Array(await r.arrayBuffer());
+            })()"#,
+        );
+        let promise = read
+            .call2(&wasm_bindgen::JsValue::NULL, &full.into(), &path.into())
+            .unwrap();
+        let bytes = wasm_bindgen_futures::JsFuture::from(js_sys::Promise::from(promise))
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e:?} (run scripts/fetch-models)"));
+        js_sys::Uint8Array::new(&bytes).to_vec()
+    }
+}
+
+/// Runs a future that never waits (natively, `asset` reads synchronously) to its end.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
+    use std::task::{Context, Poll, Waker};
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("a native test future waited"),
+    }
+}
+
+/// `async_test! { fn name() { … .await … } }`: a `#[test]` natively (run by `ready`), an async
+/// `wasm_bindgen_test` in wasm.
+#[macro_export]
+macro_rules! async_test {
+    ($(#[$m:meta])* fn $name:ident() $body:block) => {
+        #[cfg(not(target_arch = "wasm32"))]
+        #[test]
+        $(#[$m])*
+        fn $name() {
+            $crate::common::ready(async $body)
+        }
+        #[cfg(target_arch = "wasm32")]
+        #[wasm_bindgen_test::wasm_bindgen_test]
+        $(#[$m])*
+        async fn $name() $body
+    };
+}
+
 pub fn token_counter() -> lorag::TokenCounter {
     lorag::TokenCounter::from_bytes(TOKENIZER_JSON, Some(SBERT_CONFIG)).expect("tokenizer loads")
 }
