@@ -431,12 +431,12 @@ async fn tiny_decoder() {
                 GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 16, batch, &lora)
                     .unwrap();
             let mut cache = m.new_cache(16).unwrap();
-            // Per layer 9 launches (the norms and SwiGLU run inside the products), the final norm and the
-            // output projection; two more per adapted matrix (2 layers × 7).
+            // Per layer 8 launches (the norms and SwiGLU run inside the products, RoPE inside attention), the
+            // final norm and the output projection; two more per adapted matrix (2 layers × 7).
             let n_layer = m.weights.layers.len();
             assert_eq!(
                 s.launches(),
-                9 * n_layer + 2 + 2 * 7 * n_layer * adapters.len()
+                8 * n_layer + 2 + 2 * 7 * n_layer * adapters.len()
             );
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();
@@ -492,7 +492,6 @@ fn a_profile_times_every_launch_by_what_it_computed() {
         };
         assert_eq!(count(&|_| true), 2 * s.launches(), "{p:#?}");
         assert_eq!(count(&|l| l == "attention"), 2 * n_layer);
-        assert_eq!(count(&|l| l == "rope"), 2 * n_layer);
         assert_eq!(
             count(&|l| l == "rmsnorm"),
             2,
@@ -740,64 +739,77 @@ async fn swiglu() {
 }
 gpu_test!(swiglu_kernel_matches_the_reference, swiglu);
 
-/// RoPE on 3 tokens at positions 5..8, 3 query heads and 1 KV head of 10 dims of which 8 rotate (partial rotary),
-/// pairs and NeoX halves: each rotated value is x0·c − x1·s (or x0·s + x1·c), two products and a sum, so within
-/// 2u·(|x0·c| + |x1·s|) (3u with a fused multiply-add); unrotated dims and v are copied exactly; k and v land at
-/// their positions in the cache and nothing else there changes.
-async fn rope() {
+/// RoPE and causal attention in one launch: 3 tokens at positions 6..9 over layer 1 of a 2-layer cache of 20
+/// positions, 4 query heads sharing 2 KV heads of 10 dims of which 8 rotate (partial rotary), pairs and NeoX
+/// halves. Positions before 6 come from the cache; the step's q and k are rotated in the kernel: a rotated value
+/// is x0·c − x1·s (or x0·s + x1·c), two products and a sum, so within 2u·(|x0·c| + |x1·s|) (3u with a fused
+/// multiply-add). Each score is a 10-term dot product of such values: its error δ is at most
+/// scale·(10u·Σ|q·k| + Σ(|q|·ε_k + |k|·ε_q + ε_q·ε_k)) (ε: the rotations' bounds); softmax weights then err by at
+/// most 2δ_max relative plus a few ulps for exp and the division, and the output sums len terms: the bound is
+/// Σ p_j|v_j| · (4δ_max + (len + 10)·u). The step's rotated k and its v land in the cache at their positions
+/// (within the rotation bound; v exactly), and nothing else there changes (the slots after the step hold NaN
+/// the kernel must neither read nor touch).
+async fn attention() {
     let Some(g) = gpu().await else { return };
-    let mut rng = common::Rng(23);
+    let mut rng = common::Rng(24);
     let (n, nh, nkv, hd, half, n_ctx, pos0) =
-        (3usize, 3usize, 1usize, 10usize, 4usize, 12usize, 5usize);
-    let cache_off = n_ctx * nkv * hd; // layer 1 of 2
+        (3usize, 4usize, 2usize, 10usize, 4usize, 20usize, 6usize);
+    let kv_dim = nkv * hd;
+    let cache_off = n_ctx * kv_dim; // layer 1 of 2
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut cs = Vec::new();
+    for p in 0..n_ctx {
+        for i in 0..half {
+            let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / (2 * half) as f64);
+            cs.extend([a.cos() as f32, a.sin() as f32]);
+        }
+    }
     for neox in [false, true] {
-        let q = rand_vec(&mut rng, n * nh * hd, 1.0);
-        let k = rand_vec(&mut rng, n * nkv * hd, 1.0);
-        let v = rand_vec(&mut rng, n * nkv * hd, 1.0);
-        let mut cs = Vec::new();
-        for p in 0..n_ctx {
-            for i in 0..half {
-                let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / (2 * half) as f64);
-                cs.extend([a.cos() as f32, a.sin() as f32]);
-            }
+        let q = rand_vec(&mut rng, n * nh * hd, 1.5);
+        let k = rand_vec(&mut rng, n * kv_dim, 1.5);
+        let v = rand_vec(&mut rng, n * kv_dim, 1.0);
+        let mut kc = rand_vec(&mut rng, 2 * cache_off, 1.5);
+        let mut vc = rand_vec(&mut rng, 2 * cache_off, 1.0);
+        for i in cache_off + pos0 * kv_dim..2 * cache_off {
+            kc[i] = f32::NAN;
+            vc[i] = f32::NAN;
         }
         let (qb, kb, vb) = (
             g.f32_buffer("q", &q),
             g.f32_buffer("k", &k),
             g.f32_buffer("v", &v),
         );
-        let kc = g.f32_buffer("kc", &vec![0.0; 2 * cache_off]);
-        let vc = g.f32_buffer("vc", &vec![0.0; 2 * cache_off]);
+        let (kcb, vcb) = (g.f32_buffer("kc", &kc), g.f32_buffer("vc", &vc));
         let csb = g.f32_buffer("cs", &cs);
+        let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
+        let ob = g.f32_buffer("out", &vec![0.0; n * nh * hd]);
         let p = g.uniform(&[
             nh as u32,
             nkv as u32,
             hd as u32,
+            n_ctx as u32,
+            cache_off as u32,
+            scale.to_bits(),
             half as u32,
             neox as u32,
-            cache_off as u32,
-            0,
-            0,
         ]);
         let step = g.uniform(&[0, 0, 0, 0]);
-        let per = (nh * half + nkv * hd) as u32;
-        let bufs = [&qb, &kb, &vb, &kc, &vc, &csb, &p, &step];
-        let gq = launch(
+        let got = launch(
             &g,
-            Kernel::Rope,
-            &bufs,
+            Kernel::Attention,
+            &[&qb, &kb, &vb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
             &step,
-            Grid::Flat(per),
+            Grid::TokensY(nh as u32),
             pos0 as u32,
             n as u32,
-            &qb,
-            q.len(),
+            &ob,
+            n * nh * hd,
         )
         .await;
-        let gk = g.run_and_read(&[], 0, &kc, 2 * cache_off).await.unwrap();
-        let gv = g.run_and_read(&[], 0, &vc, 2 * cache_off).await.unwrap();
-        let rot = |x: &[f32], t: usize| -> Vec<(f64, f64)> {
-            // (value, tolerance) per dim of one head
+        let gk = g.run_and_read(&[], 0, &kcb, 2 * cache_off).await.unwrap();
+        let gv = g.run_and_read(&[], 0, &vcb, 2 * cache_off).await.unwrap();
+        // A head's vector rotated for position pos: (value, bound) per dim.
+        let rot = |x: &[f32], pos: usize| -> Vec<(f64, f64)> {
             let mut out: Vec<(f64, f64)> = x.iter().map(|&v| (v as f64, 0.0)).collect();
             for i in 0..half {
                 let (a, b) = if neox {
@@ -805,127 +817,88 @@ async fn rope() {
                 } else {
                     (2 * i, 2 * i + 1)
                 };
-                let c = cs[((pos0 + t) * half + i) * 2] as f64;
-                let s = cs[((pos0 + t) * half + i) * 2 + 1] as f64;
+                let c = cs[(pos * half + i) * 2] as f64;
+                let s = cs[(pos * half + i) * 2 + 1] as f64;
                 let (x0, x1) = (x[a] as f64, x[b] as f64);
                 out[a] = (x0 * c - x1 * s, 3.0 * U * ((x0 * c).abs() + (x1 * s).abs()));
                 out[b] = (x0 * s + x1 * c, 3.0 * U * ((x0 * s).abs() + (x1 * c).abs()));
             }
             out
         };
+        // Key j of KV head kvh: from the cache before pos0 (exact), else the step's k rotated.
+        let key = |j: usize, kvh: usize| -> Vec<(f64, f64)> {
+            if j < pos0 {
+                let o = cache_off + j * kv_dim + kvh * hd;
+                kc[o..o + hd].iter().map(|&x| (x as f64, 0.0)).collect()
+            } else {
+                let o = (j - pos0) * kv_dim + kvh * hd;
+                rot(&k[o..o + hd], j)
+            }
+        };
+        let value = |j: usize, kvh: usize, d: usize| -> f64 {
+            if j < pos0 {
+                vc[cache_off + j * kv_dim + kvh * hd + d] as f64
+            } else {
+                v[(j - pos0) * kv_dim + kvh * hd + d] as f64
+            }
+        };
         for t in 0..n {
+            let len = pos0 + t + 1;
             for h in 0..nh {
+                let kvh = h / (nh / nkv);
                 let o = t * nh * hd + h * hd;
-                for (d, (want, tol)) in rot(&q[o..o + hd], t).into_iter().enumerate() {
+                let qv = rot(&q[o..o + hd], pos0 + t);
+                let mut s = Vec::new();
+                let mut dmax = 0f64;
+                for j in 0..len {
+                    let kj = key(j, kvh);
+                    let (mut dot, mut err) = (0.0, 0.0);
+                    for (&(a, ea), &(b, eb)) in qv.iter().zip(&kj) {
+                        dot += a * b;
+                        err +=
+                            hd as f64 * U * (a * b).abs() + a.abs() * eb + b.abs() * ea + ea * eb;
+                    }
+                    dmax = dmax.max(err * scale as f64);
+                    s.push(dot * scale as f64);
+                }
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let mut want = 0.0;
+                    let mut mag = 0.0;
+                    for (j, ej) in e.iter().enumerate() {
+                        let vj = value(j, kvh, d);
+                        want += ej / sum * vj;
+                        mag += ej / sum * vj.abs();
+                    }
+                    let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
+                    let got = got[o + d] as f64;
                     assert!(
-                        (gq[o + d] as f64 - want).abs() <= tol,
-                        "q t{t} h{h} d{d} neox {neox}"
+                        (got - want).abs() <= tol,
+                        "attention t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
                     );
                 }
             }
-            let src = t * nkv * hd;
-            let dst = cache_off + (pos0 + t) * nkv * hd;
-            for (d, (want, tol)) in rot(&k[src..src + hd], t).into_iter().enumerate() {
-                assert!(
-                    (gk[dst + d] as f64 - want).abs() <= tol,
-                    "k t{t} d{d} neox {neox}"
-                );
-            }
-            assert_eq!(&gv[dst..dst + hd], &v[src..src + hd]);
-        }
-        let written = cache_off + pos0 * hd..cache_off + (pos0 + n) * hd;
-        for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
-            assert_eq!((gk[i], gv[i]), (0.0, 0.0), "cache slot {i} touched");
-        }
-    }
-}
-gpu_test!(rope_kernel_matches_the_reference, rope);
-
-/// Causal attention for 3 tokens at positions 6..9 over a cache of 20 with 4 query heads sharing 2 KV heads of 10
-/// dims. Each score is a 10-term dot product (error δ ≤ 10u·Σ|q·k|·scale); softmax weights then err by at most
-/// 2δ_max relative plus a few ulps for exp and the division, and the output sums len terms: the bound is
-/// Σ p_j|v_j| · (4δ_max + (len + 10)·u).
-async fn attention() {
-    let Some(g) = gpu().await else { return };
-    let mut rng = common::Rng(24);
-    let (n, nh, nkv, hd, n_ctx, pos0) = (3usize, 4usize, 2usize, 10usize, 20usize, 6usize);
-    let kv_dim = nkv * hd;
-    let q = rand_vec(&mut rng, n * nh * hd, 1.5);
-    let mut kc = rand_vec(&mut rng, 2 * n_ctx * kv_dim, 1.5);
-    let mut vc = rand_vec(&mut rng, 2 * n_ctx * kv_dim, 1.0);
-    // Positions after the last token hold garbage the kernel must not read.
-    let cache_off = n_ctx * kv_dim;
-    for i in cache_off + (pos0 + n) * kv_dim..2 * cache_off {
-        kc[i] = f32::NAN;
-        vc[i] = f32::NAN;
-    }
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (qb, kb, vb) = (
-        g.f32_buffer("q", &q),
-        g.f32_buffer("kc", &kc),
-        g.f32_buffer("vc", &vc),
-    );
-    let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
-    let ob = g.f32_buffer("out", &vec![0.0; n * nh * hd]);
-    let p = g.uniform(&[
-        nh as u32,
-        nkv as u32,
-        hd as u32,
-        n_ctx as u32,
-        cache_off as u32,
-        scale.to_bits(),
-        0,
-        0,
-    ]);
-    let step = g.uniform(&[0, 0, 0, 0]);
-    let got = launch(
-        &g,
-        Kernel::Attention,
-        &[&qb, &kb, &vb, &sb, &ob, &p, &step],
-        &step,
-        Grid::TokensY(nh as u32),
-        pos0 as u32,
-        n as u32,
-        &ob,
-        n * nh * hd,
-    )
-    .await;
-    for t in 0..n {
-        let len = pos0 + t + 1;
-        for h in 0..nh {
-            let kvh = h / (nh / nkv);
-            let qv = &q[t * nh * hd + h * hd..][..hd];
-            let mut s = Vec::new();
-            let mut dmax = 0f64;
-            for j in 0..len {
-                let kj = &kc[cache_off + j * kv_dim + kvh * hd..][..hd];
-                let dot: f64 = qv.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
-                let mag: f64 = qv
-                    .iter()
-                    .zip(kj)
-                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                    .sum();
-                dmax = dmax.max(hd as f64 * U * mag * scale as f64);
-                s.push(dot * scale as f64);
-            }
-            let m = s.iter().cloned().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for d in 0..hd {
-                let mut want = 0.0;
-                let mut mag = 0.0;
-                for j in 0..len {
-                    let vj = vc[cache_off + j * kv_dim + kvh * hd + d] as f64;
-                    want += e[j] / sum * vj;
-                    mag += e[j] / sum * vj.abs();
+            for kvh in 0..nkv {
+                let src = t * kv_dim + kvh * hd;
+                let dst = cache_off + (pos0 + t) * kv_dim + kvh * hd;
+                for (d, (want, tol)) in rot(&k[src..src + hd], pos0 + t).into_iter().enumerate() {
+                    assert!(
+                        (gk[dst + d] as f64 - want).abs() <= tol,
+                        "cached k t{t} kv head {kvh} d{d} neox {neox}"
+                    );
                 }
-                let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
-                let v = got[t * nh * hd + h * hd + d] as f64;
-                assert!(
-                    (v - want).abs() <= tol,
-                    "attention t{t} h{h} d{d}: {v} vs {want} (tol {tol})"
-                );
+                assert_eq!(&gv[dst..dst + hd], &v[src..src + hd], "cached v t{t}");
             }
+        }
+        let written = cache_off + pos0 * kv_dim..cache_off + (pos0 + n) * kv_dim;
+        for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
+            assert_eq!(
+                (gk[i].to_bits(), gv[i].to_bits()),
+                (kc[i].to_bits(), vc[i].to_bits()),
+                "cache slot {i} touched"
+            );
         }
     }
 }

@@ -310,7 +310,7 @@ pub struct Dispatch {
     /// For steps of more than `TILE` tokens: the matrix-matrix pipeline (matmul.wgsl, same bindings) and its
     /// workgroups for the rows (x, y); z is the token tiles.
     pub gemm: Option<(wgpu::ComputePipeline, u32, u32)>,
-    /// What it computes, for profiles ("rope"; "Q4_1 576×576" for a product, "+norm" / "+glu" with a fusion).
+    /// What it computes, for profiles ("attention"; "Q4_1 576×576" for a product, "+norm" / "+glu" with a fusion).
     pub label: String,
     /// Its matrix-vector pipelines use subgroup operations (matvec_sg.wgsl).
     pub subgroups: bool,
@@ -361,25 +361,17 @@ impl Dispatch {
 pub enum Kernel {
     /// rmsnorm.wgsl.
     RmsNorm,
-    /// rope.wgsl (also stores k and v into the cache).
-    Rope,
-    /// attention.wgsl.
+    /// attention.wgsl: RoPE on the step's q and k, the step's k and v stored into the cache, and attention.
     Attention,
     /// swiglu.wgsl.
     SwiGlu,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 4] = [
-        Kernel::RmsNorm,
-        Kernel::Rope,
-        Kernel::Attention,
-        Kernel::SwiGlu,
-    ];
+    const ALL: [Kernel; 3] = [Kernel::RmsNorm, Kernel::Attention, Kernel::SwiGlu];
     fn name(self) -> &'static str {
         match self {
             Kernel::RmsNorm => "rmsnorm",
-            Kernel::Rope => "rope",
             Kernel::Attention => "attention",
             Kernel::SwiGlu => "swiglu",
         }
@@ -387,7 +379,6 @@ impl Kernel {
     fn source(self) -> &'static str {
         match self {
             Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl"),
-            Kernel::Rope => include_str!("wgsl/rope.wgsl"),
             Kernel::Attention => include_str!("wgsl/attention.wgsl"),
             Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl"),
         }

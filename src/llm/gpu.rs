@@ -3,10 +3,10 @@
 //! [`GpuWeights`] uploads every matrix once, still quantized. A [`GpuSession`] is one conversation: the KV cache
 //! and activations live on the GPU, and every kernel launch of a step (all layers, the final norm, the output
 //! projection, the active adapters' low-rank products) is built once, with its bind group, when the session
-//! starts: per layer, q, k and v (each normalizing its input itself), RoPE with the cache writes, attention, the
-//! output projection (adding into the residual), gate and up (normalizing likewise; up finishes with SwiGLU,
-//! silu(gate) · up), and down (adding into the residual): 9 launches, plus the final norm and the output projection (and two per
-//! adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records
+//! starts: per layer, q, k and v (each normalizing its input itself), attention (rotating the step's q and k
+//! itself and storing its k and v into the cache), the output projection (adding into the residual), gate and up
+//! (normalizing likewise; up finishes with SwiGLU, silu(gate) · up), and down (adding into the residual): 8
+//! launches, plus the final norm and the output projection (and two per adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records
 //! the launches into one compute pass, submits once, and reads back only the logits: no buffer or bind group is
 //! created per token.
 
@@ -137,6 +137,11 @@ impl<'a> GpuSession<'a> {
         let batch = batch.clamp(1, 512).min(n_ctx);
         let (d, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
         let (q_dim, kv_dim) = (c.n_head * hd, c.n_kv_head * hd);
+        if hd > 256 {
+            return Err(Error::Device(format!(
+                "head size {hd}: the GPU attention kernel holds heads of up to 256 values"
+            )));
+        }
         let kv_total = (c.n_layer * n_ctx * kv_dim * 4) as u64;
         if kv_total > gpu.info.max_storage_binding {
             return Err(Error::Device(format!(
@@ -209,7 +214,6 @@ impl<'a> GpuSession<'a> {
         };
         let normed = Input::RmsNorm { eps: c.eps };
         let half = c.rope_dim / 2;
-        let groups_rope = (c.n_head * half + kv_dim) as u32;
         for (li, l) in gw.layers.iter().enumerate() {
             let cache_off = (li * n_ctx * kv_dim) as u32;
             let attn_in = (&x, normed, Some(&l.attn_norm));
@@ -283,21 +287,6 @@ impl<'a> GpuSession<'a> {
             for st in &plan[..3] {
                 ds.extend(product(*st)?);
             }
-            let rope_p = gpu.uniform(&[
-                c.n_head as u32,
-                c.n_kv_head as u32,
-                hd as u32,
-                half as u32,
-                c.rope_neox as u32,
-                cache_off,
-                0,
-                0,
-            ]);
-            ds.push(gpu.dispatch(
-                Kernel::Rope,
-                &[&q, &k, &v, &kc, &vc, &cs, &rope_p, &step],
-                Grid::Flat(groups_rope),
-            ));
             let att_p = gpu.uniform(&[
                 c.n_head as u32,
                 c.n_kv_head as u32,
@@ -305,18 +294,19 @@ impl<'a> GpuSession<'a> {
                 n_ctx as u32,
                 cache_off,
                 (1.0 / (hd as f32).sqrt()).to_bits(),
-                0,
-                0,
+                half as u32,
+                c.rope_neox as u32,
             ]);
+            // RoPE runs inside attention, which also stores the step's k and v into the cache.
             ds.push(gpu.dispatch(
                 Kernel::Attention,
-                &[&q, &kc, &vc, &scores, &att, &att_p, &step],
+                &[&q, &k, &v, &kc, &vc, &cs, &scores, &att, &att_p, &step],
                 Grid::TokensY(c.n_head as u32),
             ));
             for st in &plan[3..] {
                 ds.extend(product(*st)?);
             }
-            keep.extend([rope_p, att_p]);
+            keep.push(att_p);
         }
         let final_p = gpu.uniform(&[d as u32, 1, c.eps.to_bits(), 0]);
         ds.push(gpu.dispatch(
