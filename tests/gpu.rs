@@ -605,6 +605,33 @@ async fn faults() {
     );
     let r = m.use_device(DevicePref::Cpu).await.unwrap();
     assert_eq!(r.kind, "cpu");
+    // Heads wider than the attention kernel holds (264 > 256 values): the request fails and says why.
+    let (q, kv) = (4 * 264, 2 * 264);
+    let wide = common::tiny::tiny(|w, t| {
+        w.u32("llama.attention.key_length", 264)
+            .u32("llama.attention.value_length", 264);
+        for (name, dims, _) in t.iter_mut() {
+            if name.ends_with("attn_q.weight") {
+                *dims = vec![32, q];
+            } else if name.ends_with("attn_k.weight") || name.ends_with("attn_v.weight") {
+                *dims = vec![32, kv];
+            } else if name.ends_with("attn_output.weight") {
+                *dims = vec![q, 32];
+            }
+        }
+    });
+    let Some(m) = on_gpu(wide).await else {
+        return;
+    };
+    m.generate(&prompt, &opts, &mut |_| true).unwrap(); // the CPU runs it
+    let e = m
+        .generate_async(&prompt, &opts, &mut |_| true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Device(d) if d.contains("head size 264")),
+        "{e}"
+    );
 }
 gpu_test!(faults_are_typed_errors_and_a_lost_device_falls_back, faults);
 
