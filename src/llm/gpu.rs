@@ -6,9 +6,9 @@
 //! starts: per layer, q, k and v (each normalizing its input itself), attention (rotating the step's q and k
 //! itself and storing its k and v into the cache), the output projection (adding into the residual), gate and up
 //! (normalizing likewise; up finishes with SwiGLU, silu(gate) · up), and down (adding into the residual): 8
-//! launches, plus the final norm and the output projection (and two per adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records
-//! the launches into one compute pass, submits once, and reads back only the logits: no buffer or bind group is
-//! created per token.
+//! launches, plus the final norm and the output projection (and two per adapted matrix). A step then writes the
+//! new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
+//! pass, submits once, and reads back only the logits: no buffer or bind group is created per token.
 
 use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
