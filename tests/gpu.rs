@@ -10,22 +10,6 @@ use lorag::kernels::gpu::Gpu;
 use lorag::llm::quant::{self, GgmlType};
 use lorag::Error;
 
-/// A test that runs natively (blocking on the future) and in wasm (awaited by the test runner).
-macro_rules! gpu_test {
-    ($name:ident, $body:ident) => {
-        #[cfg(not(target_arch = "wasm32"))]
-        #[test]
-        fn $name() {
-            lorag::kernels::gpu::block_on($body())
-        }
-        #[cfg(target_arch = "wasm32")]
-        #[wasm_bindgen_test::wasm_bindgen_test]
-        async fn $name() {
-            $body().await
-        }
-    };
-}
-
 /// The GPU, or `None` where this environment legitimately has none (Node; a native machine without Vulkan when
 /// LORAG_REQUIRE_GPU is not set). Where one must exist, its absence fails the test.
 #[allow(clippy::arc_with_non_send_sync)] // wasm's WebGPU handles are neither; one thread there
@@ -203,10 +187,11 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>) {
     }
 }
 
-gpu_test!(
-    matvec_matches_the_reference_for_every_format,
-    matvec_every_format
-);
+async_test! {
+    fn matvec_matches_the_reference_for_every_format() {
+        matvec_every_format().await
+    }
+}
 async fn matvec_every_format() {
     let Some(g) = gpu().await else { return };
     for sg in paths(&g) {
@@ -238,7 +223,11 @@ fn paths(g: &Gpu) -> Vec<bool> {
     }
 }
 
-gpu_test!(the_products_normalize_or_gate_their_input, input_transforms);
+async_test! {
+    fn the_products_normalize_or_gate_their_input() {
+        input_transforms().await
+    }
+}
 /// The fusions that let the decoder skip its norm and SwiGLU launches, in both product kernels (3 tokens:
 /// matvec.wgsl; 70: matmul.wgsl) and with a forced row split, against an f64 reference.
 /// - RMSNorm on the input: x' = x · (1/√(mean x² + eps)) · w, then the dequantized row's dot product. Bound:
@@ -341,7 +330,11 @@ async fn input_transforms() {
     }
 }
 
-gpu_test!(unsupported_formats_and_bad_shapes_are_errors, bad_uploads);
+async_test! {
+    fn unsupported_formats_and_bad_shapes_are_errors() {
+        bad_uploads().await
+    }
+}
 async fn bad_uploads() {
     let Some(g) = gpu().await else { return };
     let e = g
@@ -460,7 +453,11 @@ async fn tiny_decoder() {
         }
     }
 }
-gpu_test!(the_tiny_decoder_on_the_gpu_matches_the_cpu, tiny_decoder);
+async_test! {
+    fn the_tiny_decoder_on_the_gpu_matches_the_cpu() {
+        tiny_decoder().await
+    }
+}
 
 /// Per-launch profiling (native: timestamps inside passes, which Vulkan adapters, lavapipe included, offer): a
 /// prompt step of 11 tokens and a decoding step of the tiny llama, every launch timed once under what it
@@ -468,7 +465,7 @@ gpu_test!(the_tiny_decoder_on_the_gpu_matches_the_cpu, tiny_decoder);
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn a_profile_times_every_launch_by_what_it_computed() {
-    lorag::kernels::gpu::block_on(async {
+    lorag::kernels::block_on(async {
         let Some(m) = on_gpu(common::tiny::tiny(|_, _| {})).await else {
             return;
         };
@@ -553,10 +550,11 @@ async fn smollm_reference() {
         }
     }
 }
-gpu_test!(
-    smollm2_on_the_gpu_gives_the_reference_tokens,
-    smollm_reference
-);
+async_test! {
+    fn smollm2_on_the_gpu_gives_the_reference_tokens() {
+        smollm_reference().await
+    }
+}
 
 /// Faults: a kernel that does not compile is an error naming it; a device lost mid-conversation fails that
 /// request with `Error::Device`, and the next request runs (on the CPU) and gives the CPU's tokens.
@@ -606,10 +604,11 @@ async fn faults() {
     let r = m.use_device(DevicePref::Cpu).await.unwrap();
     assert_eq!(r.kind, "cpu");
     // Heads wider than the attention kernel holds (264 > 256 values): the request fails and says why.
-    let (q, kv) = (4 * 264, 2 * 264);
+    let hd = lorag::kernels::gpu::MAX_HEAD_DIM + 8;
+    let (q, kv) = (4 * hd as u64, 2 * hd as u64);
     let wide = common::tiny::tiny(|w, t| {
-        w.u32("llama.attention.key_length", 264)
-            .u32("llama.attention.value_length", 264);
+        w.u32("llama.attention.key_length", hd as u32)
+            .u32("llama.attention.value_length", hd as u32);
         for (name, dims, _) in t.iter_mut() {
             if name.ends_with("attn_q.weight") {
                 *dims = vec![32, q];
@@ -629,11 +628,15 @@ async fn faults() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, Error::Device(d) if d.contains("head size 264")),
+        matches!(&e, Error::Device(d) if d.contains(&format!("head size {hd}"))),
         "{e}"
     );
 }
-gpu_test!(faults_are_typed_errors_and_a_lost_device_falls_back, faults);
+async_test! {
+    fn faults_are_typed_errors_and_a_lost_device_falls_back() {
+        faults().await
+    }
+}
 
 // ---- The element-wise and attention kernels, one by one, against f64 references ----
 
@@ -728,7 +731,11 @@ async fn rmsnorm() {
         assert_eq!(&last[..], &got[(n - 1) * d..]);
     }
 }
-gpu_test!(rmsnorm_kernel_matches_the_reference, rmsnorm);
+async_test! {
+    fn rmsnorm_kernel_matches_the_reference() {
+        rmsnorm().await
+    }
+}
 
 /// SwiGLU on 3 tokens × 50: g/(1 + e^−g)·u. WGSL's exp is within (3 + 2|g|) ulps; the addition, division and
 /// product add three roundings.
@@ -764,7 +771,11 @@ async fn swiglu() {
         );
     }
 }
-gpu_test!(swiglu_kernel_matches_the_reference, swiglu);
+async_test! {
+    fn swiglu_kernel_matches_the_reference() {
+        swiglu().await
+    }
+}
 
 /// RoPE and causal attention in one launch: 3 tokens at positions 6..9 over layer 1 of a 2-layer cache of 20
 /// positions, 4 query heads sharing 2 KV heads of 10 dims of which 8 rotate (partial rotary), pairs and NeoX
@@ -929,7 +940,11 @@ async fn attention() {
         }
     }
 }
-gpu_test!(attention_kernel_matches_the_reference, attention);
+async_test! {
+    fn attention_kernel_matches_the_reference() {
+        attention().await
+    }
+}
 
 // ---- Training's products on the GPU ----
 
@@ -1003,10 +1018,11 @@ fn assert_transposed(
     }
 }
 
-gpu_test!(
-    transposed_matvec_matches_the_reference_for_every_format,
-    matvec_t_every_format
-);
+async_test! {
+    fn transposed_matvec_matches_the_reference_for_every_format() {
+        matvec_t_every_format().await
+    }
+}
 async fn matvec_t_every_format() {
     let Some(g) = gpu().await else { return };
     check_matvec_t(&g, None).await;
@@ -1175,4 +1191,8 @@ async fn train_on_gpu() {
         );
     }
 }
-gpu_test!(training_on_the_gpu_matches_the_cpu, train_on_gpu);
+async_test! {
+    fn training_on_the_gpu_matches_the_cpu() {
+        train_on_gpu().await
+    }
+}

@@ -297,16 +297,10 @@ async fn breathe() {
 #[cfg(not(target_arch = "wasm32"))]
 async fn breathe() {}
 
-#[cfg(not(target_arch = "wasm32"))]
-#[test]
-fn ask_in_four_modes_over_the_bundled_documents() {
-    lorag::kernels::block_on(four_modes())
-}
-
-#[cfg(target_arch = "wasm32")]
-#[wasm_bindgen_test::wasm_bindgen_test]
-async fn ask_in_four_modes_over_the_bundled_documents() {
-    four_modes().await
+async_test! {
+    fn ask_in_four_modes_over_the_bundled_documents() {
+        four_modes().await
+    }
 }
 
 async fn four_modes() {

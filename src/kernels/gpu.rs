@@ -376,14 +376,21 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu",
         }
     }
-    fn source(self) -> &'static str {
+    fn source(self) -> String {
         match self {
-            Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl"),
-            Kernel::Attention => include_str!("wgsl/attention.wgsl"),
-            Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl"),
+            Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl").into(),
+            Kernel::Attention => format!(
+                "const MAX_HEAD_DIM: u32 = {MAX_HEAD_DIM}u;\n{}",
+                include_str!("wgsl/attention.wgsl")
+            ),
+            Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl").into(),
         }
     }
 }
+
+/// The largest head (values per attention head) the attention kernel holds: it keeps the token's rotated q in
+/// workgroup memory, an array of this size (its WGSL source gets this value).
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// matvec.wgsl, matvec_t.wgsl and matmul.wgsl share the weight-reading helpers (dequant.wgsl); matvec.wgsl and
 /// matmul.wgsl also their parameters and bindings (products.wgsl: one bind group layout serves both).
@@ -541,7 +548,7 @@ impl Gpu {
         });
         let mut kernels = Vec::new();
         for k in Kernel::ALL {
-            let module = shader(&device, k.name(), k.source()).await?;
+            let module = shader(&device, k.name(), &k.source()).await?;
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let p = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(k.name()),

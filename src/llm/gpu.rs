@@ -13,7 +13,9 @@
 use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
-use crate::kernels::gpu::{Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams};
+use crate::kernels::gpu::{
+    Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, MAX_HEAD_DIM,
+};
 use crate::{Error, Result};
 
 /// One layer on the GPU.
@@ -137,9 +139,9 @@ impl<'a> GpuSession<'a> {
         let batch = batch.clamp(1, 512).min(n_ctx);
         let (d, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
         let (q_dim, kv_dim) = (c.n_head * hd, c.n_kv_head * hd);
-        if hd > 256 {
+        if hd > MAX_HEAD_DIM {
             return Err(Error::Device(format!(
-                "head size {hd}: the GPU attention kernel holds heads of up to 256 values"
+                "head size {hd}: the GPU attention kernel holds heads of up to {MAX_HEAD_DIM} values"
             )));
         }
         let kv_total = (c.n_layer * n_ctx * kv_dim * 4) as u64;

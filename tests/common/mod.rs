@@ -46,19 +46,8 @@ pub async fn asset(path: &str) -> Vec<u8> {
     }
 }
 
-/// Runs a future that never waits (natively, `asset` reads synchronously) to its end.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
-    use std::task::{Context, Poll, Waker};
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("a native test future waited"),
-    }
-}
-
-/// `async_test! { fn name() { … .await … } }`: a `#[test]` natively (run by `ready`), an async
-/// `wasm_bindgen_test` in wasm.
+/// `async_test! { fn name() { … .await … } }`: a `#[test]` natively (run by `lorag::kernels::block_on`, which
+/// also serves the GPU's futures: the code awaiting them polls the device), an async `wasm_bindgen_test` in wasm.
 #[macro_export]
 macro_rules! async_test {
     ($(#[$m:meta])* fn $name:ident() $body:block) => {
@@ -66,7 +55,7 @@ macro_rules! async_test {
         #[test]
         $(#[$m])*
         fn $name() {
-            $crate::common::ready(async $body)
+            lorag::kernels::block_on(async $body)
         }
         #[cfg(target_arch = "wasm32")]
         #[wasm_bindgen_test::wasm_bindgen_test]

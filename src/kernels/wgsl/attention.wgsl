@@ -22,8 +22,9 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(8) var<uniform> P: Params;
 @group(0) @binding(9) var<uniform> STEP: Step;
 var<workgroup> red: array<f32, 64>;
-// The token's rotated q (head dims up to 256; the host refuses larger heads).
-var<workgroup> qr: array<f32, 256>;
+// The token's rotated q. MAX_HEAD_DIM: a const the host puts before this source (kernels::gpu::MAX_HEAD_DIM; it
+// refuses models with larger heads).
+var<workgroup> qr: array<f32, MAX_HEAD_DIM>;
 
 // Dim d's rotation: (pair index i, the partner dim, 1 if d is the pair's first); i = half for a dim that does
 // not rotate (partial rotary).
