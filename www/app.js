@@ -214,7 +214,8 @@ async function ask(e) {
   try {
     const mode = $("mode").value;
     const adapters = mode === "hybrid" || mode === "finetuned" ? [{ name: $("adapter").value }] : [];
-    for await (const ev of rag.ask(question, { mode, adapters, k: 4, maxTokens: 128, signal: controller.signal })) {
+    const maxTokens = Math.max(1, Math.min(1024, Math.round(Number($("max-tokens").value) || 128)));
+    for await (const ev of rag.ask(question, { mode, adapters, k: 4, maxTokens, signal: controller.signal })) {
       if (ev.type === "token") text.appendData(ev.text);
       else renderAnswer(ev.answer);
     }

@@ -42,11 +42,16 @@ try {
     window.__changes = 0;
     new MutationObserver(() => window.__changes++).observe(document.getElementById("answer"), { subtree: true, childList: true, characterData: true });
   });
+  // The answer length control: 128 tokens by default; 24 here (the debug build in a test writes a few a second).
+  assert.equal(await page.inputValue("#max-tokens"), "128");
+  await page.fill("#max-tokens", "24");
   await page.fill("#question", item.question);
   await page.click("#go");
   await page.waitForSelector("#sources li", { timeout: 120000 });
   const answer = (await page.textContent("#answer")).trim();
   assert.ok(answer.length > 0);
+  const used = Number((await page.textContent("#status")).match(/(\d+) answer tokens/)?.[1]);
+  assert.ok(used > 0 && used <= 24, await page.textContent("#status"));
   assert.ok((await page.evaluate(() => window.__changes)) > 3, "the answer did not stream");
   const sources = await page.$$eval("#sources li", (lis) => lis.map((li) => li.textContent));
   assert.ok(sources.some((s) => s.includes("(faq.txt")), sources.join(" | "));
@@ -142,6 +147,7 @@ try {
     throw new Error(`offline reload: ${e.message}; status: ${await page.textContent("#status")}; errors: ${errors.join(" | ")}`);
   });
   assert.equal(await page.$$eval("#doclist li", (lis) => lis.length), 5);
+  await page.fill("#max-tokens", "24");
   await page.fill("#question", "Where is the nearest defibrillator?");
   await page.click("#go");
   await page.waitForSelector("#sources li", { timeout: 120000 });
