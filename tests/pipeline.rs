@@ -8,6 +8,7 @@ mod common;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
+use lorag::kernels::yield_now;
 use lorag::llm::{AdapterUse, GenerateOptions, Message, Model, SamplerConfig};
 use lorag::pipeline::{Feedback, Rating};
 use lorag::prompt::{build_prompt, cite, PromptConfig, Source};
@@ -277,26 +278,6 @@ fn citations_map_to_the_sources_given() {
     assert!(!c[2].valid());
 }
 
-/// Give the browser's event loop a turn: headless Chromium's test driver gives up on a page that does not answer
-/// for 30 s, and this test computes for longer than that in one piece.
-#[cfg(target_arch = "wasm32")]
-async fn breathe() {
-    use wasm_bindgen::JsValue;
-    let p = js_sys::Promise::new(&mut |resolve, _| {
-        let set_timeout: js_sys::Function =
-            js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
-                .unwrap()
-                .into();
-        set_timeout
-            .call2(&JsValue::NULL, &resolve, &JsValue::from(0))
-            .unwrap();
-    });
-    wasm_bindgen_futures::JsFuture::from(p).await.unwrap();
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-async fn breathe() {}
-
 async_test! {
     // In wasm (a debug build: ~2 min in Node, the slowest wasm test) the same Rust pipeline (`Rag::ask_async`) runs
     // under the npm package's tests: tests/js/bindings.mjs's "ask" (rag mode: the gold source in the prompt,
@@ -311,7 +292,7 @@ async_test! {
 async fn four_modes() {
     let embedder = minilm();
     let kb = examples_kb(&embedder);
-    breathe().await;
+    yield_now().await;
     let mut model = smollm();
     let adapter = model.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap();
     model.add_adapter("synthetic", adapter).unwrap();
@@ -380,7 +361,7 @@ async fn four_modes() {
         .collect();
     let got: Vec<String> = a.retrieved.iter().map(|r| r.chunk_id.clone()).collect();
     assert_eq!(got, direct);
-    breathe().await;
+    yield_now().await;
     // The answer is what the generator gives for that prompt, streamed as it came.
     let ids = model.chat_prompt(&a.messages).unwrap();
     assert_eq!(a.prompt_tokens, ids.len());
@@ -397,7 +378,7 @@ async fn four_modes() {
     assert_eq!(a.text, g.text.trim());
     assert_eq!(streamed.trim(), a.text);
     assert!(a.answer_tokens <= 12 && a.answer_tokens > 0);
-    breathe().await;
+    yield_now().await;
 
     // base: no retrieval, the plain system turn.
     let b = rag
@@ -442,7 +423,7 @@ async fn four_modes() {
         .await
         .unwrap();
     assert_eq!(f.text, by_hand.text.trim());
-    breathe().await;
+    yield_now().await;
 
     // hybrid: sources and adapter.
     let h = rag
@@ -451,7 +432,7 @@ async fn four_modes() {
         .unwrap();
     assert_eq!(h.sources, a.sources);
     assert_eq!(h.adapters, f.adapters);
-    breathe().await;
+    yield_now().await;
 
     // Requests that do not make sense are refused before any work.
     let mut bad = short(Mode::Finetuned);
