@@ -166,6 +166,19 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>) {
                 ty.name()
             );
         }
+        // A view of some rows (`GpuMatrix::rows`: the decoder's q, k and v inside their fused matrix), starting
+        // inside a chunk and, when split, crossing chunks: the same rows, bit for bit.
+        let (r0, k) = (5, rows - 9);
+        let part = g.matvec(&m.rows(r0, k), &xs, n).await.unwrap();
+        for t in 0..n {
+            assert_eq!(
+                &part[t * k..(t + 1) * k],
+                &got[t * rows + r0..t * rows + r0 + k],
+                "{}: rows {r0}..{} as a view",
+                ty.name(),
+                r0 + k
+            );
+        }
         let rb = ty.row_bytes(cols).unwrap();
         let mut deq = vec![0.0f32; cols];
         for t in 0..n {
@@ -382,12 +395,48 @@ fn close(got: &[f32], want: &[f32], what: &str) {
 /// prompt and then one token at a time, every step's logits against the CPU's. The CPU and GPU compute the same
 /// operations in different summation orders (f32 throughout, about 1e-6 relative per layer here), so 1e-4
 /// relative is the bound, as between the CPU's own batched and one-at-a-time paths. A decode step is one
-/// submission and creates no buffer.
+/// submission and creates no buffer. Three variants: q, k and v of one type (one product per layer), layer 1's v
+/// in F16 (that layer's three products write into the same buffer as the fused one's), and the Qwen2 form with
+/// q, k and v biases (the fused product adds the three as one).
 async fn tiny_decoder() {
-    let bytes = common::tiny::tiny(|_, _| {});
+    let f16_v = |_: &mut _, t: &mut common::tiny::Tensors| {
+        let v = t.iter_mut().find(|x| x.0 == "blk.1.attn_v.weight").unwrap();
+        v.2 = GgmlType::F16;
+    };
+    let bias = |name: &str, i: usize| ((i * 7 + name.len()) % 13) as f32 / 20.0 - 0.3;
+    let variants = [
+        ("llama", common::tiny::tiny(|_, _| {}), [true, true]),
+        (
+            "llama, layer 1's v in F16",
+            common::tiny::tiny(f16_v),
+            [true, false],
+        ),
+        (
+            "qwen2 (q, k, v biases)",
+            common::tiny::tiny_as_qwen2(bias),
+            [true, true],
+        ),
+    ];
+    for (i, (variant, bytes, fused)) in variants.into_iter().enumerate() {
+        tiny_variant(variant, bytes, fused, i == 0).await;
+    }
+}
+
+/// `without_adapter`: also run without the adapter (the variants after the first run only with it: the base
+/// products are the same launches either way, the adapter adds its own writing at q's, k's and v's offsets).
+async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_adapter: bool) {
     let Some(mut m) = on_gpu(bytes).await else {
         return;
     };
+    assert_eq!(
+        m.weights.layers[1].wv.ty,
+        if fused[1] {
+            GgmlType::F32
+        } else {
+            GgmlType::F16
+        },
+        "{variant}"
+    );
     let mut rng = common::Rng(5);
     let mut a = lorag::llm::Adapter::empty(2, lorag::llm::AdapterFormat::Memory);
     for l in 0..2 {
@@ -407,7 +456,8 @@ async fn tiny_decoder() {
     }
     m.add_adapter("all", a).unwrap();
     let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 256) as u32).collect();
-    for adapters in [vec![], vec![("all", 1.0f32)]] {
+    let configs = [vec![], vec![("all", 1.0f32)]];
+    for adapters in &configs[!without_adapter as usize..] {
         let uses: Vec<lorag::llm::AdapterUse> = adapters
             .iter()
             .map(|&(n, w)| lorag::llm::AdapterUse {
@@ -424,16 +474,19 @@ async fn tiny_decoder() {
                 GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 16, batch, &lora)
                     .unwrap();
             let mut cache = m.new_cache(16).unwrap();
-            // Per layer 8 launches (the norms and SwiGLU run inside the products, RoPE inside attention), the
-            // final norm and the output projection; two more per adapted matrix (2 layers × 7).
+            // Per layer 6 launches where q, k and v are one product, else 8 (the norms and SwiGLU run inside the
+            // products, RoPE inside attention), the final norm and the output projection; two more per adapted
+            // matrix (2 layers × 7).
             let n_layer = m.weights.layers.len();
+            let per_layer: usize = fused.iter().map(|&f| if f { 6 } else { 8 }).sum();
             assert_eq!(
                 s.launches(),
-                8 * n_layer + 2 + 2 * 7 * n_layer * adapters.len()
+                per_layer + 2 + 2 * 7 * n_layer * adapters.len(),
+                "{variant}"
             );
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();
-            close(&gpu_logits, &cpu_logits, "prompt");
+            close(&gpu_logits, &cpu_logits, &format!("{variant}: prompt"));
             for t in [3u32, 250, 7, 100] {
                 let before = (
                     b.gpu.counters.submissions.load(Ordering::Relaxed),
@@ -447,7 +500,7 @@ async fn tiny_decoder() {
                 assert_eq!(after.0 - before.0, 1, "one submission per decode step");
                 assert_eq!(after.1, before.1, "no buffer created per decode step");
                 let c = m.forward_with(&mut cache, &[t], false, &lora).unwrap();
-                close(&g, &c, &format!("decode {t} with {adapters:?}"));
+                close(&g, &c, &format!("{variant}: decode {t} with {adapters:?}"));
             }
             assert!(s.forward(&[1, 2]).await.is_err(), "context of 16 is full");
         }
@@ -494,14 +547,15 @@ fn a_profile_times_every_launch_by_what_it_computed() {
             2,
             "the final norm, once per step"
         );
-        // The prompt's 7 products per layer take the matrix-matrix kernel, the decoding step's the matvec one;
-        // the output projection runs for one token in both.
-        assert_eq!(count(&|l| l.starts_with("matmul ")), 7 * n_layer);
-        assert_eq!(count(&|l| l.starts_with("matvec ")), 7 * n_layer + 2);
-        // Labels name the fusions: q, k, v, gate and up read the normalized input; up finishes with SwiGLU.
+        // The prompt's 5 products per layer (q, k and v in one) take the matrix-matrix kernel, the decoding
+        // step's the matvec one; the output projection runs for one token in both.
+        assert_eq!(count(&|l| l.starts_with("matmul ")), 5 * n_layer);
+        assert_eq!(count(&|l| l.starts_with("matvec ")), 5 * n_layer + 2);
+        // Labels name the fusions: qkv (one product), gate and up read the normalized input; up finishes with
+        // SwiGLU.
         let norm = count(&|l| l.starts_with("matvec ") && l.contains(" +norm"));
         let glu = count(&|l| l.starts_with("matvec ") && l.ends_with(" +glu"));
-        assert_eq!((norm, glu), (5 * n_layer, n_layer), "{p:#?}");
+        assert_eq!((norm, glu), (3 * n_layer, n_layer), "{p:#?}");
         assert!(p.iter().all(|k| k.ns >= 0.0) && p.iter().any(|k| k.ns > 0.0));
         assert!(b.gpu.profile().is_empty(), "reading resets");
         b.gpu.set_profiling(false);
@@ -812,11 +866,20 @@ async fn attention() {
             kc[i] = f32::NAN;
             vc[i] = f32::NAN;
         }
-        let (qb, kb, vb) = (
-            g.f32_buffer("q", &q),
-            g.f32_buffer("k", &k),
-            g.f32_buffer("v", &v),
-        );
+        // The kernel reads token t's q, k and v from one buffer: [q | k | v] per token.
+        let qkv: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                let (qt, kt) = (
+                    &q[t * nh * hd..(t + 1) * nh * hd],
+                    &k[t * kv_dim..(t + 1) * kv_dim],
+                );
+                qt.iter()
+                    .chain(kt)
+                    .chain(&v[t * kv_dim..(t + 1) * kv_dim])
+                    .copied()
+            })
+            .collect();
+        let qkvb = g.f32_buffer("qkv", &qkv);
         let (kcb, vcb) = (g.f32_buffer("kc", &kc), g.f32_buffer("vc", &vc));
         let csb = g.f32_buffer("cs", &cs);
         let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
@@ -835,7 +898,7 @@ async fn attention() {
         let got = launch(
             &g,
             Kernel::Attention,
-            &[&qb, &kb, &vb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
+            &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
             &step,
             Grid::TokensY(nh as u32),
             pos0 as u32,
@@ -970,6 +1033,21 @@ async fn check_matvec_t(g: &Gpu, cap: Option<usize>) {
         let m = upload(g, ty, &w, rows, cols, cap);
         let got = g.matvec_t(&m, &dy, n).await.unwrap();
         assert_transposed(&got, &[(ty, &w, rows, &dy)], n, cols, ty.name());
+        // A view of rows 5..33 (starting inside a chunk; crossing chunks when split).
+        let (r0, k) = (5, rows - 9);
+        let rb = ty.row_bytes(cols).unwrap();
+        let dyv: Vec<f32> = (0..n)
+            .flat_map(|t| dy[t * rows + r0..t * rows + r0 + k].iter().copied())
+            .collect();
+        let got = g.matvec_t(&m.rows(r0, k), &dyv, n).await.unwrap();
+        let what = format!("{} rows {r0}..{} as a view", ty.name(), r0 + k);
+        assert_transposed(
+            &got,
+            &[(ty, &w[r0 * rb..(r0 + k) * rb], k, &dyv)],
+            n,
+            cols,
+            &what,
+        );
     }
 }
 

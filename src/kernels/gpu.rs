@@ -260,8 +260,55 @@ pub struct GpuMatrix {
     pub cols: usize,
     /// Bytes per row.
     pub row_bytes: usize,
-    /// (buffer, first row, rows).
-    pub chunks: Vec<(wgpu::Buffer, usize, usize)>,
+    /// The row chunks, in order.
+    pub chunks: Vec<Chunk>,
+}
+
+/// Rows `r0..r0 + rows` of a [`GpuMatrix`], stored from byte `offset` of `buffer`.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The buffer holding them (bound whole; the kernels add `offset`).
+    pub buffer: wgpu::Buffer,
+    /// The chunk's first row in the matrix.
+    pub r0: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Byte offset of the chunk's first row in `buffer`.
+    pub offset: usize,
+}
+
+impl GpuMatrix {
+    /// Rows `r0..r0 + n` as a matrix of their own, sharing this one's buffers (no copy): how the decoder's q, k
+    /// and v projections, uploaded as one matrix, are still multiplied one by one (training).
+    pub fn rows(&self, r0: usize, n: usize) -> GpuMatrix {
+        assert!(
+            r0 + n <= self.rows,
+            "rows {r0}..{} of {}",
+            r0 + n,
+            self.rows
+        );
+        let chunks = self
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let lo = c.r0.max(r0);
+                let hi = (c.r0 + c.rows).min(r0 + n);
+                (lo < hi).then(|| Chunk {
+                    buffer: c.buffer.clone(),
+                    r0: lo - r0,
+                    rows: hi - lo,
+                    offset: c.offset + (lo - c.r0) * self.row_bytes,
+                })
+            })
+            .collect();
+        GpuMatrix {
+            ty: self.ty,
+            rows: n,
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            chunks,
+        }
+    }
 }
 
 /// How a dispatch's workgroup counts follow the number of tokens `n` in a step.
@@ -713,7 +760,12 @@ impl Gpu {
                 &bytes[r0 * row_bytes..(r0 + n) * row_bytes],
                 wgpu::BufferUsages::STORAGE,
             );
-            chunks.push((buf, r0, n));
+            chunks.push(Chunk {
+                buffer: buf,
+                r0,
+                rows: n,
+                offset: 0,
+            });
             r0 += n;
         }
         Ok(GpuMatrix {
@@ -834,15 +886,16 @@ impl Gpu {
             [bias, norm, gate].map(|b| b.or(dummy.as_ref()).unwrap());
         m.chunks
             .iter()
-            .map(|(buf, r0, rows)| {
+            .map(|c| {
+                let (buf, rows) = (&c.buffer, &c.rows);
                 let p = MatvecParams {
-                    rows: *rows as u32,
+                    rows: c.rows as u32,
                     cols: m.cols as u32,
                     row_bytes: m.row_bytes as u32,
-                    w_off: 0,
-                    out_off: base.out_off + *r0 as u32,
+                    w_off: c.offset as u32,
+                    out_off: base.out_off + c.r0 as u32,
                     has_bias: bias.is_some(),
-                    bias_off: base.bias_off + *r0 as u32,
+                    bias_off: base.bias_off + c.r0 as u32,
                     ..base
                 };
                 let uniform =
@@ -1289,21 +1342,22 @@ impl Gpu {
         let mut dy_off = 0;
         for (m, _) in items {
             let pipeline = self.matvec_t_pipeline(m.ty);
-            for (buf, r0, rows) in &m.chunks {
+            for c in &m.chunks {
                 let uniform = self.uniform(&[
-                    *rows as u32,
+                    c.rows as u32,
                     cols as u32,
                     m.row_bytes as u32,
                     n as u32,
-                    *r0 as u32,
+                    c.r0 as u32,
                     m.rows as u32,
                     !d.is_empty() as u32,
                     dy_off as u32,
+                    c.offset as u32,
                 ]);
                 d.push(self.launch(
                     "matvec_t",
                     pipeline.clone(),
-                    &[buf, &dy_buf, &dx, &uniform],
+                    &[&c.buffer, &dy_buf, &dx, &uniform],
                     Grid::TokensY(cols.div_ceil(64) as u32),
                 ));
             }

@@ -3,10 +3,12 @@
 //! [`GpuWeights`] uploads every matrix once, still quantized. A [`GpuSession`] is one conversation: the KV cache
 //! and activations live on the GPU, and every kernel launch of a step (all layers, the final norm, the output
 //! projection, the active adapters' low-rank products) is built once, with its bind group, when the session
-//! starts: per layer, q, k and v (each normalizing its input itself), attention (rotating the step's q and k
-//! itself and storing its k and v into the cache), the output projection (adding into the residual), gate and up
-//! (normalizing likewise; up finishes with SwiGLU, silu(gate) · up), and down (adding into the residual): 8
-//! launches, plus the final norm and the output projection (and two per adapted matrix). A step then writes the
+//! starts: per layer, q, k and v in one product (normalizing its input itself; one matrix of the three's rows,
+//! uploaded so where their types agree, else three products writing into the same buffer), attention (rotating
+//! the step's q and k itself and storing its k and v into the cache), the output projection (adding into the
+//! residual), gate and up (normalizing likewise; up finishes with SwiGLU, silu(gate) · up), and down (adding into
+//! the residual): 6 launches (8 where q, k and v are separate), plus the final norm and the output projection (and
+//! two per adapted matrix). A step then writes the
 //! new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
 //! pass, submits once, and reads back only the logits: no buffer or bind group is created per token.
 
@@ -21,7 +23,11 @@ use crate::{Error, Result};
 /// One layer on the GPU.
 #[derive(Debug)]
 struct GpuLayer {
+    /// In [`Target::ALL`]'s order; q, k and v are views of `qkv` where it exists.
     mats: [GpuMatrix; 7],
+    /// q, k and v as one matrix (their rows one after the other) with its bias (the three biases, likewise),
+    /// where their types agree and they have biases all or none: one product instead of three.
+    qkv: Option<(GpuMatrix, Option<wgpu::Buffer>)>,
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
     bias: [Option<wgpu::Buffer>; 3],
@@ -54,10 +60,41 @@ impl GpuWeights {
     pub fn upload(gpu: &Gpu, w: &Weights, data: &[u8]) -> Result<GpuWeights> {
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {
+            let (q, k, v) = (&l.wq, &l.wk, &l.wv);
+            let biases = [&l.bq, &l.bk, &l.bv];
+            let fuse = q.ty == k.ty
+                && k.ty == v.ty
+                && q.cols == k.cols
+                && k.cols == v.cols
+                && (biases.iter().all(|b| b.is_some()) || biases.iter().all(|b| b.is_none()));
+            let qkv = if fuse {
+                let bytes = [q, k, v].map(|m| m.bytes(data)).concat();
+                let m = gpu.upload_matrix(q.ty, &bytes, q.rows + k.rows + v.rows, q.cols)?;
+                let bias: Option<Vec<f32>> = biases
+                    .iter()
+                    .map(|b| b.as_deref())
+                    .collect::<Option<Vec<&[f32]>>>()
+                    .map(|b| b.concat());
+                Some((m, bias.map(|b| gpu.f32_buffer("qkv bias", &b))))
+            } else {
+                None
+            };
+            let [mq, mk, mv] = match &qkv {
+                Some((m, _)) => [
+                    m.rows(0, q.rows),
+                    m.rows(q.rows, k.rows),
+                    m.rows(q.rows + k.rows, v.rows),
+                ],
+                None => [
+                    upload(gpu, q, data)?,
+                    upload(gpu, k, data)?,
+                    upload(gpu, v, data)?,
+                ],
+            };
             let mats = [
-                upload(gpu, &l.wq, data)?,
-                upload(gpu, &l.wk, data)?,
-                upload(gpu, &l.wv, data)?,
+                mq,
+                mk,
+                mv,
                 upload(gpu, &l.wo, data)?,
                 upload(gpu, &l.w_gate, data)?,
                 upload(gpu, &l.w_up, data)?,
@@ -66,9 +103,14 @@ impl GpuWeights {
             let b = |v: &Option<Vec<f32>>| v.as_ref().map(|v| gpu.f32_buffer("bias", v));
             layers.push(GpuLayer {
                 mats,
+                qkv,
                 attn_norm: gpu.f32_buffer("attn_norm", &l.attn_norm),
                 ffn_norm: gpu.f32_buffer("ffn_norm", &l.ffn_norm),
-                bias: [b(&l.bq), b(&l.bk), b(&l.bv)],
+                // (fused: in the qkv bias)
+                bias: match fuse {
+                    true => [None, None, None],
+                    false => [b(&l.bq), b(&l.bk), b(&l.bv)],
+                },
             });
         }
         Ok(GpuWeights {
@@ -112,6 +154,13 @@ impl std::fmt::Debug for GpuSession<'_> {
 /// products that read their results), and the norm weights.
 type In<'b> = (&'b wgpu::Buffer, Input, Option<&'b wgpu::Buffer>);
 
+/// A product's output: a buffer, where row 0 of token 0 goes, and the elements between tokens.
+type Out<'b> = (&'b wgpu::Buffer, u32, u32);
+
+fn whole(b: &wgpu::Buffer, rows: usize) -> Out<'_> {
+    (b, 0, rows as u32)
+}
+
 fn plain(b: &wgpu::Buffer) -> In<'_> {
     (b, Input::Plain, None)
 }
@@ -154,9 +203,9 @@ impl<'a> GpuSession<'a> {
         let f = |label: &str, n: usize| gpu.buffer(label, (n * 4) as u64, STORAGE);
         let x = f("x", batch * d);
         let h = f("h", batch * d);
-        let q = f("q", batch * q_dim);
-        let k = f("k", batch * kv_dim);
-        let v = f("v", batch * kv_dim);
+        // Per token [q | k | v], as the fused product writes them and attention reads them.
+        let qkv_stride = q_dim + 2 * kv_dim;
+        let qkv = f("qkv", batch * qkv_stride);
         let att = f("att", batch * q_dim);
         let g = f("g", batch * ff);
         let u = f("u", batch * ff);
@@ -176,7 +225,7 @@ impl<'a> GpuSession<'a> {
             .collect();
         let cs = gpu.f32_buffer("rope cos/sin", &cs);
         let step = gpu.uniform(&[0, 0, 0, 0]);
-        let mut keep = vec![h.clone(), q.clone(), k.clone(), v.clone(), att.clone()];
+        let mut keep = vec![h.clone(), qkv.clone(), att.clone()];
         keep.extend([
             g.clone(),
             u.clone(),
@@ -190,7 +239,7 @@ impl<'a> GpuSession<'a> {
         // y (+)= scale · m·x (+ bias), then y = silu(gate) · y where a gate is given.
         let mv = |m: &GpuMatrix,
                   (x, input, norm): In,
-                  y: &wgpu::Buffer,
+                  (y, out_off, out_stride): Out,
                   bias,
                   acc: bool,
                   scale: f32,
@@ -205,7 +254,8 @@ impl<'a> GpuSession<'a> {
                 &step,
                 MatvecParams {
                     in_stride: m.cols as u32,
-                    out_stride: m.rows as u32,
+                    out_off,
+                    out_stride,
                     accumulate: acc,
                     scale,
                     input,
@@ -222,21 +272,16 @@ impl<'a> GpuSession<'a> {
             let ffn_in = (&x, normed, Some(&l.ffn_norm));
             // (matrix index, input, output, accumulate into the output, SwiGLU's gate: the up projection
             // finishes u = silu(g) · u, which down reads)
-            type Step<'b> = (
-                usize,
-                In<'b>,
-                &'b wgpu::Buffer,
-                bool,
-                Option<&'b wgpu::Buffer>,
-            );
+            type Step<'b> = (usize, In<'b>, Out<'b>, bool, Option<&'b wgpu::Buffer>);
+            let at = |off: usize| (&qkv, off as u32, qkv_stride as u32);
             let plan: [Step; 7] = [
-                (0, attn_in, &q, false, None),
-                (1, attn_in, &k, false, None),
-                (2, attn_in, &v, false, None),
-                (3, plain(&att), &x, true, None),
-                (4, ffn_in, &g, false, None),
-                (5, ffn_in, &u, false, Some(&g)),
-                (6, plain(&u), &x, true, None),
+                (0, attn_in, at(0), false, None),
+                (1, attn_in, at(q_dim), false, None),
+                (2, attn_in, at(q_dim + kv_dim), false, None),
+                (3, plain(&att), whole(&x, d), true, None),
+                (4, ffn_in, whole(&g, ff), false, None),
+                (5, ffn_in, whole(&u, ff), false, Some(&g)),
+                (6, plain(&u), whole(&x, d), true, None),
             ];
             let adapted = |idx: usize| -> Vec<(&Adapter, f32)> {
                 lora.iter()
@@ -247,7 +292,7 @@ impl<'a> GpuSession<'a> {
             // The adapters' products for matrix idx; the last one finishes with the gate, if any.
             let mut lora_ds = |idx: usize,
                                input: In,
-                               out: &wgpu::Buffer,
+                               out: Out,
                                gate: Option<&wgpu::Buffer>|
              -> Result<Vec<Dispatch>> {
                 let mut out_ds = Vec::new();
@@ -268,7 +313,7 @@ impl<'a> GpuSession<'a> {
                     }
                     let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
                     let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
-                    out_ds.extend(mv(&am, input, &t, None, false, 1.0, None));
+                    out_ds.extend(mv(&am, input, whole(&t, lm.rank), None, false, 1.0, None));
                     let g = gate.filter(|_| last);
                     out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale, g));
                     keep.push(t);
@@ -282,10 +327,17 @@ impl<'a> GpuSession<'a> {
             let mut product = |(idx, input, out, acc, gate): Step| -> Result<Vec<Dispatch>> {
                 let bias = l.bias.get(idx).and_then(|b| b.as_ref());
                 let base_gate = gate.filter(|_| adapted(idx).is_empty());
-                let mut v = mv(&l.mats[idx], input, out, bias, acc, 1.0, base_gate);
+                let mut v = match l.qkv.is_some() && idx < 3 {
+                    true => Vec::new(),
+                    false => mv(&l.mats[idx], input, out, bias, acc, 1.0, base_gate),
+                };
                 v.extend(lora_ds(idx, input, out, gate)?);
                 Ok(v)
             };
+            // q, k and v in one product where they are one matrix (then `product` adds only their adapters').
+            if let Some((m, bias)) = &l.qkv {
+                ds.extend(mv(m, attn_in, at(0), bias.as_ref(), false, 1.0, None));
+            }
             for st in &plan[..3] {
                 ds.extend(product(*st)?);
             }
@@ -302,7 +354,7 @@ impl<'a> GpuSession<'a> {
             // RoPE runs inside attention, which also stores the step's k and v into the cache.
             ds.push(gpu.dispatch(
                 Kernel::Attention,
-                &[&q, &k, &v, &kc, &vc, &cs, &scores, &att, &att_p, &step],
+                &[&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
                 Grid::TokensY(c.n_head as u32),
             ));
             for st in &plan[3..] {
@@ -317,7 +369,15 @@ impl<'a> GpuSession<'a> {
             Grid::One,
         ));
         // The output projection runs for one token (the last), whatever the step's size.
-        let out_ds = mv(&gw.output, plain(&h), &logits, None, false, 1.0, None);
+        let out_ds = mv(
+            &gw.output,
+            plain(&h),
+            whole(&logits, c.n_vocab),
+            None,
+            false,
+            1.0,
+            None,
+        );
         keep.push(final_p);
         Ok(GpuSession {
             gpu,

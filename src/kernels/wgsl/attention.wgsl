@@ -2,7 +2,8 @@
 // token t sits at position pos0 + t and sees positions 0..=pos0 + t, those before pos0 from the layer's cache, the
 // step's own from K and V as the products left them, rotated here (q too). The first query head of each KV group
 // stores its token's rotated k and its v into the cache for the later steps; nothing in this launch reads those
-// cache slots. A rotated pair (x0, x1) becomes (x0·c − x1·s, x0·s + x1·c); dims past the rotary part stay as they
+// cache slots. The step's q, k and v share one buffer, token t's at QKV[t · (q_dim + 2 · kv_dim)]: [q | k | v], as
+// the fused product writes them. A rotated pair (x0, x1) becomes (x0·c − x1·s, x0·s + x1·c); dims past the rotary part stay as they
 // are. cos/sin come from a table computed in f64 on the CPU (the values the CPU path uses):
 // CS[(pos · half + i) · 2 + {0: cos, 1: sin}]. Scores, softmax and the weighted sum of values follow the CPU path's
 // operations (scores · scale, max, exp(s − max), sum, weights e / sum).
@@ -11,16 +12,14 @@ struct Params {
     cache_off: u32, scale: f32, half: u32, neox: u32,
 }
 struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
-@group(0) @binding(0) var<storage, read> Q: array<f32>;
-@group(0) @binding(1) var<storage, read> K: array<f32>;
-@group(0) @binding(2) var<storage, read> V: array<f32>;
-@group(0) @binding(3) var<storage, read_write> KC: array<f32>;
-@group(0) @binding(4) var<storage, read_write> VC: array<f32>;
-@group(0) @binding(5) var<storage, read> CS: array<f32>;
-@group(0) @binding(6) var<storage, read_write> S: array<f32>;
-@group(0) @binding(7) var<storage, read_write> O: array<f32>;
-@group(0) @binding(8) var<uniform> P: Params;
-@group(0) @binding(9) var<uniform> STEP: Step;
+@group(0) @binding(0) var<storage, read> QKV: array<f32>;
+@group(0) @binding(1) var<storage, read_write> KC: array<f32>;
+@group(0) @binding(2) var<storage, read_write> VC: array<f32>;
+@group(0) @binding(3) var<storage, read> CS: array<f32>;
+@group(0) @binding(4) var<storage, read_write> S: array<f32>;
+@group(0) @binding(5) var<storage, read_write> O: array<f32>;
+@group(0) @binding(6) var<uniform> P: Params;
+@group(0) @binding(7) var<uniform> STEP: Step;
 var<workgroup> red: array<f32, 64>;
 // The token's rotated q. MAX_HEAD_DIM: a const the host puts before this source (kernels::gpu::MAX_HEAD_DIM; it
 // refuses models with larger heads).
@@ -58,16 +57,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kv_dim = P.n_kv * P.hd;
     let group = P.n_head / P.n_kv;
     let kvh = h / group;
-    let q0 = t * q_dim + h * P.hd;
+    // Token t's q, k and v in QKV (k: `+ q_dim`, v: `+ q_dim + kv_dim`).
+    let stride = q_dim + 2u * kv_dim;
+    let q0 = t * stride + h * P.hd;
+    let o0 = t * q_dim + h * P.hd;
     let s0 = (t * P.n_head + h) * P.n_ctx;
-    let own = t * kv_dim + kvh * P.hd;
+    let own = t * stride + q_dim + kvh * P.hd;
     let dst = P.cache_off + (pos0 + t) * kv_dim + kvh * P.hd;
     for (var d = li; d < P.hd; d += 64u) {
         let pi = pair_of(d);
-        qr[d] = rot(Q[q0 + d], Q[q0 + pi.y], pi, pos0 + t);
+        qr[d] = rot(QKV[q0 + d], QKV[q0 + pi.y], pi, pos0 + t);
         if (h % group == 0u) {
-            KC[dst + d] = rot(K[own + d], K[own + pi.y], pi, pos0 + t);
-            VC[dst + d] = V[own + d];
+            KC[dst + d] = rot(QKV[own + d], QKV[own + pi.y], pi, pos0 + t);
+            VC[dst + d] = QKV[own + kv_dim + d];
         }
     }
     workgroupBarrier();
@@ -78,10 +80,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let k0 = P.cache_off + j * kv_dim + kvh * P.hd;
             for (var e = 0u; e < P.hd; e++) { d += qr[e] * KC[k0 + e]; }
         } else {
-            let k0 = (j - pos0) * kv_dim + kvh * P.hd;
+            let k0 = (j - pos0) * stride + q_dim + kvh * P.hd;
             for (var e = 0u; e < P.hd; e++) {
                 let pi = pair_of(e);
-                d += qr[e] * rot(K[k0 + e], K[k0 + pi.y], pi, j);
+                d += qr[e] * rot(QKV[k0 + e], QKV[k0 + pi.y], pi, j);
             }
         }
         let s = d * P.scale;
@@ -116,10 +118,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if (j < pos0) {
                 v = VC[P.cache_off + j * kv_dim + kvh * P.hd + d];
             } else {
-                v = V[(j - pos0) * kv_dim + kvh * P.hd + d];
+                v = QKV[(j - pos0) * stride + q_dim + kv_dim + kvh * P.hd + d];
             }
             acc += (S[s0 + j] / total) * v;
         }
-        O[q0 + d] = acc;
+        O[o0 + d] = acc;
     }
 }

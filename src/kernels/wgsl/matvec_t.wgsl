@@ -18,6 +18,7 @@ struct Params {
     dy_stride: u32,  // elements between tokens in DY (the whole matrix's rows)
     accumulate: u32, // 1: add to what DX holds (the second and later chunks or matrices)
     dy_off: u32,     // offset of this matrix's dy[0][0] in DY (several matrices' gradients in one buffer)
+    w_off: u32,      // byte offset of the chunk's row 0 in W (a view of some rows of a larger matrix)
 }
 
 override TY: u32 = 0u;
@@ -41,7 +42,7 @@ fn main(
     }
     var acc: array<f32, 8>;
     for (var r = 0u; r < P.rows; r++) {
-        let w = weight_at(r * P.row_bytes, c);
+        let w = weight_at(P.w_off + r * P.row_bytes, c);
         let dy0 = P.dy_off + t0 * P.dy_stride + P.r0 + r;
         for (var t = 0u; t < nt; t++) {
             acc[t] += w * DY[dy0 + t * P.dy_stride];
