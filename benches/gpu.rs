@@ -1,7 +1,8 @@
 //! GPU kernel and generation speed, for the machines that have a GPU (on a software adapter the figures only
 //! show that it runs): the products' bandwidth and arithmetic on a 4096 × 4096 matrix per format (one token:
 //! matvec.wgsl; 64 and 256 tokens: matmul.wgsl), and SmolLM2-135M generation on the GPU beside the CPU path in the same run (the peers'
-//! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3).
+//! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3), then per-launch profiles of its
+//! prefill, its decoding, and decoding after a RAG-length prompt (`LONG_PROMPT` tokens, default 720).
 //!   cargo bench --bench gpu
 use lorag::kernels::gpu::{Gpu, Input, MatvecParams};
 use lorag::kernels::{block_on, DevicePref};
@@ -226,27 +227,30 @@ fn main() {
         println!("  (no per-launch profile: the adapter has no timestamp queries inside passes)");
         return;
     }
-    let run = |max_tokens: usize| {
+    let run = |prompt: &[u32], max_tokens: usize| {
         let o = GenerateOptions {
             max_tokens,
             ..opts.clone()
         };
         let t = Instant::now();
-        block_on(gpu.generate_async(&prompt, &o, &mut |_| true)).unwrap();
+        block_on(gpu.generate_async(prompt, &o, &mut |_| true)).unwrap();
         (t.elapsed().as_secs_f64(), backend.profile())
     };
-    let (t1, prefill) = run(1);
-    let (t64, all) = run(64);
-    backend.set_profiling(false);
-    let decode: Vec<_> = all
-        .iter()
-        .map(|k| {
-            let p = prefill.iter().find(|p| p.label == k.label);
-            let (n, ns) = p.map_or((0, 0.0), |p| (p.launches, p.ns));
-            (k.label.clone(), k.launches - n, k.ns - ns)
-        })
-        .filter(|k| k.1 > 0)
-        .collect();
+    // A whole request's launches less its prompt's: the decoding steps'.
+    let minus = |all: &[lorag::kernels::gpu::KernelTime],
+                 prefill: &[lorag::kernels::gpu::KernelTime]| {
+        all.iter()
+            .map(|k| {
+                let p = prefill.iter().find(|p| p.label == k.label);
+                let (n, ns) = p.map_or((0, 0.0), |p| (p.launches, p.ns));
+                (k.label.clone(), k.launches - n, k.ns - ns)
+            })
+            .filter(|k| k.1 > 0)
+            .collect::<Vec<_>>()
+    };
+    let (t1, prefill) = run(&prompt, 1);
+    let (t64, all) = run(&prompt, 64);
+    let decode = minus(&all, &prefill);
     // Steps: the final norm runs once per step.
     let steps = |rows: &[(String, usize, f64)]| {
         rows.iter()
@@ -283,4 +287,22 @@ fn main() {
     };
     show("prefill (the prompt)", tuples(&prefill), t1);
     show("decoding (one token a step)", decode, t64 - t1);
+    // Decoding after a prompt as long as a RAG prompt (`LONG_PROMPT` tokens, default 720: the bundled examples'
+    // cited prompts are about 700): the peers' prompt repeated to that length, then 16 tokens. Attention's share
+    // of a step grows with the context (its workgroups walk every cached position); 0 skips this.
+    let long: usize = std::env::var("LONG_PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(720);
+    if long > 0 {
+        let long_prompt: Vec<u32> = prompt.iter().copied().cycle().take(long).collect();
+        let (t1, prefill) = run(&long_prompt, 1);
+        let (t17, all) = run(&long_prompt, 17);
+        show(
+            &format!("decoding after a {long}-token prompt"),
+            minus(&all, &prefill),
+            t17 - t1,
+        );
+    }
+    backend.set_profiling(false);
 }
