@@ -887,7 +887,6 @@ impl Gpu {
         m.chunks
             .iter()
             .map(|c| {
-                let (buf, rows) = (&c.buffer, &c.rows);
                 let p = MatvecParams {
                     rows: c.rows as u32,
                     cols: m.cols as u32,
@@ -906,7 +905,7 @@ impl Gpu {
                     entries: &[
                         wgpu::BindGroupEntry {
                             binding: 0,
-                            resource: buf.as_entire_binding(),
+                            resource: c.buffer.as_entire_binding(),
                         },
                         wgpu::BindGroupEntry {
                             binding: 1,
@@ -938,9 +937,9 @@ impl Gpu {
                         },
                     ],
                 });
-                let groups = rows.div_ceil(4) as u32;
+                let groups = c.rows.div_ceil(4) as u32;
                 let gx = groups.min(65_535);
-                let tiles = (*rows as u32).div_ceil(GEMM_TILE);
+                let tiles = (c.rows as u32).div_ceil(GEMM_TILE);
                 let tx = tiles.min(65_535);
                 Dispatch {
                     pipeline: pipeline.clone(),
@@ -951,7 +950,7 @@ impl Gpu {
                     label: format!(
                         "{} {}×{}{}{}",
                         m.ty.name(),
-                        rows,
+                        c.rows,
                         m.cols,
                         if norm_in { " +norm" } else { "" },
                         if base.glu { " +glu" } else { "" }

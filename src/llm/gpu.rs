@@ -33,6 +33,26 @@ struct GpuLayer {
     bias: [Option<wgpu::Buffer>; 3],
 }
 
+impl GpuLayer {
+    /// The base products writing a token's `[q | k | v]`: (matrix, bias, its first row there). One where q, k and
+    /// v are one matrix, else one each.
+    fn qkv_products(&self) -> Vec<(&GpuMatrix, Option<&wgpu::Buffer>, usize)> {
+        match &self.qkv {
+            Some((m, bias)) => vec![(m, bias.as_ref(), 0)],
+            None => {
+                let mut r0 = 0;
+                (0..3)
+                    .map(|i| {
+                        let p = (&self.mats[i], self.bias[i].as_ref(), r0);
+                        r0 += self.mats[i].rows;
+                        p
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// A model's weights resident on the GPU.
 #[derive(Debug)]
 pub struct GpuWeights {
@@ -322,25 +342,20 @@ impl<'a> GpuSession<'a> {
                 }
                 Ok(out_ds)
             };
-            // A matrix's product and its adapters' (the bias, where there is one, on the base product; the gate
-            // on the last product writing the output).
+            // q, k and v: the layer's base products (one where they are one matrix), then their adapters'.
+            for (m, bias, r0) in l.qkv_products() {
+                ds.extend(mv(m, attn_in, at(r0), bias, false, 1.0, None));
+            }
+            for &(idx, input, out, _, gate) in &plan[..3] {
+                ds.extend(lora_ds(idx, input, out, gate)?);
+            }
+            // A matrix's product and its adapters' (the gate on the last product writing the output).
             let mut product = |(idx, input, out, acc, gate): Step| -> Result<Vec<Dispatch>> {
-                let bias = l.bias.get(idx).and_then(|b| b.as_ref());
                 let base_gate = gate.filter(|_| adapted(idx).is_empty());
-                let mut v = match l.qkv.is_some() && idx < 3 {
-                    true => Vec::new(),
-                    false => mv(&l.mats[idx], input, out, bias, acc, 1.0, base_gate),
-                };
+                let mut v = mv(&l.mats[idx], input, out, None, acc, 1.0, base_gate);
                 v.extend(lora_ds(idx, input, out, gate)?);
                 Ok(v)
             };
-            // q, k and v in one product where they are one matrix (then `product` adds only their adapters').
-            if let Some((m, bias)) = &l.qkv {
-                ds.extend(mv(m, attn_in, at(0), bias.as_ref(), false, 1.0, None));
-            }
-            for st in &plan[..3] {
-                ds.extend(product(*st)?);
-            }
             let att_p = gpu.uniform(&[
                 c.n_head as u32,
                 c.n_kv_head as u32,
