@@ -844,162 +844,170 @@ async_test! {
 async fn attention() {
     let Some(g) = gpu().await else { return };
     let mut rng = common::Rng(24);
-    let (n, nh, nkv, hd, half, n_ctx, pos0) =
-        (3usize, 4usize, 2usize, 10usize, 4usize, 20usize, 6usize);
-    let kv_dim = nkv * hd;
-    let cache_off = n_ctx * kv_dim; // layer 1 of 2
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut cs = Vec::new();
-    for p in 0..n_ctx {
-        for i in 0..half {
-            let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / (2 * half) as f64);
-            cs.extend([a.cos() as f32, a.sin() as f32]);
-        }
-    }
-    for neox in [false, true] {
-        let q = rand_vec(&mut rng, n * nh * hd, 1.5);
-        let k = rand_vec(&mut rng, n * kv_dim, 1.5);
-        let v = rand_vec(&mut rng, n * kv_dim, 1.0);
-        let mut kc = rand_vec(&mut rng, 2 * cache_off, 1.5);
-        let mut vc = rand_vec(&mut rng, 2 * cache_off, 1.0);
-        for i in cache_off + pos0 * kv_dim..2 * cache_off {
-            kc[i] = f32::NAN;
-            vc[i] = f32::NAN;
-        }
-        // The kernel reads token t's q, k and v from one buffer: [q | k | v] per token.
-        let qkv: Vec<f32> = (0..n)
-            .flat_map(|t| {
-                let (qt, kt) = (
-                    &q[t * nh * hd..(t + 1) * nh * hd],
-                    &k[t * kv_dim..(t + 1) * kv_dim],
-                );
-                qt.iter()
-                    .chain(kt)
-                    .chain(&v[t * kv_dim..(t + 1) * kv_dim])
-                    .copied()
-            })
-            .collect();
-        let qkvb = g.f32_buffer("qkv", &qkv);
-        let (kcb, vcb) = (g.f32_buffer("kc", &kc), g.f32_buffer("vc", &vc));
-        let csb = g.f32_buffer("cs", &cs);
-        let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
-        let ob = g.f32_buffer("out", &vec![0.0; n * nh * hd]);
-        let p = g.uniform(&[
-            nh as u32,
-            nkv as u32,
-            hd as u32,
-            n_ctx as u32,
-            cache_off as u32,
-            scale.to_bits(),
-            half as u32,
-            neox as u32,
-        ]);
-        let step = g.uniform(&[0, 0, 0, 0]);
-        let got = launch(
-            &g,
-            Kernel::Attention,
-            &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
-            &step,
-            Grid::TokensY(nh as u32),
-            pos0 as u32,
-            n as u32,
-            &ob,
-            n * nh * hd,
-        )
-        .await;
-        let gk = g.run_and_read(&[], 0, &kcb, 2 * cache_off).await.unwrap();
-        let gv = g.run_and_read(&[], 0, &vcb, 2 * cache_off).await.unwrap();
-        // A head's vector rotated for position pos: (value, bound) per dim.
-        let rot = |x: &[f32], pos: usize| -> Vec<(f64, f64)> {
-            let mut out: Vec<(f64, f64)> = x.iter().map(|&v| (v as f64, 0.0)).collect();
+    // The small case, then a long context with SmolLM2's head size (the kernel's value sums split the positions
+    // among 4 groups of 64 invocations, 4 running sums each: this reaches their unrolled loop and its tail).
+    for (n, nh, nkv, hd, half, n_ctx, pos0) in [
+        (3usize, 4usize, 2usize, 10usize, 4usize, 20usize, 6usize),
+        (2, 3, 1, 64, 32, 340, 333),
+    ] {
+        let kv_dim = nkv * hd;
+        let cache_off = n_ctx * kv_dim; // layer 1 of 2
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut cs = Vec::new();
+        for p in 0..n_ctx {
             for i in 0..half {
-                let (a, b) = if neox {
-                    (i, i + half)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let c = cs[(pos * half + i) * 2] as f64;
-                let s = cs[(pos * half + i) * 2 + 1] as f64;
-                let (x0, x1) = (x[a] as f64, x[b] as f64);
-                out[a] = (x0 * c - x1 * s, 3.0 * U * ((x0 * c).abs() + (x1 * s).abs()));
-                out[b] = (x0 * s + x1 * c, 3.0 * U * ((x0 * s).abs() + (x1 * c).abs()));
-            }
-            out
-        };
-        // Key j of KV head kvh: from the cache before pos0 (exact), else the step's k rotated.
-        let key = |j: usize, kvh: usize| -> Vec<(f64, f64)> {
-            if j < pos0 {
-                let o = cache_off + j * kv_dim + kvh * hd;
-                kc[o..o + hd].iter().map(|&x| (x as f64, 0.0)).collect()
-            } else {
-                let o = (j - pos0) * kv_dim + kvh * hd;
-                rot(&k[o..o + hd], j)
-            }
-        };
-        let value = |j: usize, kvh: usize, d: usize| -> f64 {
-            if j < pos0 {
-                vc[cache_off + j * kv_dim + kvh * hd + d] as f64
-            } else {
-                v[(j - pos0) * kv_dim + kvh * hd + d] as f64
-            }
-        };
-        for t in 0..n {
-            let len = pos0 + t + 1;
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let o = t * nh * hd + h * hd;
-                let qv = rot(&q[o..o + hd], pos0 + t);
-                let mut s = Vec::new();
-                let mut dmax = 0f64;
-                for j in 0..len {
-                    let kj = key(j, kvh);
-                    let (mut dot, mut err) = (0.0, 0.0);
-                    for (&(a, ea), &(b, eb)) in qv.iter().zip(&kj) {
-                        dot += a * b;
-                        err +=
-                            hd as f64 * U * (a * b).abs() + a.abs() * eb + b.abs() * ea + ea * eb;
-                    }
-                    dmax = dmax.max(err * scale as f64);
-                    s.push(dot * scale as f64);
-                }
-                let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for d in 0..hd {
-                    let mut want = 0.0;
-                    let mut mag = 0.0;
-                    for (j, ej) in e.iter().enumerate() {
-                        let vj = value(j, kvh, d);
-                        want += ej / sum * vj;
-                        mag += ej / sum * vj.abs();
-                    }
-                    let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
-                    let got = got[o + d] as f64;
-                    assert!(
-                        (got - want).abs() <= tol,
-                        "attention t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
-                    );
-                }
-            }
-            for kvh in 0..nkv {
-                let src = t * kv_dim + kvh * hd;
-                let dst = cache_off + (pos0 + t) * kv_dim + kvh * hd;
-                for (d, (want, tol)) in rot(&k[src..src + hd], pos0 + t).into_iter().enumerate() {
-                    assert!(
-                        (gk[dst + d] as f64 - want).abs() <= tol,
-                        "cached k t{t} kv head {kvh} d{d} neox {neox}"
-                    );
-                }
-                assert_eq!(&gv[dst..dst + hd], &v[src..src + hd], "cached v t{t}");
+                let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / (2 * half) as f64);
+                cs.extend([a.cos() as f32, a.sin() as f32]);
             }
         }
-        let written = cache_off + pos0 * kv_dim..cache_off + (pos0 + n) * kv_dim;
-        for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
-            assert_eq!(
-                (gk[i].to_bits(), gv[i].to_bits()),
-                (kc[i].to_bits(), vc[i].to_bits()),
-                "cache slot {i} touched"
-            );
+        for neox in [false, true] {
+            let q = rand_vec(&mut rng, n * nh * hd, 1.5);
+            let k = rand_vec(&mut rng, n * kv_dim, 1.5);
+            let v = rand_vec(&mut rng, n * kv_dim, 1.0);
+            let mut kc = rand_vec(&mut rng, 2 * cache_off, 1.5);
+            let mut vc = rand_vec(&mut rng, 2 * cache_off, 1.0);
+            for i in cache_off + pos0 * kv_dim..2 * cache_off {
+                kc[i] = f32::NAN;
+                vc[i] = f32::NAN;
+            }
+            // The kernel reads token t's q, k and v from one buffer: [q | k | v] per token.
+            let qkv: Vec<f32> = (0..n)
+                .flat_map(|t| {
+                    let (qt, kt) = (
+                        &q[t * nh * hd..(t + 1) * nh * hd],
+                        &k[t * kv_dim..(t + 1) * kv_dim],
+                    );
+                    qt.iter()
+                        .chain(kt)
+                        .chain(&v[t * kv_dim..(t + 1) * kv_dim])
+                        .copied()
+                })
+                .collect();
+            let qkvb = g.f32_buffer("qkv", &qkv);
+            let (kcb, vcb) = (g.f32_buffer("kc", &kc), g.f32_buffer("vc", &vc));
+            let csb = g.f32_buffer("cs", &cs);
+            let sb = g.f32_buffer("scores", &vec![0.0; n * nh * n_ctx]);
+            let ob = g.f32_buffer("out", &vec![0.0; n * nh * hd]);
+            let p = g.uniform(&[
+                nh as u32,
+                nkv as u32,
+                hd as u32,
+                n_ctx as u32,
+                cache_off as u32,
+                scale.to_bits(),
+                half as u32,
+                neox as u32,
+            ]);
+            let step = g.uniform(&[0, 0, 0, 0]);
+            let got = launch(
+                &g,
+                Kernel::Attention,
+                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
+                &step,
+                Grid::TokensY(nh as u32),
+                pos0 as u32,
+                n as u32,
+                &ob,
+                n * nh * hd,
+            )
+            .await;
+            let gk = g.run_and_read(&[], 0, &kcb, 2 * cache_off).await.unwrap();
+            let gv = g.run_and_read(&[], 0, &vcb, 2 * cache_off).await.unwrap();
+            // A head's vector rotated for position pos: (value, bound) per dim.
+            let rot = |x: &[f32], pos: usize| -> Vec<(f64, f64)> {
+                let mut out: Vec<(f64, f64)> = x.iter().map(|&v| (v as f64, 0.0)).collect();
+                for i in 0..half {
+                    let (a, b) = if neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let c = cs[(pos * half + i) * 2] as f64;
+                    let s = cs[(pos * half + i) * 2 + 1] as f64;
+                    let (x0, x1) = (x[a] as f64, x[b] as f64);
+                    out[a] = (x0 * c - x1 * s, 3.0 * U * ((x0 * c).abs() + (x1 * s).abs()));
+                    out[b] = (x0 * s + x1 * c, 3.0 * U * ((x0 * s).abs() + (x1 * c).abs()));
+                }
+                out
+            };
+            // Key j of KV head kvh: from the cache before pos0 (exact), else the step's k rotated.
+            let key = |j: usize, kvh: usize| -> Vec<(f64, f64)> {
+                if j < pos0 {
+                    let o = cache_off + j * kv_dim + kvh * hd;
+                    kc[o..o + hd].iter().map(|&x| (x as f64, 0.0)).collect()
+                } else {
+                    let o = (j - pos0) * kv_dim + kvh * hd;
+                    rot(&k[o..o + hd], j)
+                }
+            };
+            let value = |j: usize, kvh: usize, d: usize| -> f64 {
+                if j < pos0 {
+                    vc[cache_off + j * kv_dim + kvh * hd + d] as f64
+                } else {
+                    v[(j - pos0) * kv_dim + kvh * hd + d] as f64
+                }
+            };
+            for t in 0..n {
+                let len = pos0 + t + 1;
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let o = t * nh * hd + h * hd;
+                    let qv = rot(&q[o..o + hd], pos0 + t);
+                    let mut s = Vec::new();
+                    let mut dmax = 0f64;
+                    for j in 0..len {
+                        let kj = key(j, kvh);
+                        let (mut dot, mut err) = (0.0, 0.0);
+                        for (&(a, ea), &(b, eb)) in qv.iter().zip(&kj) {
+                            dot += a * b;
+                            err += hd as f64 * U * (a * b).abs()
+                                + a.abs() * eb
+                                + b.abs() * ea
+                                + ea * eb;
+                        }
+                        dmax = dmax.max(err * scale as f64);
+                        s.push(dot * scale as f64);
+                    }
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let mut want = 0.0;
+                        let mut mag = 0.0;
+                        for (j, ej) in e.iter().enumerate() {
+                            let vj = value(j, kvh, d);
+                            want += ej / sum * vj;
+                            mag += ej / sum * vj.abs();
+                        }
+                        let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
+                        let got = got[o + d] as f64;
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "attention t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
+                        );
+                    }
+                }
+                for kvh in 0..nkv {
+                    let src = t * kv_dim + kvh * hd;
+                    let dst = cache_off + (pos0 + t) * kv_dim + kvh * hd;
+                    for (d, (want, tol)) in rot(&k[src..src + hd], pos0 + t).into_iter().enumerate()
+                    {
+                        assert!(
+                            (gk[dst + d] as f64 - want).abs() <= tol,
+                            "cached k t{t} kv head {kvh} d{d} neox {neox}"
+                        );
+                    }
+                    assert_eq!(&gv[dst..dst + hd], &v[src..src + hd], "cached v t{t}");
+                }
+            }
+            let written = cache_off + pos0 * kv_dim..cache_off + (pos0 + n) * kv_dim;
+            for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
+                assert_eq!(
+                    (gk[i].to_bits(), gv[i].to_bits()),
+                    (kc[i].to_bits(), vc[i].to_bits()),
+                    "cache slot {i} touched"
+                );
+            }
         }
     }
 }

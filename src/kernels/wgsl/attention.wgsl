@@ -20,7 +20,15 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(5) var<storage, read_write> O: array<f32>;
 @group(0) @binding(6) var<uniform> P: Params;
 @group(0) @binding(7) var<uniform> STEP: Step;
-var<workgroup> red: array<f32, 64>;
+// A workgroup of WG invocations per (head, token). Scores: the positions are shared out round-robin, each
+// invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ WG, so the invocations
+// form G = WG / hd groups of hd (one dim each); group g sums positions g, g + G, … in four independent running
+// sums, and the groups' sums are added in group order at the end. Decoding has one workgroup per head (9 for
+// SmolLM2), so what bounds it is the chain of dependent loads inside one invocation: these splits keep that
+// chain about len / (4 · G) loads long instead of len. The cached positions (before pos0) and the step's own
+// are separate loops (no branch in the long one).
+const WG: u32 = 256u;
+var<workgroup> red: array<f32, WG>;
 // The token's rotated q. MAX_HEAD_DIM: a const the host puts before this source (kernels::gpu::MAX_HEAD_DIM; it
 // refuses models with larger heads).
 var<workgroup> qr: array<f32, MAX_HEAD_DIM>;
@@ -47,7 +55,25 @@ fn rot(x: f32, partner: f32, pi: vec3<u32>, pos: u32) -> f32 {
     return partner * s + x * c;
 }
 
-@compute @workgroup_size(64)
+// red[0] = max or sum of red[0..WG] (a tree; every invocation calls it).
+fn reduce(li: u32, is_max: bool) -> f32 {
+    workgroupBarrier();
+    for (var k = WG / 2u; k > 0u; k = k / 2u) {
+        if (li < k) {
+            if (is_max) {
+                red[li] = max(red[li], red[li + k]);
+            } else {
+                red[li] += red[li + k];
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier(); // red is written again next
+    return r;
+}
+
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
@@ -64,7 +90,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let s0 = (t * P.n_head + h) * P.n_ctx;
     let own = t * stride + q_dim + kvh * P.hd;
     let dst = P.cache_off + (pos0 + t) * kv_dim + kvh * P.hd;
-    for (var d = li; d < P.hd; d += 64u) {
+    for (var d = li; d < P.hd; d += WG) {
         let pi = pair_of(d);
         qr[d] = rot(QKV[q0 + d], QKV[q0 + pi.y], pi, pos0 + t);
         if (h % group == 0u) {
@@ -74,54 +100,78 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     workgroupBarrier();
     var mx = -3.4e38;
-    for (var j = li; j < len; j += 64u) {
+    // Scores of the cached positions.
+    let hd4 = P.hd & ~3u;
+    for (var j = li; j < pos0; j += WG) {
+        let k0 = P.cache_off + j * kv_dim + kvh * P.hd;
+        var d0 = 0.0;
+        var d1 = 0.0;
+        var d2 = 0.0;
+        var d3 = 0.0;
+        for (var e = 0u; e < hd4; e += 4u) {
+            d0 = fma(qr[e], KC[k0 + e], d0);
+            d1 = fma(qr[e + 1u], KC[k0 + e + 1u], d1);
+            d2 = fma(qr[e + 2u], KC[k0 + e + 2u], d2);
+            d3 = fma(qr[e + 3u], KC[k0 + e + 3u], d3);
+        }
+        for (var e = hd4; e < P.hd; e++) { d0 = fma(qr[e], KC[k0 + e], d0); }
+        let s = ((d0 + d1) + (d2 + d3)) * P.scale;
+        S[s0 + j] = s;
+        mx = max(mx, s);
+    }
+    // The step's own positions up to this token: their k rotated here.
+    for (var j = pos0 + li; j < len; j += WG) {
+        let k0 = (j - pos0) * stride + q_dim + kvh * P.hd;
         var d = 0.0;
-        if (j < pos0) {
-            let k0 = P.cache_off + j * kv_dim + kvh * P.hd;
-            for (var e = 0u; e < P.hd; e++) { d += qr[e] * KC[k0 + e]; }
-        } else {
-            let k0 = (j - pos0) * stride + q_dim + kvh * P.hd;
-            for (var e = 0u; e < P.hd; e++) {
-                let pi = pair_of(e);
-                d += qr[e] * rot(QKV[k0 + e], QKV[k0 + pi.y], pi, j);
-            }
+        for (var e = 0u; e < P.hd; e++) {
+            let pi = pair_of(e);
+            d += qr[e] * rot(QKV[k0 + e], QKV[k0 + pi.y], pi, j);
         }
         let s = d * P.scale;
         S[s0 + j] = s;
         mx = max(mx, s);
     }
     red[li] = mx;
-    workgroupBarrier();
-    for (var k = 32u; k > 0u; k = k / 2u) {
-        if (li < k) { red[li] = max(red[li], red[li + k]); }
-        workgroupBarrier();
-    }
-    let m = red[0];
-    workgroupBarrier();
+    let m = reduce(li, true);
     var sum = 0.0;
-    for (var j = li; j < len; j += 64u) {
+    for (var j = li; j < len; j += WG) {
         let e = exp(S[s0 + j] - m);
         S[s0 + j] = e;
         sum += e;
     }
     red[li] = sum;
-    workgroupBarrier();
-    for (var k = 32u; k > 0u; k = k / 2u) {
-        if (li < k) { red[li] += red[li + k]; }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    for (var d = li; d < P.hd; d += 64u) {
-        var acc = 0.0;
-        for (var j = 0u; j < len; j++) {
-            var v = 0.0;
-            if (j < pos0) {
-                v = VC[P.cache_off + j * kv_dim + kvh * P.hd + d];
-            } else {
-                v = QKV[(j - pos0) * stride + q_dim + kv_dim + kvh * P.hd + d];
-            }
-            acc += (S[s0 + j] / total) * v;
+    let total = reduce(li, false);
+    // The weights e / total (the CPU path's), each by the invocation that wrote its e; then every invocation
+    // reads every weight.
+    for (var j = li; j < len; j += WG) { S[s0 + j] = S[s0 + j] / total; }
+    storageBarrier();
+    let gs = WG / P.hd;
+    let g = li / P.hd;
+    let d = li % P.hd;
+    var acc = 0.0;
+    if (g < gs) {
+        var a0 = 0.0;
+        var a1 = 0.0;
+        var a2 = 0.0;
+        var a3 = 0.0;
+        let vb = P.cache_off + kvh * P.hd + d;
+        var j = g;
+        for (; j + 3u * gs < pos0; j += 4u * gs) {
+            a0 = fma(S[s0 + j], VC[vb + j * kv_dim], a0);
+            a1 = fma(S[s0 + j + gs], VC[vb + (j + gs) * kv_dim], a1);
+            a2 = fma(S[s0 + j + 2u * gs], VC[vb + (j + 2u * gs) * kv_dim], a2);
+            a3 = fma(S[s0 + j + 3u * gs], VC[vb + (j + 3u * gs) * kv_dim], a3);
         }
-        O[o0 + d] = acc;
+        for (; j < pos0; j += gs) { a0 = fma(S[s0 + j], VC[vb + j * kv_dim], a0); }
+        let ov = q_dim + kv_dim + kvh * P.hd + d;
+        for (; j < len; j += gs) { a0 = fma(S[s0 + j], QKV[(j - pos0) * stride + ov], a0); }
+        acc = (a0 + a1) + (a2 + a3);
+    }
+    red[li] = acc;
+    workgroupBarrier();
+    if (g == 0u) {
+        var o = 0.0;
+        for (var k = 0u; k < gs; k++) { o += red[k * P.hd + d]; }
+        O[o0 + d] = o;
     }
 }
