@@ -17,6 +17,16 @@ fn i8_of(b: u32) -> f32 {
 fn u32_at(off: u32) -> u32 {
     return u16_at(off) | (u16_at(off + 2u) << 16u);
 }
+// The four bytes at off (any alignment) as a little-endian u32, in one load where off is a multiple of 4, else
+// two: the products' inner loops read their packed bytes a word at a time with it.
+fn word_at(off: u32) -> u32 {
+    let s = (off & 3u) * 8u;
+    let lo = W[off >> 2u];
+    if (s == 0u) {
+        return lo;
+    }
+    return (lo >> s) | (W[(off >> 2u) + 1u] << (32u - s));
+}
 // Q4_K / Q5_K: scale and min (6 bits each) of sub-block j from the 12 packed bytes at sc.
 fn scale_min_k4(j: u32, sc: u32) -> vec2<u32> {
     if (j < 4u) {

@@ -38,9 +38,15 @@ fn input(i: u32, c: u32) -> f32 {
     return x;
 }
 
-// acc[t] += w · x_t[j] for the tile's tokens.
+// acc[t] += w · x_t[j] for the tile's tokens. Every loop over the tile's tokens runs to the constant TT (the
+// pipeline's override) and tests t < nt inside: with constant bounds the compiler can unroll them and keep acc,
+// xo and inv in registers (a loop to nt indexes them at run time, which puts them in memory on some GPUs).
 fn put(j: u32, w: f32) {
-    for (var t = 0u; t < nt; t++) { acc[t] += w * input(xo[t] + j, cu + j); }
+    for (var t = 0u; t < TT; t++) {
+        if (t < nt) {
+            acc[t] += w * input(xo[t] + j, cu + j);
+        }
+    }
 }
 
 // Unit u of row r dotted with the tile's inputs (xo[t] = start of unit u in token t's input), into acc[t].
@@ -65,20 +71,27 @@ fn unit_dot(r: u32, u: u32) {
         case 2u: { // Q4_0: d f16 | qs[16]
             let b = rb + u * 18u;
             let d = f16_at(b);
-            for (var j = 0u; j < 16u; j++) {
-                let v = byte_at(b + 2u + j);
-                put(j, d * f32(i32(v & 15u) - 8));
-                put(j + 16u, d * f32(i32(v >> 4u) - 8));
+            for (var i = 0u; i < 4u; i++) {
+                let q = word_at(b + 2u + 4u * i);
+                for (var k = 0u; k < 4u; k++) {
+                    let v = (q >> (8u * k)) & 0xffu;
+                    put(4u * i + k, d * f32(i32(v & 15u) - 8));
+                    put(4u * i + k + 16u, d * f32(i32(v >> 4u) - 8));
+                }
             }
         }
         case 3u: { // Q4_1: d f16 | m f16 | qs[16]
             let b = rb + u * 20u;
-            let d = f16_at(b);
-            let m = f16_at(b + 2u);
-            for (var j = 0u; j < 16u; j++) {
-                let v = byte_at(b + 4u + j);
-                put(j, (d * f32(v & 15u) + m));
-                put(j + 16u, (d * f32(v >> 4u) + m));
+            let dm = unpack2x16float(word_at(b));
+            let d = dm.x;
+            let m = dm.y;
+            for (var i = 0u; i < 4u; i++) {
+                let q = word_at(b + 4u + 4u * i);
+                for (var k = 0u; k < 4u; k++) {
+                    let v = (q >> (8u * k)) & 0xffu;
+                    put(4u * i + k, (d * f32(v & 15u) + m));
+                    put(4u * i + k + 16u, (d * f32(v >> 4u) + m));
+                }
             }
         }
         case 6u: { // Q5_0: d f16 | qh u32 | qs[16]
@@ -109,7 +122,10 @@ fn unit_dot(r: u32, u: u32) {
         case 8u: { // Q8_0: d f16 | qs i8[32]
             let b = rb + u * 34u;
             let d = f16_at(b);
-            for (var j = 0u; j < 32u; j++) { put(j, d * i8_of(byte_at(b + 2u + j))); }
+            for (var i = 0u; i < 8u; i++) {
+                let q = word_at(b + 2u + 4u * i);
+                for (var k = 0u; k < 4u; k++) { put(4u * i + k, d * i8_of((q >> (8u * k)) & 0xffu)); }
+            }
         }
         case 12u: { // Q4_K: d f16 | dmin f16 | scales[12] | qs[128]; unit = sub-block s of super-block u / 8
             let s = u % 8u;
@@ -119,9 +135,12 @@ fn unit_dot(r: u32, u: u32) {
             let m1 = f16_at(b + 2u) * f32(sm.y);
             let q0 = b + 16u + 32u * (s / 2u);
             let shift = (s % 2u) * 4u;
-            for (var l = 0u; l < 32u; l++) {
-                let q = (byte_at(q0 + l) >> shift) & 15u;
-                put(l, (d1 * f32(q) - m1));
+            for (var i = 0u; i < 8u; i++) {
+                let w = word_at(q0 + 4u * i);
+                for (var k = 0u; k < 4u; k++) {
+                    let q = (w >> (8u * k + shift)) & 15u;
+                    put(4u * i + k, (d1 * f32(q) - m1));
+                }
             }
         }
         case 13u: { // Q5_K: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
@@ -144,12 +163,16 @@ fn unit_dot(r: u32, u: u32) {
             let n = s / 4u;
             let g = s % 4u;
             let shift = select(4u, 0u, g < 2u);
-            for (var l = 0u; l < 32u; l++) {
-                let low = (byte_at(b + 64u * n + 32u * (g % 2u) + l) >> shift) & 15u;
-                let high = (byte_at(b + 128u + 32u * n + l) >> (2u * g)) & 3u;
-                let q = i32(low | (high << 4u)) - 32;
-                let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + l) / 16u));
-                put(l, (d * sc) * f32(q));
+            for (var i = 0u; i < 8u; i++) {
+                let lw = word_at(b + 64u * n + 32u * (g % 2u) + 4u * i);
+                let hw = word_at(b + 128u + 32u * n + 4u * i);
+                let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + 4u * i) / 16u));
+                for (var k = 0u; k < 4u; k++) {
+                    let low = (lw >> (8u * k + shift)) & 15u;
+                    let high = (hw >> (8u * k + 2u * g)) & 3u;
+                    let q = i32(low | (high << 4u)) - 32;
+                    put(4u * i + k, (d * sc) * f32(q));
+                }
             }
         }
         default: {}
@@ -170,10 +193,12 @@ fn mean_squares(li: u32, tok0: u32, keep: bool) {
     }
     workgroupBarrier();
     if (keep) {
-        for (var t = 0u; t < nt; t++) {
-            var s = 0.0;
-            for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
-            inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+        for (var t = 0u; t < TT; t++) {
+            if (t < nt) {
+                var s = 0.0;
+                for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
+                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+            }
         }
     }
     workgroupBarrier(); // part[] is the sums' scratch next
@@ -192,11 +217,11 @@ fn main(
     if (NORM == 1u) {
         mean_squares(li, tok0, lane == 0u);
     }
-    for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
+    for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
         let units = (P.cols + 31u) / 32u;
         for (var u = lane; u < units; u += LANES) {
-            for (var t = 0u; t < nt; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
+            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
             cu = u * 32u;
             unit_dot(row, u);
         }
@@ -205,7 +230,10 @@ fn main(
     for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }
     workgroupBarrier();
     if (lane == 0u && row < P.rows) {
-        for (var t = 0u; t < nt; t++) {
+        for (var t = 0u; t < TT; t++) {
+            if (t >= nt) {
+                break;
+            }
             let o = P.out_off + (tok0 + t) * P.out_stride + row;
             var v = 0.0;
             for (var k = 0u; k < LANES; k++) { v += part[t * 64u + li + k]; }

@@ -40,13 +40,16 @@ fn main_sg(
         if (row >= P.rows) {
             break;
         }
-        for (var t = 0u; t < TMAX; t++) { acc[t] = 0.0; }
+        for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
         for (var u = rank; u < units; u += lanes) {
-            for (var t = 0u; t < nt; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
+            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
             cu = u * 32u;
             unit_dot(row, u);
         }
-        for (var t = 0u; t < nt; t++) {
+        for (var t = 0u; t < TT; t++) {
+            if (t >= nt) {
+                break;
+            }
             var v = subgroupAdd(acc[t]);
             if (rank == 0u) {
                 let o = P.out_off + (tok0 + t) * P.out_stride + row;
