@@ -1,12 +1,12 @@
 // y[t][r] (+)= scale · (W[r] · x[t]) (+ bias[r]) for a quantized or float weight matrix W, dequantized inside the
-// shader. Work is split in 32-element units (a whole block for the 32-element formats, an eighth of a
-// super-block for the K formats, 32 values for the float formats, fewer at the end of a row). Each element's
-// weight is computed with the same operations, in the same association, as the scalar reference
-// (quant::dequantize_row_ref), so weights are bit-identical; only the order of the sum differs.
+// shader. Work is split in 4-element slots (a quarter of a packed word's worth: columns 4s .. 4s + 3, fewer at
+// the end of a float row). Each element's weight is computed with the same operations, in the same association,
+// as the scalar reference (quant::dequantize_row_ref), so weights are bit-identical; only the order of the sum
+// differs.
 //
 // A workgroup of 64 invocations handles 4 rows (16 lanes per row) for TT tokens (a register tile: each weight
 // is decoded once and used for all TT tokens, which is what makes prefill cheaper than TT separate products);
-// lanes take units round-robin and lane 0 adds up the row's 16 sums from workgroup memory. Workgroups are laid
+// lanes take slots round-robin and lane 0 adds up the row's 16 sums from workgroup memory. Workgroups are laid
 // out in x and y (more than 65,535 row groups) and z is the tile of tokens; STEP.n bounds the tokens. Each
 // token's sum runs in the same order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines
 // give identical bits.
@@ -49,130 +49,111 @@ fn put(j: u32, w: f32) {
     }
 }
 
-// Unit u of row r dotted with the tile's inputs (xo[t] = start of unit u in token t's input), into acc[t].
-fn unit_dot(r: u32, u: u32) {
+// Slot s of row r (its columns 4s .. 4s + 3: quarter q = s % 8 of the 32-element unit u = s / 8) dotted with
+// the tile's inputs (xo[t] = the slot's first input of token t), into acc[t]. A row's slots go round-robin over
+// its lanes, so neighbouring lanes read neighbouring inputs and neighbouring words of a block (a lane per whole
+// unit had a warp's input loads touch 32 cache lines each). In the 32-element formats element j < 16 is the low
+// nibble of packed byte j and j ≥ 16 the high nibble of byte j − 16, so a quarter is one packed word.
+fn slot_dot(r: u32, s: u32) {
     let rb = P.w_off + r * P.row_bytes;
+    let u = s / 8u;
+    let q = s % 8u;
+    let c0 = 4u * s;
     switch TY {
         case 0u: { // F32
-            let n = min(32u, P.cols - u * 32u);
-            let w0 = (rb >> 2u) + u * 32u;
+            let n = min(4u, P.cols - c0);
+            let w0 = (rb >> 2u) + c0;
             for (var e = 0u; e < n; e++) { put(e, bitcast<f32>(W[w0 + e])); }
         }
         case 1u: { // F16
-            let n = min(32u, P.cols - u * 32u);
-            for (var e = 0u; e < n; e++) { put(e, f16_at(rb + (u * 32u + e) * 2u)); }
+            let n = min(4u, P.cols - c0);
+            for (var e = 0u; e < n; e++) { put(e, f16_at(rb + (c0 + e) * 2u)); }
         }
         case 30u: { // BF16
-            let n = min(32u, P.cols - u * 32u);
-            for (var e = 0u; e < n; e++) {
-                put(e, bitcast<f32>(u16_at(rb + (u * 32u + e) * 2u) << 16u));
-            }
+            let n = min(4u, P.cols - c0);
+            for (var e = 0u; e < n; e++) { put(e, bitcast<f32>(u16_at(rb + (c0 + e) * 2u) << 16u)); }
         }
         case 2u: { // Q4_0: d f16 | qs[16]
             let b = rb + u * 18u;
             let d = f16_at(b);
-            for (var i = 0u; i < 4u; i++) {
-                let q = word_at(b + 2u + 4u * i);
-                for (var k = 0u; k < 4u; k++) {
-                    let v = (q >> (8u * k)) & 0xffu;
-                    put(4u * i + k, d * f32(i32(v & 15u) - 8));
-                    put(4u * i + k + 16u, d * f32(i32(v >> 4u) - 8));
-                }
-            }
+            let w = word_at(b + 2u + 4u * (q % 4u));
+            let sh = select(4u, 0u, q < 4u);
+            for (var k = 0u; k < 4u; k++) { put(k, d * f32(i32((w >> (8u * k + sh)) & 15u) - 8)); }
         }
         case 3u: { // Q4_1: d f16 | m f16 | qs[16]
             let b = rb + u * 20u;
             let dm = unpack2x16float(word_at(b));
-            let d = dm.x;
-            let m = dm.y;
-            for (var i = 0u; i < 4u; i++) {
-                let q = word_at(b + 4u + 4u * i);
-                for (var k = 0u; k < 4u; k++) {
-                    let v = (q >> (8u * k)) & 0xffu;
-                    put(4u * i + k, (d * f32(v & 15u) + m));
-                    put(4u * i + k + 16u, (d * f32(v >> 4u) + m));
-                }
-            }
+            let w = word_at(b + 4u + 4u * (q % 4u));
+            let sh = select(4u, 0u, q < 4u);
+            for (var k = 0u; k < 4u; k++) { put(k, (dm.x * f32((w >> (8u * k + sh)) & 15u) + dm.y)); }
         }
-        case 6u: { // Q5_0: d f16 | qh u32 | qs[16]
+        case 6u: { // Q5_0: d f16 | qh u32 | qs[16]; element j's fifth bit is bit j of qh
             let b = rb + u * 22u;
             let d = f16_at(b);
-            let qh = u32_at(b + 2u);
-            for (var j = 0u; j < 16u; j++) {
-                let v = byte_at(b + 6u + j);
-                let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
-                let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
-                put(j, d * f32(i32(lo) - 16));
-                put(j + 16u, d * f32(i32(hi) - 16));
+            let qh = word_at(b + 2u);
+            let w = word_at(b + 6u + 4u * (q % 4u));
+            let sh = select(4u, 0u, q < 4u);
+            for (var k = 0u; k < 4u; k++) {
+                let x = ((w >> (8u * k + sh)) & 15u) | (((qh >> (4u * q + k)) & 1u) << 4u);
+                put(k, d * f32(i32(x) - 16));
             }
         }
         case 7u: { // Q5_1: d f16 | m f16 | qh u32 | qs[16]
             let b = rb + u * 24u;
             let d = f16_at(b);
             let m = f16_at(b + 2u);
-            let qh = u32_at(b + 4u);
-            for (var j = 0u; j < 16u; j++) {
-                let v = byte_at(b + 8u + j);
-                let lo = (v & 15u) | (((qh >> j) & 1u) << 4u);
-                let hi = (v >> 4u) | (((qh >> (j + 16u)) & 1u) << 4u);
-                put(j, (d * f32(lo) + m));
-                put(j + 16u, (d * f32(hi) + m));
+            let qh = word_at(b + 4u);
+            let w = word_at(b + 8u + 4u * (q % 4u));
+            let sh = select(4u, 0u, q < 4u);
+            for (var k = 0u; k < 4u; k++) {
+                let x = ((w >> (8u * k + sh)) & 15u) | (((qh >> (4u * q + k)) & 1u) << 4u);
+                put(k, (d * f32(x) + m));
             }
         }
         case 8u: { // Q8_0: d f16 | qs i8[32]
             let b = rb + u * 34u;
             let d = f16_at(b);
-            for (var i = 0u; i < 8u; i++) {
-                let q = word_at(b + 2u + 4u * i);
-                for (var k = 0u; k < 4u; k++) { put(4u * i + k, d * i8_of((q >> (8u * k)) & 0xffu)); }
-            }
+            let w = word_at(b + 2u + 4u * q);
+            for (var k = 0u; k < 4u; k++) { put(k, d * i8_of((w >> (8u * k)) & 0xffu)); }
         }
-        case 12u: { // Q4_K: d f16 | dmin f16 | scales[12] | qs[128]; unit = sub-block s of super-block u / 8
-            let s = u % 8u;
+        case 12u: { // Q4_K: d f16 | dmin f16 | scales[12] | qs[128]; unit = sub-block sb of super-block u / 8
+            let sb = u % 8u;
             let b = rb + (u / 8u) * 144u;
-            let sm = scale_min_k4(s, b + 4u);
+            let sm = scale_min_k4(sb, b + 4u);
             let d1 = f16_at(b) * f32(sm.x);
             let m1 = f16_at(b + 2u) * f32(sm.y);
-            let q0 = b + 16u + 32u * (s / 2u);
-            let shift = (s % 2u) * 4u;
-            for (var i = 0u; i < 8u; i++) {
-                let w = word_at(q0 + 4u * i);
-                for (var k = 0u; k < 4u; k++) {
-                    let q = (w >> (8u * k + shift)) & 15u;
-                    put(4u * i + k, (d1 * f32(q) - m1));
-                }
-            }
+            let w = word_at(b + 16u + 32u * (sb / 2u) + 4u * q);
+            let shift = (sb % 2u) * 4u;
+            for (var k = 0u; k < 4u; k++) { put(k, (d1 * f32((w >> (8u * k + shift)) & 15u) - m1)); }
         }
         case 13u: { // Q5_K: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
-            let s = u % 8u;
+            let sb = u % 8u;
             let b = rb + (u / 8u) * 176u;
-            let sm = scale_min_k4(s, b + 4u);
+            let sm = scale_min_k4(sb, b + 4u);
             let d1 = f16_at(b) * f32(sm.x);
             let m1 = f16_at(b + 2u) * f32(sm.y);
-            let q0 = b + 48u + 32u * (s / 2u);
-            let shift = (s % 2u) * 4u;
-            for (var l = 0u; l < 32u; l++) {
-                let q = ((byte_at(q0 + l) >> shift) & 15u) | (((byte_at(b + 16u + l) >> s) & 1u) << 4u);
-                put(l, (d1 * f32(q) - m1));
+            let w = word_at(b + 48u + 32u * (sb / 2u) + 4u * q);
+            let hw = word_at(b + 16u + 4u * q);
+            let shift = (sb % 2u) * 4u;
+            for (var k = 0u; k < 4u; k++) {
+                let x = ((w >> (8u * k + shift)) & 15u) | (((hw >> (8u * k + sb)) & 1u) << 4u);
+                put(k, (d1 * f32(x) - m1));
             }
         }
         case 14u: { // Q6_K: ql[128] | qh[64] | scales i8[16] | d f16
-            let s = u % 8u;
+            let sb = u % 8u;
             let b = rb + (u / 8u) * 210u;
             let d = f16_at(b + 208u);
-            let n = s / 4u;
-            let g = s % 4u;
+            let n = sb / 4u;
+            let g = sb % 4u;
             let shift = select(4u, 0u, g < 2u);
-            for (var i = 0u; i < 8u; i++) {
-                let lw = word_at(b + 64u * n + 32u * (g % 2u) + 4u * i);
-                let hw = word_at(b + 128u + 32u * n + 4u * i);
-                let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + 4u * i) / 16u));
-                for (var k = 0u; k < 4u; k++) {
-                    let low = (lw >> (8u * k + shift)) & 15u;
-                    let high = (hw >> (8u * k + 2u * g)) & 3u;
-                    let q = i32(low | (high << 4u)) - 32;
-                    put(4u * i + k, (d * sc) * f32(q));
-                }
+            let lw = word_at(b + 64u * n + 32u * (g % 2u) + 4u * q);
+            let hw = word_at(b + 128u + 32u * n + 4u * q);
+            let sc = i8_of(byte_at(b + 192u + 8u * n + (g * 32u + 4u * q) / 16u));
+            for (var k = 0u; k < 4u; k++) {
+                let low = (lw >> (8u * k + shift)) & 15u;
+                let high = (hw >> (8u * k + 2u * g)) & 3u;
+                put(k, (d * sc) * f32(i32(low | (high << 4u)) - 32));
             }
         }
         default: {}
@@ -219,11 +200,11 @@ fn main(
     }
     for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
-        let units = (P.cols + 31u) / 32u;
-        for (var u = lane; u < units; u += LANES) {
-            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
-            cu = u * 32u;
-            unit_dot(row, u);
+        let slots = (P.cols + 3u) / 4u;
+        for (var u = lane; u < slots; u += LANES) {
+            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 4u; }
+            cu = u * 4u;
+            slot_dot(row, u);
         }
     }
     // The row's 16 lanes' sums, added in lane order by lane 0 (one barrier; a tree would take four).

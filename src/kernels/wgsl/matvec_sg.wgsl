@@ -7,9 +7,9 @@
 // 256-bit llvmpipe, 32 on NVIDIA, 32 or 64 on AMD, up to 128 elsewhere, where one subgroup is the whole
 // workgroup): each invocation's rank in its subgroup and the subgroup's active count come from subgroup sums,
 // each subgroup draws a number from a workgroup counter, and subgroup s computes rows s, s + S, … of the
-// workgroup's 4 (S subgroups). A row's units go round-robin over its subgroup's lanes, as over 16 lanes in
+// workgroup's 4 (S subgroups). A row's slots go round-robin over its subgroup's lanes, as over 16 lanes in
 // matvec.wgsl; the order of subgroupAdd is the hardware's, so bits differ from matvec.wgsl's main (not from one
-// run to the next, nor between TT = 1 and TT = 8: the same lanes hold the same units).
+// run to the next, nor between TT = 1 and TT = 8: the same lanes hold the same slots).
 
 var<workgroup> subgroups: atomic<u32>;
 
@@ -34,17 +34,17 @@ fn main_sg(
         workgroupBarrier();
     }
     let count = atomicLoad(&subgroups); // every subgroup has drawn (a barrier above)
-    let units = (P.cols + 31u) / 32u;
+    let slots = (P.cols + 3u) / 4u;
     for (var r = sg; r < RPW; r += count) {
         let row = (wg.x + wg.y * nwg.x) * RPW + r;
         if (row >= P.rows) {
             break;
         }
         for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
-        for (var u = rank; u < units; u += lanes) {
-            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 32u; }
-            cu = u * 32u;
-            unit_dot(row, u);
+        for (var u = rank; u < slots; u += lanes) {
+            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 4u; }
+            cu = u * 4u;
+            slot_dot(row, u);
         }
         for (var t = 0u; t < TT; t++) {
             if (t >= nt) {
