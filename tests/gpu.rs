@@ -131,15 +131,16 @@ fn upload(
 /// orders of an n-term f32 sum each err by at most (n−1)·u·Σ|w·x| (u = 2⁻²⁴), so they differ by at most
 /// n·ε·Σ|w·x| (ε = 2⁻²³). That is the tolerance.
 ///
-/// Steps of more than `TILE` tokens take the matrix-matrix kernel (matmul.wgsl: tiles of 64 rows × 64 tokens, 32
-/// columns at a time): 101 rows and 70 tokens leave partial tiles in both directions, and the float formats' 45
-/// columns a partial pass. Its sums run in another order again, so only the reference bound applies there.
+/// Steps of more than `TILE` tokens take the matrix-matrix kernel (matmul.wgsl: tiles of 128 rows × 128 tokens,
+/// 16 columns at a time): 133 rows and 70 tokens leave a whole row tile and a partial one, and a partial token
+/// tile (F32 also 20 rows × 135 tokens: a whole token tile and a partial one), and the float formats' 45 columns
+/// a partial pass. Its sums run in another order again, so only the reference bound applies there.
 async fn check_matvec(g: &Gpu, cap: Option<usize>) {
     let mut rng = common::Rng(0x9e37_79b9);
-    for (ty, (rows, n)) in TYPES
-        .into_iter()
-        .flat_map(|ty| [(ty, (37, 3)), (ty, (101, 70))])
-    {
+    for (ty, (rows, n)) in TYPES.into_iter().flat_map(|ty| {
+        let tokens = (ty == GgmlType::F32).then_some((ty, (20, 135)));
+        [(ty, (37, 3)), (ty, (133, 70))].into_iter().chain(tokens)
+    }) {
         let cols = match ty {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 45,
             t if t.block_len() == 256 => 512,

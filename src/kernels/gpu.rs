@@ -367,7 +367,7 @@ pub struct Dispatch {
 pub const TILE: u32 = 8;
 
 /// Rows and tokens of one matmul.wgsl workgroup's tile.
-pub const GEMM_TILE: u32 = 64;
+pub const GEMM_TILE: u32 = 128;
 
 impl Dispatch {
     /// Record into a compute pass for a step of `n` tokens; returns which pipeline it took ("matmul", "matvec×8",
