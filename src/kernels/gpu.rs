@@ -67,6 +67,8 @@ pub struct Gpu {
     matvec_module: wgpu::ShaderModule,
     /// matvec.wgsl + matvec_sg.wgsl, where the adapter has subgroup operations (and the module compiled).
     matvec_sg_module: Option<wgpu::ShaderModule>,
+    /// matvec_sg.wgsl's workgroup size: four of the adapter's widest subgroups (one row each), within 32..=256.
+    sg_width: u32,
     /// Build matrix-vector pipelines on `matvec_sg_module` ([`Gpu::set_subgroups`]).
     use_subgroups: AtomicBool,
     matmul_module: wgpu::ShaderModule,
@@ -620,6 +622,7 @@ impl Gpu {
             use_subgroups: AtomicBool::new(matvec_sg_module.is_some()),
             matvec_module,
             matvec_sg_module,
+            sg_width: (4 * ai.subgroup_max_size).clamp(32, 256),
             matmul_module,
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
@@ -817,6 +820,12 @@ impl Gpu {
             });
         let norm = ("NORM", norm as u32 as f64);
         let tiles = [("TY", ty.id() as f64), ("TT", tile as f64), norm];
+        let sg_tiles = [
+            ("TY", ty.id() as f64),
+            ("TT", tile as f64),
+            norm,
+            ("SGW", self.sg_width as f64),
+        ];
         let (label, module, entry, constants): (_, _, _, &[(&str, f64)]) =
             match &self.matvec_sg_module {
                 _ if tile == MATMUL => (
@@ -825,7 +834,7 @@ impl Gpu {
                     "main",
                     &[("TY", ty.id() as f64), norm],
                 ),
-                Some(m) if sg => ("matvec_sg", m, "main_sg", &tiles),
+                Some(m) if sg => ("matvec_sg", m, "main_sg", &sg_tiles),
                 _ => ("matvec", &self.matvec_module, "main", &tiles),
             };
         let p = self

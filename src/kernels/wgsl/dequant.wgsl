@@ -17,15 +17,18 @@ fn i8_of(b: u32) -> f32 {
 fn u32_at(off: u32) -> u32 {
     return u16_at(off) | (u16_at(off + 2u) << 16u);
 }
-// The four bytes at off (any alignment) as a little-endian u32, in one load where off is a multiple of 4, else
-// two: the products' inner loops read their packed bytes a word at a time with it.
+// The four bytes at off as a little-endian u32, without a branch (a lane's loads of several slots can then be
+// in flight together): the products' inner loops read their packed bytes a word at a time with it. Where the
+// type's blocks are whole words (Q4_1 20 bytes, Q5_1 24, Q4_K 144, Q5_K 176: rows and blocks start on words,
+// since every row and view starts at a multiple of the row's bytes) one load; otherwise two, the second shifted
+// in (by 32 − s as two shifts, so that s = 0 adds nothing).
 fn word_at(off: u32) -> u32 {
-    let s = (off & 3u) * 8u;
     let lo = W[off >> 2u];
-    if (s == 0u) {
+    if (TY == 3u || TY == 7u || TY == 12u || TY == 13u) {
         return lo;
     }
-    return (lo >> s) | (W[(off >> 2u) + 1u] << (32u - s));
+    let s = (off & 3u) * 8u;
+    return (lo >> s) | ((W[(off >> 2u) + 1u] << 1u) << (31u - s));
 }
 // Q4_K / Q5_K: scale and min (6 bits each) of sub-block j from the 12 packed bytes at sc.
 fn scale_min_k4(j: u32, sc: u32) -> vec2<u32> {

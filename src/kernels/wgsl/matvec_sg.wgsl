@@ -1,7 +1,8 @@
 // matvec.wgsl's products with subgroup operations (appended to matvec.wgsl only where the adapter offers them;
-// in a browser the module starts with `enable subgroups;`). Same workgroups (64 invocations, 4 rows, TT tokens),
-// but a row belongs to a whole subgroup instead of 16 invocations, and its lanes' sums are added by subgroupAdd:
-// no workgroup memory and no barrier for the sums.
+// in a browser the module starts with `enable subgroups;`). Workgroups of 4 rows and TT tokens as there, but of
+// four subgroups (SGW invocations), and a row belongs to a whole subgroup instead of 16 invocations (one row
+// each: no subgroup walks two rows one after the other), its lanes' sums added by subgroupAdd: no workgroup
+// memory and no barrier for the sums.
 //
 // Nothing here assumes a subgroup size or which invocations share a subgroup (WGSL fixes neither: 8 on a
 // 256-bit llvmpipe, 32 on NVIDIA, 32 or 64 on AMD, up to 128 elsewhere, where one subgroup is the whole
@@ -13,7 +14,17 @@
 
 var<workgroup> subgroups: atomic<u32>;
 
-@compute @workgroup_size(64)
+// The slot s's inputs and columns set, then its products added into acc[].
+fn slot(row: u32, s: u32, tok0: u32) {
+    for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + s * 4u; }
+    cu = s * 4u;
+    slot_dot(row, s);
+}
+
+// The workgroup's size: four of the adapter's widest subgroups, within 32..=256 (kernels::gpu sets it).
+override SGW: u32 = 128u;
+
+@compute @workgroup_size(SGW)
 fn main_sg(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -29,7 +40,7 @@ fn main_sg(
     }
     let sg = subgroupMax(drawn) - 1u;
     if (NORM == 1u) {
-        mean_squares(li, tok0, rank == 0u);
+        mean_squares(li, SGW, tok0, rank == 0u);
     } else {
         workgroupBarrier();
     }
@@ -41,11 +52,16 @@ fn main_sg(
             break;
         }
         for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
-        for (var u = rank; u < slots; u += lanes) {
-            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 4u; }
-            cu = u * 4u;
-            slot_dot(row, u);
+        // Four slots per iteration (the same slots in the same order as one at a time: the bits do not
+        // change), so that a lane has four slots' loads in flight instead of one.
+        var u = rank;
+        for (; u + 3u * lanes < slots; u += 4u * lanes) {
+            slot(row, u, tok0);
+            slot(row, u + lanes, tok0);
+            slot(row, u + 2u * lanes, tok0);
+            slot(row, u + 3u * lanes, tok0);
         }
+        for (; u < slots; u += lanes) { slot(row, u, tok0); }
         for (var t = 0u; t < TT; t++) {
             if (t >= nt) {
                 break;
