@@ -131,10 +131,11 @@ fn upload(
 /// orders of an n-term f32 sum each err by at most (n−1)·u·Σ|w·x| (u = 2⁻²⁴), so they differ by at most
 /// n·ε·Σ|w·x| (ε = 2⁻²³). That is the tolerance.
 ///
-/// Steps of more than `TILE` tokens take the matrix-matrix kernel (matmul.wgsl: tiles of 128 rows × 128 tokens,
-/// 16 columns at a time): 133 rows and 70 tokens leave a whole row tile and a partial one, and a partial token
-/// tile (F32 also 20 rows × 135 tokens: a whole token tile and a partial one), and the float formats' 45 columns
-/// a partial pass. Its sums run in another order again, so only the reference bound applies there.
+/// Steps of more than `TILE` tokens take a matrix-matrix kernel (matmul.wgsl: tiles of 64 rows × 64 tokens, 32
+/// columns at a time; matmul_wide.wgsl: 128 × 128, 16 columns): 133 rows and 70 tokens leave whole tiles and a
+/// partial one in both directions for the first, whole and partial row tiles and a partial token tile for the
+/// second (F32 also 20 rows × 135 tokens: a whole token tile and a partial one), and the float formats' 45
+/// columns a partial pass. Their sums run in another order again, so only the reference bound applies there.
 async fn check_matvec(g: &Gpu, cap: Option<usize>) {
     let mut rng = common::Rng(0x9e37_79b9);
     for (ty, (rows, n)) in TYPES.into_iter().flat_map(|ty| {
@@ -210,9 +211,13 @@ async fn matvec_every_format() {
     let Some(g) = gpu().await else { return };
     for sg in paths(&g) {
         assert_eq!(g.set_subgroups(sg), sg);
+        // The matrix-matrix steps through matmul.wgsl, then (with split tensors) through matmul_wide.wgsl.
+        g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_TILE));
         check_matvec(&g, None).await;
         // Tensors over the storage-binding limit are split by rows: force it with a small cap.
+        g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_WIDE_TILE));
         check_matvec(&g, Some(1024)).await;
+        g.set_gemm_tile(None);
     }
 }
 

@@ -8,7 +8,7 @@ use crate::llm::quant::GgmlType;
 use crate::{Error, Result};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use wgpu::util::DeviceExt;
@@ -72,6 +72,9 @@ pub struct Gpu {
     /// Build matrix-vector pipelines on `matvec_sg_module` ([`Gpu::set_subgroups`]).
     use_subgroups: AtomicBool,
     matmul_module: wgpu::ShaderModule,
+    matmul_wide_module: wgpu::ShaderModule,
+    /// Which matrix-matrix kernel steps take: 0 as `WIDE_MIN_TILES` says, else that tile (64 or 128) always.
+    gemm_tile: AtomicU32,
     matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
@@ -358,7 +361,7 @@ pub struct Dispatch {
     pub tiled: Option<wgpu::ComputePipeline>,
     /// For steps of more than `TILE` tokens: the matrix-matrix pipeline (matmul.wgsl, same bindings) and its
     /// workgroups for the rows (x, y); z is the token tiles.
-    pub gemm: Option<(wgpu::ComputePipeline, u32, u32)>,
+    pub gemm: Option<Gemm>,
     /// What it computes, for profiles ("attention"; "Q4_1 576×576" for a product, "+norm" / "+glu" with a fusion).
     pub label: String,
     /// Its matrix-vector pipelines use subgroup operations (matvec_sg.wgsl).
@@ -369,17 +372,38 @@ pub struct Dispatch {
 pub const TILE: u32 = 8;
 
 /// Rows and tokens of one matmul.wgsl workgroup's tile.
-pub const GEMM_TILE: u32 = 128;
+pub const GEMM_TILE: u32 = 64;
+
+/// Rows and tokens of one matmul_wide.wgsl workgroup's tile.
+pub const GEMM_WIDE_TILE: u32 = 128;
+
+/// A step takes matmul_wide.wgsl where it makes at least this many of its tiles (a big GPU's multiprocessors:
+/// an H200 has 132), else matmul.wgsl, whose 4× smaller tiles spread a small model's products wider.
+pub const WIDE_MIN_TILES: u32 = 128;
+
+/// A product's matrix-matrix pipelines, their row workgroups (x, y; z is the token tiles), and the step size from
+/// which the wide one runs (`u32::MAX`: never).
+#[derive(Clone, Debug)]
+pub struct Gemm {
+    pub small: (wgpu::ComputePipeline, u32, u32),
+    pub wide: (wgpu::ComputePipeline, u32, u32),
+    pub wide_from: u32,
+}
 
 impl Dispatch {
     /// Record into a compute pass for a step of `n` tokens; returns which pipeline it took ("matmul", "matvec×8",
     /// "matvec", the last two with " sg" on subgroups, or "" for a kernel with one pipeline).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) -> &'static str {
-        if let (Some((p, x, y)), true) = (&self.gemm, n > TILE) {
+        if let (Some(g), true) = (&self.gemm, n > TILE) {
+            let wide = n >= g.wide_from;
+            let ((p, x, y), tile) = match wide {
+                true => (&g.wide, GEMM_WIDE_TILE),
+                false => (&g.small, GEMM_TILE),
+            };
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
-            pass.dispatch_workgroups(*x, *y, n.div_ceil(GEMM_TILE));
-            return "matmul";
+            pass.dispatch_workgroups(*x, *y, n.div_ceil(tile));
+            return if wide { "matmul wide" } else { "matmul" };
         }
         if let (Some(p), Grid::TokensZ(x, y), true) = (&self.tiled, self.grid, n > 1) {
             pass.set_pipeline(p);
@@ -465,9 +489,15 @@ const MATMUL_WGSL: &str = concat!(
     include_str!("wgsl/products.wgsl"),
     include_str!("wgsl/matmul.wgsl")
 );
+const MATMUL_WIDE_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
+    include_str!("wgsl/matmul_wide.wgsl")
+);
 
-/// `matvec_pipeline`'s tile value for matmul.wgsl.
+/// `matvec_pipeline`'s tile values for matmul.wgsl and matmul_wide.wgsl.
 const MATMUL: u32 = 0;
+const MATMUL_WIDE: u32 = u32::MAX;
 
 /// Tokens per workgroup of matvec_t.wgsl.
 const T_TILE: usize = 8;
@@ -562,6 +592,7 @@ impl Gpu {
         };
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
         let matmul_module = shader(&device, "matmul", MATMUL_WGSL).await?;
+        let matmul_wide_module = shader(&device, "matmul_wide", MATMUL_WIDE_WGSL).await?;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -624,6 +655,8 @@ impl Gpu {
             matvec_sg_module,
             sg_width: (4 * ai.subgroup_max_size).clamp(32, 256),
             matmul_module,
+            matmul_wide_module,
+            gemm_tile: AtomicU32::new(0),
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
@@ -790,6 +823,13 @@ impl Gpu {
         on
     }
 
+    /// Which matrix-matrix kernel the products built from now on take for steps of more than `TILE` tokens:
+    /// `None` (the default) matmul_wide.wgsl where a step makes at least `WIDE_MIN_TILES` of its tiles, else
+    /// matmul.wgsl; `Some(GEMM_TILE)` or `Some(GEMM_WIDE_TILE)` that one always (tests run both).
+    pub fn set_gemm_tile(&self, tile: Option<u32>) {
+        self.gemm_tile.store(tile.unwrap_or(0), Ordering::SeqCst);
+    }
+
     /// Whether matrix-vector products built now use subgroup operations.
     pub fn subgroups(&self) -> bool {
         self.use_subgroups.load(Ordering::SeqCst)
@@ -805,7 +845,7 @@ impl Gpu {
         norm: bool,
         sg: bool,
     ) -> wgpu::ComputePipeline {
-        let sg = sg && tile != MATMUL && self.matvec_sg_module.is_some();
+        let sg = sg && tile != MATMUL && tile != MATMUL_WIDE && self.matvec_sg_module.is_some();
         let mut cache = self.matvec.lock().unwrap();
         let key = (ty.id(), tile, norm, sg);
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
@@ -831,6 +871,12 @@ impl Gpu {
                 _ if tile == MATMUL => (
                     "matmul",
                     &self.matmul_module,
+                    "main",
+                    &[("TY", ty.id() as f64), norm],
+                ),
+                _ if tile == MATMUL_WIDE => (
+                    "matmul_wide",
+                    &self.matmul_wide_module,
                     "main",
                     &[("TY", ty.id() as f64), norm],
                 ),
@@ -889,6 +935,8 @@ impl Gpu {
         let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups);
         let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups);
         let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups);
+        let gemm_wide = self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups);
+        let forced = self.gemm_tile.load(Ordering::SeqCst);
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =
@@ -948,14 +996,33 @@ impl Gpu {
                 });
                 let groups = c.rows.div_ceil(4) as u32;
                 let gx = groups.min(65_535);
-                let tiles = (c.rows as u32).div_ceil(GEMM_TILE);
-                let tx = tiles.min(65_535);
+                // Row workgroups (x, y) for a tile of `t` rows.
+                let grid = |t: u32| {
+                    let tiles = (c.rows as u32).div_ceil(t);
+                    let tx = tiles.min(65_535);
+                    (tx, tiles.div_ceil(tx))
+                };
+                let (sx, sy) = grid(GEMM_TILE);
+                let (wx, wy) = grid(GEMM_WIDE_TILE);
+                // The wide kernel from the step size whose wide tiles number WIDE_MIN_TILES.
+                let wide_rows = (c.rows as u32).div_ceil(GEMM_WIDE_TILE);
+                let wide_from = match forced {
+                    0 => (WIDE_MIN_TILES.div_ceil(wide_rows) - 1)
+                        .saturating_mul(GEMM_WIDE_TILE)
+                        .saturating_add(1),
+                    GEMM_WIDE_TILE => 0,
+                    _ => u32::MAX,
+                };
                 Dispatch {
                     pipeline: pipeline.clone(),
                     bind_group,
                     grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
                     tiled: Some(tiled.clone()),
-                    gemm: Some((gemm.clone(), tx, tiles.div_ceil(tx))),
+                    gemm: Some(Gemm {
+                        small: (gemm.clone(), sx, sy),
+                        wide: (gemm_wide.clone(), wx, wy),
+                        wide_from,
+                    }),
                     label: format!(
                         "{} {}×{}{}{}",
                         m.ty.name(),

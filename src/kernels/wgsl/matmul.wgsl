@@ -73,24 +73,8 @@ fn main(
     // A block with no row or no token in range (the last tiles of a short step or a partial row tile) loads its
     // share but multiplies nothing: on a GPU whole warps skip, on a CPU adapter every such block saves its work.
     let live = row0 + ty * 4u < P.rows && tok0 + tx * 4u < STEP.n;
-    // The 64 sums in named vec4s (c<row block><token block><row>): an array indexed in loops was kept in memory
-    // by the NVIDIA compiler (the kernel ran 7× slower on an H200).
-    var c000 = vec4<f32>(0.0);
-    var c001 = vec4<f32>(0.0);
-    var c002 = vec4<f32>(0.0);
-    var c003 = vec4<f32>(0.0);
-    var c010 = vec4<f32>(0.0);
-    var c011 = vec4<f32>(0.0);
-    var c012 = vec4<f32>(0.0);
-    var c013 = vec4<f32>(0.0);
-    var c100 = vec4<f32>(0.0);
-    var c101 = vec4<f32>(0.0);
-    var c102 = vec4<f32>(0.0);
-    var c103 = vec4<f32>(0.0);
-    var c110 = vec4<f32>(0.0);
-    var c111 = vec4<f32>(0.0);
-    var c112 = vec4<f32>(0.0);
-    var c113 = vec4<f32>(0.0);
+    var acc: array<vec4<f32>, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
     for (var k0 = 0u; k0 < P.cols; k0 += BK) {
         for (var e = 0u; e < 8u; e++) {
             let k = lp * 8u + e;
@@ -118,42 +102,32 @@ fn main(
                 let a1 = ws[k * 32u + 16u + ty];
                 let b0 = xs[k * 32u + tx];
                 let b1 = xs[k * 32u + 16u + tx];
-                c000 = fma(vec4<f32>(a0.x), b0, c000);
-                c001 = fma(vec4<f32>(a0.y), b0, c001);
-                c002 = fma(vec4<f32>(a0.z), b0, c002);
-                c003 = fma(vec4<f32>(a0.w), b0, c003);
-                c010 = fma(vec4<f32>(a0.x), b1, c010);
-                c011 = fma(vec4<f32>(a0.y), b1, c011);
-                c012 = fma(vec4<f32>(a0.z), b1, c012);
-                c013 = fma(vec4<f32>(a0.w), b1, c013);
-                c100 = fma(vec4<f32>(a1.x), b0, c100);
-                c101 = fma(vec4<f32>(a1.y), b0, c101);
-                c102 = fma(vec4<f32>(a1.z), b0, c102);
-                c103 = fma(vec4<f32>(a1.w), b0, c103);
-                c110 = fma(vec4<f32>(a1.x), b1, c110);
-                c111 = fma(vec4<f32>(a1.y), b1, c111);
-                c112 = fma(vec4<f32>(a1.z), b1, c112);
-                c113 = fma(vec4<f32>(a1.w), b1, c113);
+                acc[0] = fma(vec4<f32>(a0.x), b0, acc[0]);
+                acc[1] = fma(vec4<f32>(a0.y), b0, acc[1]);
+                acc[2] = fma(vec4<f32>(a0.z), b0, acc[2]);
+                acc[3] = fma(vec4<f32>(a0.w), b0, acc[3]);
+                acc[4] = fma(vec4<f32>(a0.x), b1, acc[4]);
+                acc[5] = fma(vec4<f32>(a0.y), b1, acc[5]);
+                acc[6] = fma(vec4<f32>(a0.z), b1, acc[6]);
+                acc[7] = fma(vec4<f32>(a0.w), b1, acc[7]);
+                acc[8] = fma(vec4<f32>(a1.x), b0, acc[8]);
+                acc[9] = fma(vec4<f32>(a1.y), b0, acc[9]);
+                acc[10] = fma(vec4<f32>(a1.z), b0, acc[10]);
+                acc[11] = fma(vec4<f32>(a1.w), b0, acc[11]);
+                acc[12] = fma(vec4<f32>(a1.x), b1, acc[12]);
+                acc[13] = fma(vec4<f32>(a1.y), b1, acc[13]);
+                acc[14] = fma(vec4<f32>(a1.z), b1, acc[14]);
+                acc[15] = fma(vec4<f32>(a1.w), b1, acc[15]);
             }
         }
         workgroupBarrier();
     }
-    let r = row0 + ty * 4u;
-    let t = tok0 + tx * 4u;
-    store(r, t, c000);
-    store(r + 1u, t, c001);
-    store(r + 2u, t, c002);
-    store(r + 3u, t, c003);
-    store(r, t + 64u, c010);
-    store(r + 1u, t + 64u, c011);
-    store(r + 2u, t + 64u, c012);
-    store(r + 3u, t + 64u, c013);
-    store(r + 64u, t, c100);
-    store(r + 65u, t, c101);
-    store(r + 66u, t, c102);
-    store(r + 67u, t, c103);
-    store(r + 64u, t + 64u, c110);
-    store(r + 65u, t + 64u, c111);
-    store(r + 66u, t + 64u, c112);
-    store(r + 67u, t + 64u, c113);
+    for (var i = 0u; i < 4u; i++) {
+        let r = row0 + ty * 4u + i;
+        let t = tok0 + tx * 4u;
+        store(r, t, acc[i]);
+        store(r, t + 64u, acc[4u + i]);
+        store(r + 64u, t, acc[8u + i]);
+        store(r + 64u, t + 64u, acc[12u + i]);
+    }
 }

@@ -21,7 +21,7 @@ const TMAX: u32 = 8u;
 
 const LANES: u32 = 16u;
 const RPW: u32 = 4u;
-var<workgroup> part: array<f32, 2048>; // TMAX × the largest workgroup (main_sg's, at most 256)
+var<workgroup> part: array<f32, 512>; // TMAX × 64 (more made the GPU's L1 smaller: slower products on an H200)
 var<private> acc: array<f32, 8>;
 var<private> xo: array<u32, 8>;
 var<private> nt: u32;
@@ -160,24 +160,26 @@ fn slot_dot(r: u32, s: u32) {
     }
 }
 
-// RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the 64
-// invocations' partial sums of squares in part[], then each keeping invocation adds them up itself (in the same
-// order, so all agree): two barriers whatever TT is. Called from uniform control flow.
-fn mean_squares(li: u32, n_inv: u32, tok0: u32, keep: bool) {
+// RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the
+// partial sums of squares of the first n ≤ 64 invocations in part[], then each keeping invocation adds them up
+// itself (in the same order, so all agree): two barriers whatever TT is. Called from uniform control flow.
+fn mean_squares(li: u32, n: u32, tok0: u32, keep: bool) {
     for (var t = 0u; t < TT; t++) {
-        var s = 0.0;
-        if (t < nt) {
-            let x0 = P.in_off + (tok0 + t) * P.in_stride;
-            for (var i = li; i < P.cols; i += n_inv) { s += X[x0 + i] * X[x0 + i]; }
+        if (li < n) {
+            var s = 0.0;
+            if (t < nt) {
+                let x0 = P.in_off + (tok0 + t) * P.in_stride;
+                for (var i = li; i < P.cols; i += n) { s += X[x0 + i] * X[x0 + i]; }
+            }
+            part[t * 64u + li] = s;
         }
-        part[t * n_inv + li] = s;
     }
     workgroupBarrier();
     if (keep) {
         for (var t = 0u; t < TT; t++) {
             if (t < nt) {
                 var s = 0.0;
-                for (var k = 0u; k < n_inv; k++) { s += part[t * n_inv + k]; }
+                for (var k = 0u; k < n; k++) { s += part[t * 64u + k]; }
                 inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
             }
         }

@@ -40,7 +40,7 @@ fn main_sg(
     }
     let sg = subgroupMax(drawn) - 1u;
     if (NORM == 1u) {
-        mean_squares(li, SGW, tok0, rank == 0u);
+        mean_squares(li, min(SGW, 64u), tok0, rank == 0u);
     } else {
         workgroupBarrier();
     }
