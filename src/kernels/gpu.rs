@@ -591,8 +591,15 @@ impl Gpu {
             false => None,
         };
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
-        let matmul_module = shader(&device, "matmul", MATMUL_WGSL).await?;
-        let matmul_wide_module = shader(&device, "matmul_wide", MATMUL_WIDE_WGSL).await?;
+        // The kernels assert that their tile is the one the dispatches assume (const_assert on HOST_TILE).
+        let tiled = |t: u32, src: &str| format!("const HOST_TILE: u32 = {t}u;\n{src}");
+        let matmul_module = shader(&device, "matmul", &tiled(GEMM_TILE, MATMUL_WGSL)).await?;
+        let matmul_wide_module = shader(
+            &device,
+            "matmul_wide",
+            &tiled(GEMM_WIDE_TILE, MATMUL_WIDE_WGSL),
+        )
+        .await?;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,

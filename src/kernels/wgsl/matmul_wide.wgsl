@@ -19,9 +19,12 @@
 // 1, the norm weights in AUX) as the tokens' inputs are copied into the tile, SwiGLU (P.glu = 1, the gate in
 // GATE) as the results are stored.
 
-const BM: u32 = 128u; // rows per tile (kernels::gpu::GEMM_WIDE_TILE)
+const BM: u32 = 128u; // rows per tile
 const BN: u32 = 128u; // tokens per tile
 const BK: u32 = 16u;  // columns per pass
+// The tile kernels::gpu dispatches for (HOST_TILE, a const it puts before this source): a shader-creation
+// error where they differ.
+const_assert BM == HOST_TILE && BN == HOST_TILE;
 // ws[k * 32 + r / 4][r % 4] = W[row0 + r][k0 + k]; xs[k * 32 + t / 4][t % 4] = X[tok0 + t][k0 + k].
 var<workgroup> ws: array<vec4<f32>, 512>;
 var<workgroup> xs: array<vec4<f32>, 512>;
