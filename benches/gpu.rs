@@ -4,7 +4,7 @@
 //! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3), then per-launch profiles of its
 //! prefill, its decoding, and decoding after a RAG-length prompt (`LONG_PROMPT` tokens, default 720).
 //!   cargo bench --bench gpu
-use lorag::kernels::gpu::{Gpu, Input, MatvecParams};
+use lorag::kernels::gpu::{Gpu, Grid, Input, Kernel, MatvecParams};
 use lorag::kernels::{block_on, DevicePref};
 use lorag::llm::quant::GgmlType;
 use lorag::llm::{GenerateOptions, Model, SamplerConfig};
@@ -163,6 +163,34 @@ fn main() {
             );
             println!("{name:<12} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
         }
+    }
+    // The floor under every launch of a decoding step: LAUNCHES launches of a kernel with almost nothing to do
+    // (RMSNorm of 4 values, one workgroup), each writing the buffer the next one writes (the decoder's chain
+    // of dependent launches, with the barrier between them), per launch as above.
+    {
+        let x = g.f32_buffer("x", &[1.0, 2.0, 3.0, 4.0]);
+        let w = g.f32_buffer("w", &[1.0; 4]);
+        let y = g.buffer(
+            "y",
+            16,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let p = g.uniform(&[4, 0, 1e-5f32.to_bits(), 0]);
+        let step = g.uniform(&[0, 1, 0, 0]);
+        let d = g.dispatch(Kernel::RmsNorm, &[&x, &w, &y, &p, &step], Grid::One);
+        let time = |k: usize| {
+            let many = vec![d.clone(); k];
+            block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best
+        };
+        let us = (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64;
+        println!("floor: a dependent launch with (almost) nothing to do: {us:.1} µs");
     }
     drop(g);
     // The model and the peers' prompt; LORAG_MODEL / LLM_PROMPT name other paths (a copy on a GPU machine).
