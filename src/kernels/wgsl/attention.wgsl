@@ -21,14 +21,36 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(6) var<uniform> P: Params;
 @group(0) @binding(7) var<uniform> STEP: Step;
 // A workgroup of WG invocations per (head, token). Scores: the positions are shared out round-robin, each
-// invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ WG, so the invocations
-// form G = WG / hd groups of hd (one dim each); group g sums positions g, g + G, … in four independent running
-// sums, and the groups' sums are added in group order at the end. Decoding has one workgroup per head (9 for
-// SmolLM2), so what bounds it is the chain of dependent loads inside one invocation: these splits keep that
-// chain about len / (4 · G) loads long instead of len. The cached positions (before pos0) and the step's own
-// are separate loops (no branch in the long one).
+// invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ 4 · WG, so the
+// invocations form G = WG / ⌈hd / 4⌉ groups of ⌈hd / 4⌉ (four dims each: 16 groups for hd = 64); group g sums
+// positions g, g + G, … in four independent running sums, and the groups' sums are added in group order at the
+// end. Decoding has one workgroup per head (9 for SmolLM2), so what bounds it is the chain of dependent loads
+// inside one invocation: these splits keep that chain about len / (4 · G) loads long instead of len (an H200
+// decoding SmolLM2 after 720 positions: 406 µs a launch with one invocation per dim walking every position, 69
+// with 4 groups of 64, one dim each). The cached positions (before pos0) and the step's own are separate loops
+// (no branch in the long one).
 const WG: u32 = 256u;
 var<workgroup> red: array<f32, WG>;
+var<workgroup> red4: array<vec4<f32>, WG>;
+
+// The cached values at VC[i ..] for dims d0 .. d0 + 3 of a head, zero past the head's last dim (hd not a
+// multiple of 4); own4 the same from the step's own v in QKV.
+fn v4(i: u32, d0: u32) -> vec4<f32> {
+    if (d0 + 4u <= P.hd) {
+        return vec4<f32>(VC[i], VC[i + 1u], VC[i + 2u], VC[i + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; d0 + e < P.hd; e++) { v[e] = VC[i + e]; }
+    return v;
+}
+fn own4(i: u32, d0: u32) -> vec4<f32> {
+    if (d0 + 4u <= P.hd) {
+        return vec4<f32>(QKV[i], QKV[i + 1u], QKV[i + 2u], QKV[i + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; d0 + e < P.hd; e++) { v[e] = QKV[i + e]; }
+    return v;
+}
 // The token's rotated q. MAX_HEAD_DIM: a const the host puts before this source (kernels::gpu::MAX_HEAD_DIM; it
 // refuses models with larger heads).
 var<workgroup> qr: array<f32, MAX_HEAD_DIM>;
@@ -145,33 +167,40 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // reads every weight.
     for (var j = li; j < len; j += WG) { S[s0 + j] = S[s0 + j] / total; }
     storageBarrier();
-    let gs = WG / P.hd;
-    let g = li / P.hd;
-    let d = li % P.hd;
-    var acc = 0.0;
+    // Values: invocation li takes dims 4·(li % q4) .. + 3 (q4 = ⌈hd / 4⌉ quads) of the positions g, g + gs, …
+    // (g = li / q4, gs = WG / q4 groups: 16 for hd = 64), four positions an iteration.
+    let q4 = (P.hd + 3u) / 4u;
+    let gs = WG / q4;
+    let g = li / q4;
+    let d0 = (li % q4) * 4u;
+    var acc = vec4<f32>(0.0);
     if (g < gs) {
-        var a0 = 0.0;
-        var a1 = 0.0;
-        var a2 = 0.0;
-        var a3 = 0.0;
-        let vb = P.cache_off + kvh * P.hd + d;
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        let vb = P.cache_off + kvh * P.hd + d0;
         var j = g;
         for (; j + 3u * gs < pos0; j += 4u * gs) {
-            a0 = fma(S[s0 + j], VC[vb + j * kv_dim], a0);
-            a1 = fma(S[s0 + j + gs], VC[vb + (j + gs) * kv_dim], a1);
-            a2 = fma(S[s0 + j + 2u * gs], VC[vb + (j + 2u * gs) * kv_dim], a2);
-            a3 = fma(S[s0 + j + 3u * gs], VC[vb + (j + 3u * gs) * kv_dim], a3);
+            a0 = fma(vec4<f32>(S[s0 + j]), v4(vb + j * kv_dim, d0), a0);
+            a1 = fma(vec4<f32>(S[s0 + j + gs]), v4(vb + (j + gs) * kv_dim, d0), a1);
+            a2 = fma(vec4<f32>(S[s0 + j + 2u * gs]), v4(vb + (j + 2u * gs) * kv_dim, d0), a2);
+            a3 = fma(vec4<f32>(S[s0 + j + 3u * gs]), v4(vb + (j + 3u * gs) * kv_dim, d0), a3);
         }
-        for (; j < pos0; j += gs) { a0 = fma(S[s0 + j], VC[vb + j * kv_dim], a0); }
-        let ov = q_dim + kv_dim + kvh * P.hd + d;
-        for (; j < len; j += gs) { a0 = fma(S[s0 + j], QKV[(j - pos0) * stride + ov], a0); }
+        for (; j < pos0; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), v4(vb + j * kv_dim, d0), a0); }
+        let ov = q_dim + kv_dim + kvh * P.hd + d0;
+        for (; j < len; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), own4((j - pos0) * stride + ov, d0), a0); }
         acc = (a0 + a1) + (a2 + a3);
     }
-    red[li] = acc;
+    red4[li] = acc;
     workgroupBarrier();
     if (g == 0u) {
-        var o = 0.0;
-        for (var k = 0u; k < gs; k++) { o += red[k * P.hd + d]; }
-        O[o0 + d] = o;
+        var o = vec4<f32>(0.0);
+        for (var k = 0u; k < gs; k++) { o += red4[k * q4 + li]; }
+        for (var e = 0u; e < 4u; e++) {
+            if (d0 + e < P.hd) {
+                O[o0 + d0 + e] = o[e];
+            }
+        }
     }
 }
