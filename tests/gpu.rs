@@ -908,7 +908,7 @@ async fn attention() {
             let got = launch(
                 &g,
                 Kernel::Attention,
-                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
+                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step, &kcb],
                 &step,
                 Grid::TokensY(nh as u32),
                 pos0 as u32,
