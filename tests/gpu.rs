@@ -908,7 +908,7 @@ async fn attention() {
             let got = launch(
                 &g,
                 Kernel::Attention,
-                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step, &kcb],
+                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
                 &step,
                 Grid::TokensY(nh as u32),
                 pos0 as u32,

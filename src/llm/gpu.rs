@@ -369,7 +369,7 @@ impl<'a> GpuSession<'a> {
             // RoPE runs inside attention, which also stores the step's k and v into the cache.
             ds.push(gpu.dispatch(
                 Kernel::Attention,
-                &[&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step, &kc],
+                &[&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
                 Grid::TokensY(c.n_head as u32),
             ));
             for st in &plan[3..] {

@@ -20,9 +20,6 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(5) var<storage, read_write> O: array<f32>;
 @group(0) @binding(6) var<uniform> P: Params;
 @group(0) @binding(7) var<uniform> STEP: Step;
-// KC again (the same buffer), read a vec4 at a time by the scores where hd is a multiple of 4: a quarter of the
-// load instructions of the scalar reads, with the same four partial sums.
-@group(0) @binding(8) var<storage, read_write> KC4: array<vec4<f32>>;
 // A workgroup of WG invocations per (head, token). Scores: the positions are shared out round-robin, each
 // invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ 4 · WG, so the
 // invocations form G = WG / ⌈hd / 4⌉ groups of ⌈hd / 4⌉ (four dims each: 16 groups for hd = 64); group g sums
@@ -127,20 +124,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var mx = -3.4e38;
     // Scores of the cached positions.
     let hd4 = P.hd & ~3u;
-    if (P.hd % 4u == 0u) {
-        for (var j = li; j < pos0; j += WG) {
-            let k4 = (P.cache_off + j * kv_dim + kvh * P.hd) / 4u;
-            var a = vec4<f32>(0.0);
-            for (var e = 0u; e < P.hd / 4u; e++) {
-                let q = vec4<f32>(qr[4u * e], qr[4u * e + 1u], qr[4u * e + 2u], qr[4u * e + 3u]);
-                a = fma(q, KC4[k4 + e], a);
-            }
-            let s = ((a.x + a.y) + (a.z + a.w)) * P.scale;
-            S[s0 + j] = s;
-            mx = max(mx, s);
-        }
-    }
-    for (var j = select(li, pos0, P.hd % 4u == 0u); j < pos0; j += WG) {
+    for (var j = li; j < pos0; j += WG) {
         let k0 = P.cache_off + j * kv_dim + kvh * P.hd;
         var d0 = 0.0;
         var d1 = 0.0;
