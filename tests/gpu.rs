@@ -852,10 +852,15 @@ async fn attention() {
     let mut rng = common::Rng(24);
     // The small case, then a long context with SmolLM2's head size (the kernel's value sums split the positions
     // among 4 groups of 64 invocations, 4 running sums each: this reaches their unrolled loop and its tail).
-    for (n, nh, nkv, hd, half, n_ctx, pos0) in [
-        (3usize, 4usize, 2usize, 10usize, 4usize, 20usize, 6usize),
-        (2, 3, 1, 64, 32, 340, 333),
-    ] {
+    // Both workgroup sizes (64: CPU adapters' default, 256: GPUs').
+    for (wg, (n, nh, nkv, hd, half, n_ctx, pos0)) in [64, 256].into_iter().flat_map(|wg| {
+        [
+            (3usize, 4usize, 2usize, 10usize, 4usize, 20usize, 6usize),
+            (2, 3, 1, 64, 32, 340, 333),
+        ]
+        .map(|c| (wg, c))
+    }) {
+        g.set_attention_workgroup(Some(wg));
         let kv_dim = nkv * hd;
         let cache_off = n_ctx * kv_dim; // layer 1 of 2
         let scale = 1.0 / (hd as f32).sqrt();
@@ -989,7 +994,7 @@ async fn attention() {
                         let got = got[o + d] as f64;
                         assert!(
                             (got - want).abs() <= tol,
-                            "attention t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
+                            "attention (workgroup {wg}) t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
                         );
                     }
                 }
@@ -1016,6 +1021,7 @@ async fn attention() {
             }
         }
     }
+    g.set_attention_workgroup(None);
 }
 async_test! {
     fn attention_kernel_matches_the_reference() {

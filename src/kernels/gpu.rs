@@ -79,6 +79,11 @@ pub struct Gpu {
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
+    /// attention.wgsl's pipelines by workgroup size (the adapter's default built with the device, another
+    /// on request: each costs a software adapter seconds to compile), and the size dispatches built now take
+    /// (0: the default, 64 on a CPU adapter and 256 elsewhere).
+    attention: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    attention_wg: AtomicU32,
     /// Bytes an activation buffer of `matvec_many` / `matvec_t_many` may take (0: the device's binding limit).
     activation_cap: AtomicUsize,
     /// The device has timestamp queries inside passes (native only).
@@ -381,12 +386,17 @@ pub const GEMM_WIDE_TILE: u32 = 128;
 /// an H200 has 132), else matmul.wgsl, whose 4× smaller tiles spread a small model's products wider.
 pub const WIDE_MIN_TILES: u32 = 128;
 
+/// Products of fewer rows never take matmul_wide.wgsl unless forced (`Gpu::set_gemm_tile`), and so do not
+/// compile it (each pipeline costs a software adapter seconds): with fewer rows the wide kernel would need
+/// steps of over 900 tokens to fill `WIDE_MIN_TILES`.
+pub const WIDE_MIN_ROWS: usize = 2048;
+
 /// A product's matrix-matrix pipelines, their row workgroups (x, y; z is the token tiles), and the step size from
 /// which the wide one runs (`u32::MAX`: never).
 #[derive(Clone, Debug)]
 pub struct Gemm {
     pub small: (wgpu::ComputePipeline, u32, u32),
-    pub wide: (wgpu::ComputePipeline, u32, u32),
+    pub wide: Option<(wgpu::ComputePipeline, u32, u32)>,
     pub wide_from: u32,
 }
 
@@ -395,10 +405,9 @@ impl Dispatch {
     /// "matvec", the last two with " sg" on subgroups, or "" for a kernel with one pipeline).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) -> &'static str {
         if let (Some(g), true) = (&self.gemm, n > TILE) {
-            let wide = n >= g.wide_from;
-            let ((p, x, y), tile) = match wide {
-                true => (&g.wide, GEMM_WIDE_TILE),
-                false => (&g.small, GEMM_TILE),
+            let ((p, x, y), tile, wide) = match &g.wide {
+                Some(w) if n >= g.wide_from => (w, GEMM_WIDE_TILE, true),
+                _ => (&g.small, GEMM_TILE, false),
             };
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
@@ -449,11 +458,12 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu",
         }
     }
-    fn source(self) -> String {
+    /// The WGSL source; `wg`: attention's workgroup size (64 or 256).
+    fn source(self, wg: u32) -> String {
         match self {
             Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl").into(),
             Kernel::Attention => format!(
-                "const MAX_HEAD_DIM: u32 = {MAX_HEAD_DIM}u;\n{}",
+                "const MAX_HEAD_DIM: u32 = {MAX_HEAD_DIM}u;\nconst WG: u32 = {wg}u;\n{}",
                 include_str!("wgsl/attention.wgsl")
             ),
             Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl").into(),
@@ -634,8 +644,10 @@ impl Gpu {
             ],
         });
         let mut kernels = Vec::new();
+        let mut attention = vec![];
+        let attention_wg = default_attention_wg(&info);
         for k in Kernel::ALL {
-            let module = shader(&device, k.name(), &k.source()).await?;
+            let module = shader(&device, k.name(), &k.source(attention_wg)).await?;
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let p = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(k.name()),
@@ -648,7 +660,10 @@ impl Gpu {
             if let Some(e) = scope.pop().await {
                 return Err(dev_err(format!("kernel {} failed to build: {e}", k.name())));
             }
-            kernels.push(p);
+            match k {
+                Kernel::Attention => attention.push((attention_wg, p)),
+                _ => kernels.push(p),
+            }
         }
         Ok(Gpu {
             device,
@@ -669,6 +684,8 @@ impl Gpu {
             matvec_t: Mutex::new(Vec::new()),
             activation_cap: AtomicUsize::new(0),
             kernels,
+            attention: Mutex::new(attention),
+            attention_wg: AtomicU32::new(0),
             #[cfg(not(target_arch = "wasm32"))]
             timestamps: want.contains(
                 wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
@@ -942,8 +959,9 @@ impl Gpu {
         let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups);
         let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups);
         let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups);
-        let gemm_wide = self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups);
         let forced = self.gemm_tile.load(Ordering::SeqCst);
+        let gemm_wide = (forced == GEMM_WIDE_TILE || forced == 0 && m.rows >= WIDE_MIN_ROWS)
+            .then(|| self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups));
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =
@@ -1027,7 +1045,7 @@ impl Gpu {
                     tiled: Some(tiled.clone()),
                     gemm: Some(Gemm {
                         small: (gemm.clone(), sx, sy),
-                        wide: (gemm_wide.clone(), wx, wy),
+                        wide: gemm_wide.clone().map(|p| (p, wx, wy)),
                         wide_from,
                     }),
                     label: format!(
@@ -1057,8 +1075,50 @@ impl Gpu {
 
     /// A launch of `kernel` with `buffers` bound to bindings 0, 1, … in order.
     pub fn dispatch(&self, kernel: Kernel, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
-        let pipeline = self.kernels[Kernel::ALL.iter().position(|k| *k == kernel).unwrap()].clone();
+        let pipeline = match kernel {
+            Kernel::Attention => {
+                let wg = match self.attention_wg.load(Ordering::SeqCst) {
+                    0 => default_attention_wg(&self.info),
+                    wg => wg,
+                };
+                let mut built = self.attention.lock().unwrap();
+                match built.iter().find(|(w, _)| *w == wg) {
+                    Some((_, p)) => p.clone(),
+                    None => {
+                        // The default's source with another workgroup size: it compiled with the device.
+                        let module =
+                            self.device
+                                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                    label: Some("attention"),
+                                    source: wgpu::ShaderSource::Wgsl(kernel.source(wg).into()),
+                                });
+                        let p =
+                            self.device
+                                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                                    label: Some("attention"),
+                                    layout: None,
+                                    module: &module,
+                                    entry_point: Some("main"),
+                                    compilation_options: Default::default(),
+                                    cache: None,
+                                });
+                        built.push((wg, p.clone()));
+                        p
+                    }
+                }
+            }
+            _ => {
+                let others = Kernel::ALL.iter().filter(|k| **k != Kernel::Attention);
+                self.kernels[others.clone().position(|k| *k == kernel).unwrap()].clone()
+            }
+        };
         self.launch(kernel.name(), pipeline, buffers, grid)
+    }
+
+    /// The attention kernel's workgroup size for dispatches built from now on: `None` (the default) 64 on a CPU
+    /// adapter and 256 elsewhere, or `Some(64)` / `Some(256)` (tests run both).
+    pub fn set_attention_workgroup(&self, wg: Option<u32>) {
+        self.attention_wg.store(wg.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// A launch of `pipeline` (its layout derived from the shader) with `buffers` bound to bindings 0, 1, … in
@@ -1522,6 +1582,16 @@ async fn shader(device: &wgpu::Device, name: &str, src: &str) -> Result<wgpu::Sh
         return Err(dev_err(format!("kernel {name} failed to compile: {e}")));
     }
     Ok(m)
+}
+
+/// attention.wgsl's workgroup size unless set: 64 on a CPU adapter (it runs every invocation's barriers one
+/// after the other; SwiftShader in a browser counts as one, though the browser does not call it a fallback
+/// adapter), 256 on a GPU (more invocations share a head's positions: faster decoding after long prompts).
+fn default_attention_wg(info: &GpuInfo) -> u32 {
+    match info.software || info.name.contains("SwiftShader") {
+        true => 64,
+        false => 256,
+    }
 }
 
 /// A warning the caller cannot act on (standard error natively, the console in a browser).

@@ -20,8 +20,9 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(5) var<storage, read_write> O: array<f32>;
 @group(0) @binding(6) var<uniform> P: Params;
 @group(0) @binding(7) var<uniform> STEP: Step;
-// A workgroup of WG invocations per (head, token). Scores: the positions are shared out round-robin, each
-// invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ 4 · WG, so the
+// A workgroup of WG invocations per (head, token) (a const the host puts before this source: 256, or 64 on a CPU
+// adapter). Scores: the positions are shared out round-robin, each
+// invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ 4 · WG (WG ≥ 64), so the
 // invocations form G = WG / ⌈hd / 4⌉ groups of ⌈hd / 4⌉ (four dims each: 16 groups for hd = 64); group g sums
 // positions g, g + G, … in four independent running sums, and the groups' sums are added in group order at the
 // end. Decoding has one workgroup per head (9 for SmolLM2), so what bounds it is the chain of dependent loads
@@ -29,7 +30,6 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 // decoding SmolLM2 after 720 positions: 406 µs a launch with one invocation per dim walking every position, 69
 // with 4 groups of 64, one dim each). The cached positions (before pos0) and the step's own are separate loops
 // (no branch in the long one).
-const WG: u32 = 256u;
 var<workgroup> red: array<f32, WG>;
 var<workgroup> red4: array<vec4<f32>, WG>;
 
@@ -95,7 +95,7 @@ fn reduce(li: u32, is_max: bool) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
