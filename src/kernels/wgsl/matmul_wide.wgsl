@@ -29,19 +29,6 @@ const_assert BM == HOST_TILE && BN == HOST_TILE;
 var<workgroup> ws: array<vec4<f32>, 512>;
 var<workgroup> xs: array<vec4<f32>, 512>;
 
-fn store(r: u32, t0: u32, v: vec4<f32>) {
-    if (r >= P.rows) {
-        return;
-    }
-    for (var c = 0u; c < 4u; c++) {
-        let t = t0 + c;
-        if (t < STEP.n) {
-            let o = P.out_off + t * P.out_stride + r;
-            Y[o] = finish(v[c], r, o);
-        }
-    }
-}
-
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,

@@ -160,6 +160,13 @@ fn slot_dot(r: u32, s: u32) {
     }
 }
 
+// The slot s's inputs and columns set, then its products added into acc[].
+fn slot(row: u32, s: u32, tok0: u32) {
+    for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + s * 4u; }
+    cu = s * 4u;
+    slot_dot(row, s);
+}
+
 // RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the
 // partial sums of squares of the first n ≤ 64 invocations in part[], then each keeping invocation adds them up
 // itself (in the same order, so all agree): two barriers whatever TT is. Called from uniform control flow.
@@ -203,11 +210,7 @@ fn main(
     for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
     if (row < P.rows) {
         let slots = (P.cols + 3u) / 4u;
-        for (var u = lane; u < slots; u += LANES) {
-            for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + u * 4u; }
-            cu = u * 4u;
-            slot_dot(row, u);
-        }
+        for (var u = lane; u < slots; u += LANES) { slot(row, u, tok0); }
     }
     // The row's 16 lanes' sums, added in lane order by lane 0 (one barrier; a tree would take four).
     for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }

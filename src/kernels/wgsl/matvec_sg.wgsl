@@ -14,13 +14,6 @@
 
 var<workgroup> subgroups: atomic<u32>;
 
-// The slot s's inputs and columns set, then its products added into acc[].
-fn slot(row: u32, s: u32, tok0: u32) {
-    for (var t = 0u; t < TT; t++) { xo[t] = P.in_off + (tok0 + t) * P.in_stride + s * 4u; }
-    cu = s * 4u;
-    slot_dot(row, s);
-}
-
 // The workgroup's size: four of the adapter's widest subgroups, within 32..=256 (kernels::gpu sets it).
 override SGW: u32 = 128u;
 

@@ -52,3 +52,17 @@ fn finish(v: f32, r: u32, o: u32) -> f32 {
     }
     return y;
 }
+
+// matmul.wgsl and matmul_wide.wgsl: row r's finished sums v for tokens t0 .. t0 + 3, those in range.
+fn store(r: u32, t0: u32, v: vec4<f32>) {
+    if (r >= P.rows) {
+        return;
+    }
+    for (var c = 0u; c < 4u; c++) {
+        let t = t0 + c;
+        if (t < STEP.n) {
+            let o = P.out_off + t * P.out_stride + r;
+            Y[o] = finish(v[c], r, o);
+        }
+    }
+}
