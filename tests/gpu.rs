@@ -136,9 +136,9 @@ fn upload(
 /// partial one in both directions for the first, whole and partial row tiles and a partial token tile for the
 /// second (F32 also 20 rows × 135 tokens: a whole token tile and a partial one), and the float formats' 45
 /// columns a partial pass. Their sums run in another order again, so only the reference bound applies there.
-async fn check_matvec(g: &Gpu, cap: Option<usize>) {
+async fn check_matvec(g: &Gpu, cap: Option<usize>, types: &[GgmlType]) {
     let mut rng = common::Rng(0x9e37_79b9);
-    for (ty, (rows, n)) in TYPES.into_iter().flat_map(|ty| {
+    for (ty, (rows, n)) in types.iter().copied().flat_map(|ty| {
         let tokens = (ty == GgmlType::F32).then_some((ty, (20, 135)));
         [(ty, (37, 3)), (ty, (133, 70))].into_iter().chain(tokens)
     }) {
@@ -209,14 +209,22 @@ async_test! {
 }
 async fn matvec_every_format() {
     let Some(g) = gpu().await else { return };
+    // In the browser (SwiftShader compiles each pipeline for seconds) matmul.wgsl with split tensors for every
+    // format, and matmul_wide.wgsl for a float and a K-quant format (the same WGSL as natively: what Chromium
+    // adds is its own validation and compilation); natively everything, both ways.
+    let browser = cfg!(target_arch = "wasm32");
+    let wide_types: &[GgmlType] = match browser {
+        true => &[GgmlType::F32, GgmlType::Q6_K],
+        false => &TYPES,
+    };
     for sg in paths(&g) {
         assert_eq!(g.set_subgroups(sg), sg);
         // The matrix-matrix steps through matmul.wgsl, then (with split tensors) through matmul_wide.wgsl.
+        // Tensors over the storage-binding limit are split by rows: a small cap forces it.
         g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_TILE));
-        check_matvec(&g, None).await;
-        // Tensors over the storage-binding limit are split by rows: force it with a small cap.
+        check_matvec(&g, browser.then_some(1024), &TYPES).await;
         g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_WIDE_TILE));
-        check_matvec(&g, Some(1024)).await;
+        check_matvec(&g, Some(1024), wide_types).await;
         g.set_gemm_tile(None);
     }
 }
@@ -343,6 +351,109 @@ async fn input_transforms() {
                             ty.name()
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+async_test! {
+    fn gate_and_up_as_row_pairs_match_the_two_products() {
+        row_pairs().await
+    }
+}
+/// The gate and up projections in one launch (`MatvecParams::pair`: the decoder's FFN while decoding) against the
+/// two launches it replaces (the gate's product, then up's finishing with SwiGLU, both reading the normalized
+/// input), bit for bit: each row's two sums run in the same order in both (same lanes, same slots), and the
+/// finishing operations are the same, so nothing may differ. The two-launch path is held to the f64 reference
+/// above. One token (matvec.wgsl's TT = 1) and 3 and 8 (its tiled pipeline), both product paths, an odd row
+/// count; the pair dispatch does not run in longer steps (matmul.wgsl has no row pairs).
+async fn row_pairs() {
+    use lorag::kernels::gpu::{Input, MatvecParams, TILE};
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(0x51);
+    let sg_paths = paths(&g);
+    for ty in [
+        GgmlType::F32,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q6_K,
+    ] {
+        let (rows, cols) = (37, if ty == GgmlType::Q6_K { 256 } else { 96 });
+        let w = random_rows(ty, 2 * rows, cols, &mut rng);
+        let m = upload(&g, ty, &w, 2 * rows, cols, None);
+        let norm_w = g.f32_buffer("norm", &rand_vec(&mut rng, cols, 1.5));
+        for n in [1usize, 3, TILE as usize] {
+            let step = g.uniform(&[0, n as u32, 0, 0]);
+            let x = g.f32_buffer("x", &rand_vec(&mut rng, n * cols, 2.0));
+            for &sg in &sg_paths {
+                g.set_subgroups(sg);
+                let buf = |name| g.f32_buffer(name, &vec![0.0; n * rows]);
+                let (gate, up, fused) = (buf("gate"), buf("up"), buf("fused"));
+                let params = |pair, glu| MatvecParams {
+                    in_stride: cols as u32,
+                    out_stride: rows as u32,
+                    scale: 1.0,
+                    input: Input::RmsNorm { eps: 1e-5 },
+                    glu,
+                    pair,
+                    ..Default::default()
+                };
+                let norm = Some(&norm_w);
+                let mut two = g.matvec_dispatches_with(
+                    &m.rows(0, rows),
+                    &x,
+                    &gate,
+                    None,
+                    norm,
+                    None,
+                    &step,
+                    params(false, false),
+                );
+                two.extend(g.matvec_dispatches_with(
+                    &m.rows(rows, rows),
+                    &x,
+                    &up,
+                    None,
+                    norm,
+                    Some(&gate),
+                    &step,
+                    params(false, true),
+                ));
+                let want = g.run_and_read(&two, n as u32, &up, n * rows).await.unwrap();
+                let one = g.matvec_dispatches_with(
+                    &m,
+                    &x,
+                    &fused,
+                    None,
+                    norm,
+                    None,
+                    &step,
+                    params(true, false),
+                );
+                assert_eq!(one.len(), 1);
+                assert!(
+                    one[0]
+                        .label
+                        .contains(&format!("2×{rows}×{cols} +norm +glu")),
+                    "{}",
+                    one[0].label
+                );
+                assert!(one[0].steps.has(TILE) && !one[0].steps.has(TILE + 1));
+                let got = g
+                    .run_and_read(&one, n as u32, &fused, n * rows)
+                    .await
+                    .unwrap();
+                assert!(want.iter().any(|&v| v != 0.0));
+                if let Some(i) = (0..n * rows).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                    panic!(
+                        "{} subgroups {sg} {n} tokens, token {} row {}: one launch {} vs two {}",
+                        ty.name(),
+                        i / rows,
+                        i % rows,
+                        got[i],
+                        want[i]
+                    );
                 }
             }
         }
@@ -482,14 +593,14 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
             let mut cache = m.new_cache(16).unwrap();
             // Per layer 6 launches where q, k and v are one product, else 8 (the norms and SwiGLU run inside the
             // products, RoPE inside attention), the final norm and the output projection; two more per adapted
-            // matrix (2 layers × 7).
+            // matrix (2 layers × 7). Without adapters, steps of up to TILE tokens run gate and up as one launch.
             let n_layer = m.weights.layers.len();
             let per_layer: usize = fused.iter().map(|&f| if f { 6 } else { 8 }).sum();
-            assert_eq!(
-                s.launches(),
-                per_layer + 2 + 2 * 7 * n_layer * adapters.len(),
-                "{variant}"
-            );
+            let long = per_layer + 2 + 2 * 7 * n_layer * adapters.len();
+            let pairs = if adapters.is_empty() { n_layer } else { 0 };
+            assert_eq!(s.launches(16), long, "{variant}");
+            assert_eq!(s.launches(1), long - pairs, "{variant}");
+            assert_eq!(s.launches(4), long - pairs, "{variant}");
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();
             close(&gpu_logits, &cpu_logits, &format!("{variant}: prompt"));
@@ -546,7 +657,7 @@ fn a_profile_times_every_launch_by_what_it_computed() {
         let count = |f: &dyn Fn(&str) -> bool| -> usize {
             p.iter().filter(|k| f(&k.label)).map(|k| k.launches).sum()
         };
-        assert_eq!(count(&|_| true), 2 * s.launches(), "{p:#?}");
+        assert_eq!(count(&|_| true), s.launches(11) + s.launches(1), "{p:#?}");
         assert_eq!(count(&|l| l == "attention"), 2 * n_layer);
         assert_eq!(
             count(&|l| l == "rmsnorm"),
@@ -554,14 +665,18 @@ fn a_profile_times_every_launch_by_what_it_computed() {
             "the final norm, once per step"
         );
         // The prompt's 5 products per layer (q, k and v in one) take the matrix-matrix kernel, the decoding
-        // step's the matvec one; the output projection runs for one token in both.
+        // step's 4 the matvec one (gate and up in one launch of row pairs); the output projection runs for one
+        // token in both.
         assert_eq!(count(&|l| l.starts_with("matmul ")), 5 * n_layer);
-        assert_eq!(count(&|l| l.starts_with("matvec ")), 5 * n_layer + 2);
-        // Labels name the fusions: qkv (one product), gate and up read the normalized input; up finishes with
-        // SwiGLU.
+        assert_eq!(count(&|l| l.starts_with("matvec ")), 4 * n_layer + 2);
+        // Labels name the fusions: qkv (one product) and the gate/up pair read the normalized input, the pair
+        // finishes with SwiGLU; in the prompt, gate and up are two products, up finishing with SwiGLU.
         let norm = count(&|l| l.starts_with("matvec ") && l.contains(" +norm"));
-        let glu = count(&|l| l.starts_with("matvec ") && l.ends_with(" +glu"));
-        assert_eq!((norm, glu), (3 * n_layer, n_layer), "{p:#?}");
+        let glu =
+            count(&|l| l.starts_with("matvec ") && l.contains(" 2×") && l.ends_with(" +norm +glu"));
+        assert_eq!((norm, glu), (2 * n_layer, n_layer), "{p:#?}");
+        let glu = count(&|l| l.starts_with("matmul ") && l.ends_with(" +norm +glu"));
+        assert_eq!(glu, n_layer, "{p:#?}");
         assert!(p.iter().all(|k| k.ns >= 0.0) && p.iter().any(|k| k.ns > 0.0));
         assert!(b.gpu.profile().is_empty(), "reading resets");
         b.gpu.set_profiling(false);

@@ -211,6 +211,11 @@ pub struct MatvecParams {
     /// Finish with SwiGLU: y = silu(gate) · y, after the bias and the accumulation (the gate, laid out as y, is an
     /// operand of [`Gpu::matvec_dispatches_with`]).
     pub glu: bool,
+    /// Row pairs, SwiGLU's gate and up projections in one launch: the matrix holds the gate's rows, then as many
+    /// of the up projection's, and output row r is silu(gate_r · x) · (up_r · x) (scaled, not biased, not
+    /// accumulated). Steps of up to `TILE` tokens only (the matrix-vector kernels): see
+    /// [`Gpu::matvec_dispatches_with`].
+    pub pair: bool,
 }
 
 /// An input transform of the matvec and matmul kernels: the decoder's RMSNorm runs inside the products that read
@@ -247,7 +252,7 @@ impl MatvecParams {
             self.scale.to_bits(),
             self.bias_off,
             eps.to_bits(),
-            self.glu as u32,
+            if self.pair { 2 } else { self.glu as u32 },
             0,
             0,
         ];
@@ -371,6 +376,31 @@ pub struct Dispatch {
     pub label: String,
     /// Its matrix-vector pipelines use subgroup operations (matvec_sg.wgsl).
     pub subgroups: bool,
+    /// The steps it runs in.
+    pub steps: Steps,
+}
+
+/// Which steps a [`Dispatch`] runs in, by their number of tokens: a fusion the matrix-matrix kernels lack (the
+/// gate and up projections' row pairs) runs up to `TILE` tokens, the unfused launches it replaces above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steps {
+    /// Every step.
+    All,
+    /// Steps of at most this many tokens.
+    UpTo(u32),
+    /// Steps of more than this many tokens.
+    Over(u32),
+}
+
+impl Steps {
+    /// Whether a step of `n` tokens runs it.
+    pub fn has(self, n: u32) -> bool {
+        match self {
+            Steps::All => true,
+            Steps::UpTo(k) => n <= k,
+            Steps::Over(k) => n > k,
+        }
+    }
 }
 
 /// Tokens per workgroup of the tiled matvec pipeline; longer steps (prefill) take the matrix-matrix kernel.
@@ -675,7 +705,11 @@ impl Gpu {
             use_subgroups: AtomicBool::new(matvec_sg_module.is_some()),
             matvec_module,
             matvec_sg_module,
-            sg_width: (4 * ai.subgroup_max_size).clamp(32, 256),
+            // (wgpu's smallest subgroup is ≥ 4, so a workgroup of ≤ 256 has ≤ 64 subgroups: matvec_sg.wgsl's
+            // mean square keeps one sum per subgroup in 64 places; the min() says so for any adapter.)
+            sg_width: (4 * ai.subgroup_max_size)
+                .clamp(32, 256)
+                .min(64 * ai.subgroup_min_size.max(1)),
             matmul_module,
             matmul_wide_module,
             gemm_tile: AtomicU32::new(0),
@@ -941,7 +975,9 @@ impl Gpu {
     }
 
     /// [`Gpu::matvec_dispatches`] with the fusions' operands: `norm`, the norm weights of `base.input`
-    /// (one per column), and `gate`, the gate of `base.glu` (laid out as `y`).
+    /// (one per column), and `gate`, the gate of `base.glu` (laid out as `y`). With `base.pair` the dispatch
+    /// runs only in steps of up to `TILE` tokens ([`Steps::UpTo`]): the matrix-matrix kernels have no row pairs,
+    /// so the caller adds the two products it replaces for longer steps ([`Steps::Over`]).
     #[allow(clippy::too_many_arguments)]
     pub fn matvec_dispatches_with(
         &self,
@@ -955,6 +991,19 @@ impl Gpu {
         base: MatvecParams,
     ) -> Vec<Dispatch> {
         let norm_in = matches!(base.input, Input::RmsNorm { .. });
+        // Row pairs: one chunk holding both halves (row r's partner is r + rows/2 in the same binding), and
+        // nothing the pass over the gate rows would have to skip.
+        assert!(
+            !base.pair
+                || m.rows.is_multiple_of(2)
+                    && m.chunks.len() == 1
+                    && bias.is_none()
+                    && gate.is_none()
+                    && !base.glu
+                    && !base.accumulate,
+            "row pairs need one chunk of 2 × rows, no bias, gate or accumulation"
+        );
+        let halves = if base.pair { 2 } else { 1 };
         let subgroups = self.subgroups();
         let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups);
         let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups);
@@ -969,8 +1018,9 @@ impl Gpu {
         m.chunks
             .iter()
             .map(|c| {
+                let rows = c.rows / halves;
                 let p = MatvecParams {
-                    rows: c.rows as u32,
+                    rows: rows as u32,
                     cols: m.cols as u32,
                     row_bytes: m.row_bytes as u32,
                     w_off: c.offset as u32,
@@ -1019,7 +1069,7 @@ impl Gpu {
                         },
                     ],
                 });
-                let groups = c.rows.div_ceil(4) as u32;
+                let groups = rows.div_ceil(4) as u32;
                 let gx = groups.min(65_535);
                 // Row workgroups (x, y) for a tile of `t` rows.
                 let grid = |t: u32| {
@@ -1043,20 +1093,26 @@ impl Gpu {
                     bind_group,
                     grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
                     tiled: Some(tiled.clone()),
-                    gemm: Some(Gemm {
+                    gemm: (!base.pair).then(|| Gemm {
                         small: (gemm.clone(), sx, sy),
                         wide: gemm_wide.clone().map(|p| (p, wx, wy)),
                         wide_from,
                     }),
                     label: format!(
-                        "{} {}×{}{}{}",
+                        "{} {}{}×{}{}{}",
                         m.ty.name(),
-                        c.rows,
+                        if base.pair { "2×" } else { "" },
+                        rows,
                         m.cols,
                         if norm_in { " +norm" } else { "" },
-                        if base.glu { " +glu" } else { "" }
+                        if base.glu || base.pair { " +glu" } else { "" }
                     ),
                     subgroups,
+                    steps: if base.pair {
+                        Steps::UpTo(TILE)
+                    } else {
+                        Steps::All
+                    },
                 }
             })
             .collect()
@@ -1152,6 +1208,7 @@ impl Gpu {
             gemm: None,
             label: label.to_string(),
             subgroups: false,
+            steps: Steps::All,
         }
     }
 
@@ -1193,7 +1250,7 @@ impl Gpu {
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], n: u32) {
         #[cfg(not(target_arch = "wasm32"))]
         let mut prof = self.profiler.lock().unwrap();
-        for d in dispatches {
+        for d in dispatches.iter().filter(|d| d.steps.has(n)) {
             #[cfg(not(target_arch = "wasm32"))]
             let slot = prof.as_mut().and_then(|p| {
                 let i = 2 * p.labels.len() as u32;

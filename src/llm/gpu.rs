@@ -6,17 +6,18 @@
 //! starts: per layer, q, k and v in one product (normalizing its input itself; one matrix of the three's rows,
 //! uploaded so where their types agree, else three products writing into the same buffer), attention (rotating
 //! the step's q and k itself and storing its k and v into the cache), the output projection (adding into the
-//! residual), gate and up (normalizing likewise; up finishes with SwiGLU, silu(gate) · up), and down (adding into
-//! the residual): 6 launches (8 where q, k and v are separate), plus the final norm and the output projection (and
-//! two per adapted matrix). A step then writes the
-//! new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
+//! residual), gate and up (normalizing likewise, uploaded as one matrix where their types agree: in steps of up
+//! to `TILE` tokens one launch of row pairs, u = silu(gate · x) · (up · x); in longer steps, or where either has
+//! an adapter, two launches, up finishing with SwiGLU, silu(gate) · up), and down (adding into the residual): 5
+//! launches a layer when decoding (6 in prefill; 2 more where q, k and v are separate), plus the final norm and
+//! the output projection (and two per adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
 //! pass, submits once, and reads back only the logits: no buffer or bind group is created per token.
 
 use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
-    Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, MAX_HEAD_DIM,
+    Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, Steps, MAX_HEAD_DIM, TILE,
 };
 use crate::{Error, Result};
 
@@ -28,6 +29,9 @@ struct GpuLayer {
     /// q, k and v as one matrix (their rows one after the other) with its bias (the three biases, likewise),
     /// where their types agree and they have biases all or none: one product instead of three.
     qkv: Option<(GpuMatrix, Option<wgpu::Buffer>)>,
+    /// The gate and up projections as one matrix (the gate's rows, then up's) where their types and shapes
+    /// agree; `mats`' gate and up are views of it. Where it is one chunk, decoding runs both in one launch.
+    gate_up: Option<GpuMatrix>,
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
     bias: [Option<wgpu::Buffer>; 3],
@@ -111,19 +115,31 @@ impl GpuWeights {
                     upload(gpu, v, data)?,
                 ],
             };
+            let (g, u) = (&l.w_gate, &l.w_up);
+            let gate_up = (g.ty == u.ty && g.rows == u.rows && g.cols == u.cols)
+                .then(|| {
+                    let bytes = [g.bytes(data), u.bytes(data)].concat();
+                    gpu.upload_matrix(g.ty, &bytes, 2 * g.rows, g.cols)
+                })
+                .transpose()?;
+            let [mg, mu] = match &gate_up {
+                Some(m) => [m.rows(0, g.rows), m.rows(g.rows, u.rows)],
+                None => [upload(gpu, g, data)?, upload(gpu, u, data)?],
+            };
             let mats = [
                 mq,
                 mk,
                 mv,
                 upload(gpu, &l.wo, data)?,
-                upload(gpu, &l.w_gate, data)?,
-                upload(gpu, &l.w_up, data)?,
+                mg,
+                mu,
                 upload(gpu, &l.w_down, data)?,
             ];
             let b = |v: &Option<Vec<f32>>| v.as_ref().map(|v| gpu.f32_buffer("bias", v));
             layers.push(GpuLayer {
                 mats,
                 qkv,
+                gate_up,
                 attn_norm: gpu.f32_buffer("attn_norm", &l.attn_norm),
                 ffn_norm: gpu.f32_buffer("ffn_norm", &l.ffn_norm),
                 // (fused: in the qkv bias)
@@ -372,9 +388,39 @@ impl<'a> GpuSession<'a> {
                 &[&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
                 Grid::TokensY(c.n_head as u32),
             ));
-            for st in &plan[3..] {
-                ds.extend(product(*st)?);
+            ds.extend(product(plan[3])?);
+            // Gate and up: in steps of up to TILE tokens one launch of row pairs where they are one chunk
+            // without adapters (u = silu(gate · x) · (up · x) directly); longer steps, and the rest, as two.
+            let pair = l
+                .gate_up
+                .as_ref()
+                .filter(|m| m.chunks.len() == 1 && adapted(4).is_empty() && adapted(5).is_empty());
+            let mut gate_up = product(plan[4])?;
+            gate_up.extend(product(plan[5])?);
+            if let Some(m) = pair {
+                ds.extend(gpu.matvec_dispatches_with(
+                    m,
+                    &x,
+                    &u,
+                    None,
+                    Some(&l.ffn_norm),
+                    None,
+                    &step,
+                    MatvecParams {
+                        in_stride: m.cols as u32,
+                        out_stride: ff as u32,
+                        input: normed,
+                        scale: 1.0,
+                        pair: true,
+                        ..Default::default()
+                    },
+                ));
+                for d in &mut gate_up {
+                    d.steps = Steps::Over(TILE);
+                }
             }
+            ds.extend(gate_up);
+            ds.extend(product(plan[6])?);
             keep.push(att_p);
         }
         let final_p = gpu.uniform(&[d as u32, 1, c.eps.to_bits(), 0]);
@@ -419,9 +465,10 @@ impl GpuSession<'_> {
         self.n_ctx
     }
 
-    /// Kernel launches per step.
-    pub fn launches(&self) -> usize {
-        self.dispatches.len() + self.output.len()
+    /// Kernel launches in a step of `n` tokens.
+    pub fn launches(&self, n: usize) -> usize {
+        let runs = |d: &&Dispatch| d.steps.has(n as u32);
+        self.dispatches.iter().filter(runs).count() + self.output.iter().filter(runs).count()
     }
 
     /// Run `tokens` (at positions `len..`) through the model, in steps of at most the session's batch; returns

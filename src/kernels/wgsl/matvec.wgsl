@@ -14,7 +14,11 @@
 // Two fusions save the decoder a launch each (products.wgsl declares them): NORM = 1 normalizes the input on the
 // way in (each workgroup computes its tokens' mean square), and P.glu = 1 applies SwiGLU to the result on the way
 // out (y = silu(GATE[o]) · y, GATE laid out as Y: the up projection finishing g = silu(gate) · up once per
-// element).
+// element). P.glu = 2 fuses the gate and up projections into one launch: W holds 2 · P.rows rows (the gate's,
+// then the up projection's), and output row r is silu(W[r] · x) · (W[r + P.rows] · x): the workgroup's rows
+// take their gate sums first (kept in gate[]), then their up sums, each in the order of a product of its own
+// (same lanes, same slots), so the bits are those of the two launches it replaces. Steps of up to TT tokens
+// only: the host runs longer ones (matmul.wgsl) as two products.
 
 override TT: u32 = 1u;
 const TMAX: u32 = 8u;
@@ -27,6 +31,26 @@ var<private> xo: array<u32, 8>;
 var<private> nt: u32;
 var<private> cu: u32;            // the unit's first column
 var<private> inv: array<f32, 8>; // RMSNorm: 1 / sqrt(mean(x²) + eps) of the tile's tokens (where lane = 0)
+var<private> gate: array<f32, 8>; // P.glu = 2: the row's gate sums, finished (where lane = 0)
+
+// The gate of token t's output o (P.glu = 1: GATE[o], the gate product's output; 2: the pair's own sum).
+fn gate_of(t: u32, o: u32) -> f32 {
+    if (P.glu == 1u) {
+        return GATE[o];
+    }
+    return gate[t];
+}
+
+// Row `row`'s finished sum v of token t (and the pass h of halves): stored at Y[o], or, the gate pass of a row
+// pair, kept in gate[t].
+fn emit(v: f32, row: u32, t: u32, tok0: u32, h: u32, halves: u32) {
+    if (h + 1u < halves) {
+        gate[t] = v * P.scale;
+        return;
+    }
+    let o = P.out_off + (tok0 + t) * P.out_stride + row;
+    Y[o] = finish_with(v, row, o, gate_of(t, o));
+}
 
 // The input at X[i] (column c), after the transform: with NORM, x · AUX[c]; the token's 1 / rms is a
 // common factor of the whole sum, applied once at the end (not once per weight, as the sum's inner loop would).
@@ -168,25 +192,23 @@ fn slot(row: u32, s: u32, tok0: u32) {
 }
 
 // RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the
-// partial sums of squares of the first n ≤ 64 invocations in part[], then each keeping invocation adds them up
-// itself (in the same order, so all agree): two barriers whatever TT is. Called from uniform control flow.
-fn mean_squares(li: u32, n: u32, tok0: u32, keep: bool) {
+// workgroup's 64 partial sums of squares in part[], then each keeping invocation adds them up itself (in the same
+// order, so all agree): two barriers whatever TT is. Called from uniform control flow.
+fn mean_squares(li: u32, tok0: u32, keep: bool) {
     for (var t = 0u; t < TT; t++) {
-        if (li < n) {
-            var s = 0.0;
-            if (t < nt) {
-                let x0 = P.in_off + (tok0 + t) * P.in_stride;
-                for (var i = li; i < P.cols; i += n) { s += X[x0 + i] * X[x0 + i]; }
-            }
-            part[t * 64u + li] = s;
+        var s = 0.0;
+        if (t < nt) {
+            let x0 = P.in_off + (tok0 + t) * P.in_stride;
+            for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
         }
+        part[t * 64u + li] = s;
     }
     workgroupBarrier();
     if (keep) {
         for (var t = 0u; t < TT; t++) {
             if (t < nt) {
                 var s = 0.0;
-                for (var k = 0u; k < n; k++) { s += part[t * 64u + k]; }
+                for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
                 inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
             }
         }
@@ -205,28 +227,33 @@ fn main(
     let tok0 = wg.z * TT;
     nt = min(TT, STEP.n - min(STEP.n, tok0));
     if (NORM == 1u) {
-        mean_squares(li, 64u, tok0, lane == 0u);
+        mean_squares(li, tok0, lane == 0u);
     }
-    for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
-    if (row < P.rows) {
-        let slots = (P.cols + 3u) / 4u;
-        for (var u = lane; u < slots; u += LANES) { slot(row, u, tok0); }
-    }
-    // The row's 16 lanes' sums, added in lane order by lane 0 (one barrier; a tree would take four).
-    for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }
-    workgroupBarrier();
-    if (lane == 0u && row < P.rows) {
-        for (var t = 0u; t < TT; t++) {
-            if (t >= nt) {
-                break;
+    let halves = select(1u, 2u, P.glu == 2u);
+    for (var h = 0u; h < halves; h++) {
+        for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
+        if (row < P.rows) {
+            let slots = (P.cols + 3u) / 4u;
+            for (var u = lane; u < slots; u += LANES) { slot(row + h * P.rows, u, tok0); }
+        }
+        // The row's 16 lanes' sums, added in lane order by lane 0 (one barrier; a tree would take four).
+        for (var t = 0u; t < TT; t++) { part[t * 64u + li] = acc[t]; }
+        workgroupBarrier();
+        if (lane == 0u && row < P.rows) {
+            for (var t = 0u; t < TT; t++) {
+                if (t >= nt) {
+                    break;
+                }
+                var v = 0.0;
+                for (var k = 0u; k < LANES; k++) { v += part[t * 64u + li + k]; }
+                if (NORM == 1u) {
+                    v *= inv[t];
+                }
+                emit(v, row, t, tok0, h, halves);
             }
-            let o = P.out_off + (tok0 + t) * P.out_stride + row;
-            var v = 0.0;
-            for (var k = 0u; k < LANES; k++) { v += part[t * 64u + li + k]; }
-            if (NORM == 1u) {
-                v *= inv[t];
-            }
-            Y[o] = finish(v, row, o);
+        }
+        if (h + 1u < halves) {
+            workgroupBarrier(); // the up pass writes part[] again
         }
     }
 }

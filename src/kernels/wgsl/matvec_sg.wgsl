@@ -17,6 +17,35 @@ var<workgroup> subgroups: atomic<u32>;
 // The workgroup's size: four of the adapter's widest subgroups, within 32..=256 (kernels::gpu sets it).
 override SGW: u32 = 128u;
 
+// RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (each subgroup's rank 0): every invocation
+// squares and adds its share of the columns (li, li + SGW, …), subgroupAdd adds a subgroup's shares, and each
+// keeping invocation adds the subgroups' sums from part[] in subgroup order (all agree): one barrier, and per
+// invocation a few loads instead of matvec.wgsl's 64 invocations' columns and the 64 partial sums added one by
+// one. At most 64 subgroups (SGW ≤ 64 × the smallest subgroup: kernels::gpu). Uniform control flow.
+fn mean_squares_sg(li: u32, sg: u32, count: u32, tok0: u32, keep: bool) {
+    for (var t = 0u; t < TT; t++) {
+        var s = 0.0;
+        if (t < nt) {
+            let x0 = P.in_off + (tok0 + t) * P.in_stride;
+            for (var i = li; i < P.cols; i += SGW) { s += X[x0 + i] * X[x0 + i]; }
+        }
+        s = subgroupAdd(s);
+        if (keep) {
+            part[t * 64u + sg] = s;
+        }
+    }
+    workgroupBarrier();
+    if (keep) {
+        for (var t = 0u; t < TT; t++) {
+            if (t < nt) {
+                var s = 0.0;
+                for (var k = 0u; k < count; k++) { s += part[t * 64u + k]; }
+                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+            }
+        }
+    }
+}
+
 @compute @workgroup_size(SGW)
 fn main_sg(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -32,40 +61,42 @@ fn main_sg(
         drawn = atomicAdd(&subgroups, 1u) + 1u;
     }
     let sg = subgroupMax(drawn) - 1u;
+    workgroupBarrier();
+    let count = atomicLoad(&subgroups); // every subgroup has drawn
     if (NORM == 1u) {
-        mean_squares(li, min(SGW, 64u), tok0, rank == 0u);
-    } else {
-        workgroupBarrier();
+        mean_squares_sg(li, sg, count, tok0, rank == 0u);
     }
-    let count = atomicLoad(&subgroups); // every subgroup has drawn (a barrier above)
     let slots = (P.cols + 3u) / 4u;
+    let halves = select(1u, 2u, P.glu == 2u); // row pairs: the gate row's pass, then the up row's
     for (var r = sg; r < RPW; r += count) {
         let row = (wg.x + wg.y * nwg.x) * RPW + r;
         if (row >= P.rows) {
             break;
         }
-        for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
-        // Four slots per iteration (the same slots in the same order as one at a time: the bits do not
-        // change), so that a lane has four slots' loads in flight instead of one.
-        var u = rank;
-        for (; u + 3u * lanes < slots; u += 4u * lanes) {
-            slot(row, u, tok0);
-            slot(row, u + lanes, tok0);
-            slot(row, u + 2u * lanes, tok0);
-            slot(row, u + 3u * lanes, tok0);
-        }
-        for (; u < slots; u += lanes) { slot(row, u, tok0); }
-        for (var t = 0u; t < TT; t++) {
-            if (t >= nt) {
-                break;
+        for (var h = 0u; h < halves; h++) {
+            let wr = row + h * P.rows;
+            for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
+            // Four slots per iteration (the same slots in the same order as one at a time: the bits do not
+            // change), so that a lane has four slots' loads in flight instead of one.
+            var u = rank;
+            for (; u + 3u * lanes < slots; u += 4u * lanes) {
+                slot(wr, u, tok0);
+                slot(wr, u + lanes, tok0);
+                slot(wr, u + 2u * lanes, tok0);
+                slot(wr, u + 3u * lanes, tok0);
             }
-            var v = subgroupAdd(acc[t]);
-            if (rank == 0u) {
-                let o = P.out_off + (tok0 + t) * P.out_stride + row;
+            for (; u < slots; u += lanes) { slot(wr, u, tok0); }
+            for (var t = 0u; t < TT; t++) {
+                if (t >= nt) {
+                    break;
+                }
+                var v = subgroupAdd(acc[t]);
                 if (NORM == 1u) {
                     v *= inv[t];
                 }
-                Y[o] = finish(v, row, o);
+                if (rank == 0u) {
+                    emit(v, row, t, tok0, h, halves);
+                }
             }
         }
     }

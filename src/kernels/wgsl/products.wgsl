@@ -19,7 +19,7 @@ struct Params {
     scale: f32,
     bias_off: u32,   // bias[bias_off + row]
     eps: f32,        // RMSNorm's epsilon (NORM = 1)
-    glu: u32,        // 1: y = silu(GATE[o]) · y, last
+    glu: u32,        // 1: y = silu(GATE[o]) · y, last; 2: row pairs, y = silu(W[r]·x) · (W[r + rows]·x)
     _a: u32,
     _b: u32,
 }
@@ -37,8 +37,9 @@ override NORM: u32 = 0u;
 @group(0) @binding(6) var<storage, read> AUX: array<f32>;
 @group(0) @binding(7) var<storage, read> GATE: array<f32>;
 
-// The value stored at Y[o] for row r's sum v: scaled, biased, accumulated, gated (SwiGLU: silu(GATE[o]) · y).
-fn finish(v: f32, r: u32, o: u32) -> f32 {
+// The value stored at Y[o] for row r's sum v: scaled, biased, accumulated, then gated by g where P.glu is set
+// (SwiGLU: silu(g) · y; g is GATE[o] for glu = 1, the row pair's gate sum for glu = 2: see matvec.wgsl).
+fn finish_with(v: f32, r: u32, o: u32, g: f32) -> f32 {
     var y = v * P.scale;
     if (P.has_bias != 0u) {
         y += BIAS[P.bias_off + r];
@@ -47,10 +48,18 @@ fn finish(v: f32, r: u32, o: u32) -> f32 {
         y += Y[o];
     }
     if (P.glu != 0u) {
-        let g = GATE[o];
         y = g / (1.0 + exp(-g)) * y;
     }
     return y;
+}
+
+// finish_with with the gate read from GATE (the matrix-matrix kernels: glu is 0 or 1 there).
+fn finish(v: f32, r: u32, o: u32) -> f32 {
+    var g = 0.0;
+    if (P.glu == 1u) {
+        g = GATE[o];
+    }
+    return finish_with(v, r, o, g);
 }
 
 // matmul.wgsl and matmul_wide.wgsl: row r's finished sums v for tokens t0 .. t0 + 3, those in range.
