@@ -990,11 +990,17 @@ async fn attention() {
             let q = rand_vec(&mut rng, n * nh * hd, 1.5);
             let k = rand_vec(&mut rng, n * kv_dim, 1.5);
             let v = rand_vec(&mut rng, n * kv_dim, 1.0);
+            // The caches of layers 0 and 1: v by position ([pos][kv head][dim]), k by dim ([kv head][dim][pos]);
+            // layer 1's slots from pos0 on hold NaN (nothing may read them).
+            let vi = |j: usize, kvh: usize, d: usize| cache_off + j * kv_dim + kvh * hd + d;
+            let ki = |j: usize, kvh: usize, d: usize| cache_off + (kvh * hd + d) * n_ctx + j;
             let mut kc = rand_vec(&mut rng, 2 * cache_off, 1.5);
             let mut vc = rand_vec(&mut rng, 2 * cache_off, 1.0);
-            for i in cache_off + pos0 * kv_dim..2 * cache_off {
-                kc[i] = f32::NAN;
-                vc[i] = f32::NAN;
+            for (j, kvh, d) in (pos0..n_ctx)
+                .flat_map(|j| (0..nkv).flat_map(move |kvh| (0..hd).map(move |d| (j, kvh, d))))
+            {
+                kc[ki(j, kvh, d)] = f32::NAN;
+                vc[vi(j, kvh, d)] = f32::NAN;
             }
             // The kernel reads token t's q, k and v from one buffer: [q | k | v] per token.
             let qkv: Vec<f32> = (0..n)
@@ -1059,8 +1065,7 @@ async fn attention() {
             // Key j of KV head kvh: from the cache before pos0 (exact), else the step's k rotated.
             let key = |j: usize, kvh: usize| -> Vec<(f64, f64)> {
                 if j < pos0 {
-                    let o = cache_off + j * kv_dim + kvh * hd;
-                    kc[o..o + hd].iter().map(|&x| (x as f64, 0.0)).collect()
+                    (0..hd).map(|d| (kc[ki(j, kvh, d)] as f64, 0.0)).collect()
                 } else {
                     let o = (j - pos0) * kv_dim + kvh * hd;
                     rot(&k[o..o + hd], j)
@@ -1068,7 +1073,7 @@ async fn attention() {
             };
             let value = |j: usize, kvh: usize, d: usize| -> f64 {
                 if j < pos0 {
-                    vc[cache_off + j * kv_dim + kvh * hd + d] as f64
+                    vc[vi(j, kvh, d)] as f64
                 } else {
                     v[(j - pos0) * kv_dim + kvh * hd + d] as f64
                 }
@@ -1115,24 +1120,32 @@ async fn attention() {
                 }
                 for kvh in 0..nkv {
                     let src = t * kv_dim + kvh * hd;
-                    let dst = cache_off + (pos0 + t) * kv_dim + kvh * hd;
-                    for (d, (want, tol)) in rot(&k[src..src + hd], pos0 + t).into_iter().enumerate()
-                    {
+                    let j = pos0 + t;
+                    for (d, (want, tol)) in rot(&k[src..src + hd], j).into_iter().enumerate() {
                         assert!(
-                            (gk[dst + d] as f64 - want).abs() <= tol,
+                            (gk[ki(j, kvh, d)] as f64 - want).abs() <= tol,
                             "cached k t{t} kv head {kvh} d{d} neox {neox}"
                         );
+                        assert_eq!(gv[vi(j, kvh, d)], v[src + d], "cached v t{t} d{d}");
                     }
-                    assert_eq!(&gv[dst..dst + hd], &v[src..src + hd], "cached v t{t}");
                 }
             }
-            let written = cache_off + pos0 * kv_dim..cache_off + (pos0 + n) * kv_dim;
-            for i in (0..2 * cache_off).filter(|i| !written.contains(i)) {
-                assert_eq!(
-                    (gk[i].to_bits(), gv[i].to_bits()),
-                    (kc[i].to_bits(), vc[i].to_bits()),
-                    "cache slot {i} touched"
-                );
+            // Nothing else written: every other slot keeps its bits.
+            let mut written_v = vec![false; 2 * cache_off];
+            let mut written_k = written_v.clone();
+            for (j, kvh, d) in (pos0..pos0 + n)
+                .flat_map(|j| (0..nkv).flat_map(move |kvh| (0..hd).map(move |d| (j, kvh, d))))
+            {
+                written_v[vi(j, kvh, d)] = true;
+                written_k[ki(j, kvh, d)] = true;
+            }
+            for i in 0..2 * cache_off {
+                if !written_k[i] {
+                    assert_eq!(gk[i].to_bits(), kc[i].to_bits(), "k cache slot {i} touched");
+                }
+                if !written_v[i] {
+                    assert_eq!(gv[i].to_bits(), vc[i].to_bits(), "v cache slot {i} touched");
+                }
             }
         }
     }

@@ -246,6 +246,7 @@ impl<'a> GpuSession<'a> {
         let g = f("g", batch * ff);
         let u = f("u", batch * ff);
         let scores = f("scores", batch * c.n_head * n_ctx);
+        // Per layer n_ctx × kv_dim values each: v by position, k by dim (attention.wgsl says why).
         let kc = gpu.buffer("k cache", kv_total, STORAGE);
         let vc = gpu.buffer("v cache", kv_total, STORAGE);
         let logits = f("logits", c.n_vocab);

@@ -7,6 +7,11 @@
 // are. cos/sin come from a table computed in f64 on the CPU (the values the CPU path uses):
 // CS[(pos · half + i) · 2 + {0: cos, 1: sin}]. Scores, softmax and the weighted sum of values follow the CPU path's
 // operations (scores · scale, max, exp(s − max), sum, weights e / sum).
+//
+// The caches' layouts (each layer's part from P.cache_off): VC by position, [pos][kv head][dim], as the values
+// are read (a dim quad per invocation, neighbouring invocations neighbouring quads of one position); KC by dim,
+// [kv head][dim][pos] (n_ctx positions a row), as the scores read it (an invocation per position, so a warp's
+// load of dim e is one run of neighbouring positions, not 32 keys' rows apart).
 struct Params {
     n_head: u32, n_kv: u32, hd: u32, n_ctx: u32,
     cache_off: u32, scale: f32, half: u32, neox: u32,
@@ -112,11 +117,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let s0 = (t * P.n_head + h) * P.n_ctx;
     let own = t * stride + q_dim + kvh * P.hd;
     let dst = P.cache_off + (pos0 + t) * kv_dim + kvh * P.hd;
+    let kbase = P.cache_off + kvh * P.hd * P.n_ctx; // dim 0, position 0 of this KV head's keys
     for (var d = li; d < P.hd; d += WG) {
         let pi = pair_of(d);
         qr[d] = rot(QKV[q0 + d], QKV[q0 + pi.y], pi, pos0 + t);
         if (h % group == 0u) {
-            KC[dst + d] = rot(QKV[own + d], QKV[own + pi.y], pi, pos0 + t);
+            KC[kbase + d * P.n_ctx + pos0 + t] = rot(QKV[own + d], QKV[own + pi.y], pi, pos0 + t);
             VC[dst + d] = QKV[own + kv_dim + d];
         }
     }
@@ -124,19 +130,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var mx = -3.4e38;
     // Scores of the cached positions.
     let hd4 = P.hd & ~3u;
+    let nc = P.n_ctx;
     for (var j = li; j < pos0; j += WG) {
-        let k0 = P.cache_off + j * kv_dim + kvh * P.hd;
+        let k0 = kbase + j;
         var d0 = 0.0;
         var d1 = 0.0;
         var d2 = 0.0;
         var d3 = 0.0;
         for (var e = 0u; e < hd4; e += 4u) {
-            d0 = fma(qr[e], KC[k0 + e], d0);
-            d1 = fma(qr[e + 1u], KC[k0 + e + 1u], d1);
-            d2 = fma(qr[e + 2u], KC[k0 + e + 2u], d2);
-            d3 = fma(qr[e + 3u], KC[k0 + e + 3u], d3);
+            d0 = fma(qr[e], KC[k0 + e * nc], d0);
+            d1 = fma(qr[e + 1u], KC[k0 + (e + 1u) * nc], d1);
+            d2 = fma(qr[e + 2u], KC[k0 + (e + 2u) * nc], d2);
+            d3 = fma(qr[e + 3u], KC[k0 + (e + 3u) * nc], d3);
         }
-        for (var e = hd4; e < P.hd; e++) { d0 = fma(qr[e], KC[k0 + e], d0); }
+        for (var e = hd4; e < P.hd; e++) { d0 = fma(qr[e], KC[k0 + e * nc], d0); }
         let s = ((d0 + d1) + (d2 + d3)) * P.scale;
         S[s0 + j] = s;
         mx = max(mx, s);
