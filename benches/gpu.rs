@@ -224,10 +224,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let (mut cp, mut cd, mut gp, mut gd) = (vec![], vec![], vec![], vec![]);
+    let mut ids = vec![];
     for _ in 0..reps {
         let c = cpu.generate(&prompt, &opts, &mut |_| true).unwrap();
         let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
         assert_eq!(c.ids, o.ids, "GPU and CPU greedy tokens differ");
+        ids.clone_from(&c.ids);
         cp.push(c.prefill_tok_s());
         cd.push(c.decode_tok_s());
         gp.push(o.prefill_tok_s());
@@ -248,9 +250,25 @@ fn main() {
         med(&mut gp),
         med(&mut gd)
     );
+    // What running gate and up as one launch saves: the same requests with two launches (same tokens).
+    let backend = gpu.gpu().unwrap().gpu.clone();
+    backend.set_row_pairs(false);
+    let mut two = vec![];
+    for _ in 0..reps {
+        let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
+        assert_eq!(
+            o.ids, ids,
+            "GPU (two launches) and CPU greedy tokens differ"
+        );
+        two.push(o.decode_tok_s());
+    }
+    backend.set_row_pairs(true);
+    println!(
+        "  GPU with gate and up as two launches: decode {:.1} tok/s",
+        med(&mut two)
+    );
     // Where a GPU step's time goes: each launch timed (one run of the prompt alone, then of the whole request;
     // decoding is the difference), beside the wall-clock time per step.
-    let backend = gpu.gpu().unwrap().gpu.clone();
     if !backend.set_profiling(true) {
         println!("  (no per-launch profile: the adapter has no timestamp queries inside passes)");
         return;

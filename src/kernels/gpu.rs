@@ -75,6 +75,8 @@ pub struct Gpu {
     matmul_wide_module: wgpu::ShaderModule,
     /// Which matrix-matrix kernel steps take: 0 as `WIDE_MIN_TILES` says, else that tile (64 or 128) always.
     gemm_tile: AtomicU32,
+    /// Whether decoder sessions built from now on run gate and up as row pairs ([`Gpu::set_row_pairs`]).
+    row_pairs: AtomicBool,
     matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
@@ -713,6 +715,7 @@ impl Gpu {
             matmul_module,
             matmul_wide_module,
             gemm_tile: AtomicU32::new(0),
+            row_pairs: AtomicBool::new(true),
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
@@ -886,6 +889,18 @@ impl Gpu {
     /// matmul.wgsl; `Some(GEMM_TILE)` or `Some(GEMM_WIDE_TILE)` that one always (tests run both).
     pub fn set_gemm_tile(&self, tile: Option<u32>) {
         self.gemm_tile.store(tile.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Whether decoder sessions (`llm::gpu::GpuSession`) built from now on run the gate and up projections as one
+    /// launch of row pairs in steps of up to `TILE` tokens (on by default), or as two launches always: the same
+    /// results bit for bit, so the switch is for measuring what the launch saves (`cargo bench --bench gpu`).
+    pub fn set_row_pairs(&self, on: bool) {
+        self.row_pairs.store(on, Ordering::SeqCst);
+    }
+
+    /// See [`Gpu::set_row_pairs`].
+    pub fn row_pairs(&self) -> bool {
+        self.row_pairs.load(Ordering::SeqCst)
     }
 
     /// Whether matrix-vector products built now use subgroup operations.

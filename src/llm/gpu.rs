@@ -395,7 +395,8 @@ impl<'a> GpuSession<'a> {
             let pair = l
                 .gate_up
                 .as_ref()
-                .filter(|m| m.chunks.len() == 1 && adapted(4).is_empty() && adapted(5).is_empty());
+                .filter(|m| m.chunks.len() == 1 && adapted(4).is_empty() && adapted(5).is_empty())
+                .filter(|_| gpu.row_pairs());
             let mut gate_up = product(plan[4])?;
             gate_up.extend(product(plan[5])?);
             if let Some(m) = pair {
