@@ -67,7 +67,8 @@ pub struct Gpu {
     matvec_module: wgpu::ShaderModule,
     /// matvec.wgsl + matvec_sg.wgsl, where the adapter has subgroup operations (and the module compiled).
     matvec_sg_module: Option<wgpu::ShaderModule>,
-    /// matvec_sg.wgsl's workgroup size: four of the adapter's widest subgroups (one row each), within 32..=256.
+    /// matvec_sg.wgsl's workgroup size: four of the adapter's widest subgroups (one row each), within 32..=256,
+    /// and at most 64 of its smallest.
     sg_width: u32,
     /// Build matrix-vector pipelines on `matvec_sg_module` ([`Gpu::set_subgroups`]).
     use_subgroups: AtomicBool,

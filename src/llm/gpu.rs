@@ -193,6 +193,21 @@ type In<'b> = (&'b wgpu::Buffer, Input, Option<&'b wgpu::Buffer>);
 /// A product's output: a buffer, where row 0 of token 0 goes, and the elements between tokens.
 type Out<'b> = (&'b wgpu::Buffer, u32, u32);
 
+/// How a product finishes: as it is; with SwiGLU by a gate laid out as its output (y = silu(gate) · y); or as the
+/// gate and up projections' row pairs (the matrix holds both: [`MatvecParams::pair`]).
+#[derive(Clone, Copy)]
+enum Glu<'b> {
+    Off,
+    Gate(&'b wgpu::Buffer),
+    Pair,
+}
+
+impl<'b> From<Option<&'b wgpu::Buffer>> for Glu<'b> {
+    fn from(gate: Option<&'b wgpu::Buffer>) -> Self {
+        gate.map_or(Glu::Off, Glu::Gate)
+    }
+}
+
 fn whole(b: &wgpu::Buffer, rows: usize) -> Out<'_> {
     (b, 0, rows as u32)
 }
@@ -273,14 +288,18 @@ impl<'a> GpuSession<'a> {
         ]);
         let mut adapters = Vec::new();
         let mut ds: Vec<Dispatch> = Vec::new();
-        // y (+)= scale · m·x (+ bias), then y = silu(gate) · y where a gate is given.
+        // y (+)= scale · m·x (+ bias), finished as `glu` says.
         let mv = |m: &GpuMatrix,
                   (x, input, norm): In,
                   (y, out_off, out_stride): Out,
                   bias,
                   acc: bool,
                   scale: f32,
-                  gate: Option<&wgpu::Buffer>| {
+                  glu: Glu| {
+            let gate = match glu {
+                Glu::Gate(g) => Some(g),
+                Glu::Off | Glu::Pair => None,
+            };
             gpu.matvec_dispatches_with(
                 m,
                 x,
@@ -297,6 +316,7 @@ impl<'a> GpuSession<'a> {
                     scale,
                     input,
                     glu: gate.is_some(),
+                    pair: matches!(glu, Glu::Pair),
                     ..Default::default()
                 },
             )
@@ -350,8 +370,16 @@ impl<'a> GpuSession<'a> {
                     }
                     let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
                     let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
-                    out_ds.extend(mv(&am, input, whole(&t, lm.rank), None, false, 1.0, None));
-                    let g = gate.filter(|_| last);
+                    out_ds.extend(mv(
+                        &am,
+                        input,
+                        whole(&t, lm.rank),
+                        None,
+                        false,
+                        1.0,
+                        Glu::Off,
+                    ));
+                    let g = gate.filter(|_| last).into();
                     out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale, g));
                     keep.push(t);
                     adapters.push(am);
@@ -361,14 +389,14 @@ impl<'a> GpuSession<'a> {
             };
             // q, k and v: the layer's base products (one where they are one matrix), then their adapters'.
             for (m, bias, r0) in l.qkv_products() {
-                ds.extend(mv(m, attn_in, at(r0), bias, false, 1.0, None));
+                ds.extend(mv(m, attn_in, at(r0), bias, false, 1.0, Glu::Off));
             }
             for &(idx, input, out, _, gate) in &plan[..3] {
                 ds.extend(lora_ds(idx, input, out, gate)?);
             }
             // A matrix's product and its adapters' (the gate on the last product writing the output).
             let mut product = |(idx, input, out, acc, gate): Step| -> Result<Vec<Dispatch>> {
-                let base_gate = gate.filter(|_| adapted(idx).is_empty());
+                let base_gate = gate.filter(|_| adapted(idx).is_empty()).into();
                 let mut v = mv(&l.mats[idx], input, out, None, acc, 1.0, base_gate);
                 v.extend(lora_ds(idx, input, out, gate)?);
                 Ok(v)
@@ -392,31 +420,16 @@ impl<'a> GpuSession<'a> {
             ds.extend(product(plan[3])?);
             // Gate and up: in steps of up to TILE tokens one launch of row pairs where they are one chunk
             // without adapters (u = silu(gate · x) · (up · x) directly); longer steps, and the rest, as two.
-            let pair = l
-                .gate_up
-                .as_ref()
-                .filter(|m| m.chunks.len() == 1 && adapted(4).is_empty() && adapted(5).is_empty())
-                .filter(|_| gpu.row_pairs());
+            let pair = l.gate_up.as_ref().filter(|m| {
+                gpu.row_pairs()
+                    && m.chunks.len() == 1
+                    && adapted(4).is_empty()
+                    && adapted(5).is_empty()
+            });
             let mut gate_up = product(plan[4])?;
             gate_up.extend(product(plan[5])?);
             if let Some(m) = pair {
-                ds.extend(gpu.matvec_dispatches_with(
-                    m,
-                    &x,
-                    &u,
-                    None,
-                    Some(&l.ffn_norm),
-                    None,
-                    &step,
-                    MatvecParams {
-                        in_stride: m.cols as u32,
-                        out_stride: ff as u32,
-                        input: normed,
-                        scale: 1.0,
-                        pair: true,
-                        ..Default::default()
-                    },
-                ));
+                ds.extend(mv(m, ffn_in, whole(&u, ff), None, false, 1.0, Glu::Pair));
                 for d in &mut gate_up {
                     d.steps = Steps::Over(TILE);
                 }
@@ -439,7 +452,7 @@ impl<'a> GpuSession<'a> {
             None,
             false,
             1.0,
-            None,
+            Glu::Off,
         );
         keep.push(final_p);
         Ok(GpuSession {

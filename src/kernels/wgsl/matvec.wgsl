@@ -191,27 +191,36 @@ fn slot(row: u32, s: u32, tok0: u32) {
     slot_dot(row, s);
 }
 
+// The invocation's share of token t's sum of squares: columns li, li + stride, … (0 past the tile's tokens).
+fn squares(li: u32, stride: u32, tok0: u32, t: u32) -> f32 {
+    var s = 0.0;
+    if (t < nt) {
+        let x0 = P.in_off + (tok0 + t) * P.in_stride;
+        for (var i = li; i < P.cols; i += stride) { s += X[x0 + i] * X[x0 + i]; }
+    }
+    return s;
+}
+
+// RMSNorm's 1 / rms of the tile's tokens into inv[] from the first n partial sums of each in part[] (token t's
+// at t · 64), added in order.
+fn inv_from_parts(n: u32) {
+    for (var t = 0u; t < TT; t++) {
+        if (t < nt) {
+            var s = 0.0;
+            for (var k = 0u; k < n; k++) { s += part[t * 64u + k]; }
+            inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
+        }
+    }
+}
+
 // RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (the invocations that store results): the
 // workgroup's 64 partial sums of squares in part[], then each keeping invocation adds them up itself (in the same
 // order, so all agree): two barriers whatever TT is. Called from uniform control flow.
 fn mean_squares(li: u32, tok0: u32, keep: bool) {
-    for (var t = 0u; t < TT; t++) {
-        var s = 0.0;
-        if (t < nt) {
-            let x0 = P.in_off + (tok0 + t) * P.in_stride;
-            for (var i = li; i < P.cols; i += 64u) { s += X[x0 + i] * X[x0 + i]; }
-        }
-        part[t * 64u + li] = s;
-    }
+    for (var t = 0u; t < TT; t++) { part[t * 64u + li] = squares(li, 64u, tok0, t); }
     workgroupBarrier();
     if (keep) {
-        for (var t = 0u; t < TT; t++) {
-            if (t < nt) {
-                var s = 0.0;
-                for (var k = 0u; k < 64u; k++) { s += part[t * 64u + k]; }
-                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
-            }
-        }
+        inv_from_parts(64u);
     }
     workgroupBarrier(); // part[] is the sums' scratch next
 }

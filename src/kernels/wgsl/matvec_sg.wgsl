@@ -14,7 +14,8 @@
 
 var<workgroup> subgroups: atomic<u32>;
 
-// The workgroup's size: four of the adapter's widest subgroups, within 32..=256 (kernels::gpu sets it).
+// The workgroup's size: four of the adapter's widest subgroups, within 32..=256 and at most 64 of its smallest
+// (kernels::gpu sets it).
 override SGW: u32 = 128u;
 
 // RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (each subgroup's rank 0): every invocation
@@ -24,25 +25,14 @@ override SGW: u32 = 128u;
 // one. At most 64 subgroups (SGW ≤ 64 × the smallest subgroup: kernels::gpu). Uniform control flow.
 fn mean_squares_sg(li: u32, sg: u32, count: u32, tok0: u32, keep: bool) {
     for (var t = 0u; t < TT; t++) {
-        var s = 0.0;
-        if (t < nt) {
-            let x0 = P.in_off + (tok0 + t) * P.in_stride;
-            for (var i = li; i < P.cols; i += SGW) { s += X[x0 + i] * X[x0 + i]; }
-        }
-        s = subgroupAdd(s);
+        let s = subgroupAdd(squares(li, SGW, tok0, t));
         if (keep) {
             part[t * 64u + sg] = s;
         }
     }
     workgroupBarrier();
     if (keep) {
-        for (var t = 0u; t < TT; t++) {
-            if (t < nt) {
-                var s = 0.0;
-                for (var k = 0u; k < count; k++) { s += part[t * 64u + k]; }
-                inv[t] = 1.0 / sqrt(s / f32(P.cols) + P.eps);
-            }
-        }
+        inv_from_parts(count);
     }
 }
 
