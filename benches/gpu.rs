@@ -267,6 +267,23 @@ fn main() {
         "  GPU with gate and up as two launches: decode {:.1} tok/s",
         med(&mut two)
     );
+    // What splitting decoding's attention over position chunks saves: the same requests unsplit.
+    backend.set_attention_chunks(Some(1));
+    let mut unsplit = vec![];
+    for _ in 0..reps {
+        let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
+        assert_eq!(
+            o.ids, ids,
+            "GPU (attention unsplit) and CPU greedy tokens differ"
+        );
+        unsplit.push(o.decode_tok_s());
+    }
+    backend.set_attention_chunks(None);
+    println!(
+        "  GPU with attention unsplit (one workgroup per head; the default here: {} chunks): decode {:.1} tok/s",
+        backend.attention_chunks(gpu.weights.cfg.n_head),
+        med(&mut unsplit)
+    );
     // Where a GPU step's time goes: each launch timed (one run of the prompt alone, then of the whole request;
     // decoding is the difference), beside the wall-clock time per step.
     if !backend.set_profiling(true) {
@@ -342,13 +359,18 @@ fn main() {
         .unwrap_or(720);
     if long > 0 {
         let long_prompt: Vec<u32> = prompt.iter().copied().cycle().take(long).collect();
-        let (t1, prefill) = run(&long_prompt, 1);
-        let (t17, all) = run(&long_prompt, 17);
-        show(
-            &format!("decoding after a {long}-token prompt"),
-            minus(&all, &prefill),
-            t17 - t1,
-        );
+        // Attention split over position chunks (the default on a GPU), then unsplit.
+        for (chunks, what) in [(None, ""), (Some(1), ", attention unsplit")] {
+            backend.set_attention_chunks(chunks);
+            let (t1, prefill) = run(&long_prompt, 1);
+            let (t17, all) = run(&long_prompt, 17);
+            show(
+                &format!("decoding after a {long}-token prompt{what}"),
+                minus(&all, &prefill),
+                t17 - t1,
+            );
+        }
+        backend.set_attention_chunks(None);
     }
     backend.set_profiling(false);
 }

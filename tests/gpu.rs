@@ -585,8 +585,11 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
         let lora = m.active_adapters(&uses).unwrap();
         // Steps of at most 4 tokens (matvec.wgsl's tiled pipeline for the prompt), and of 16 (the prompt in one
         // step of 11: matmul.wgsl, with the biases, the residual adds and the adapters' scaled products).
-        for batch in [4, 16] {
+        // Attention unsplit, and split into 3 position chunks in steps of up to TILE tokens (decoding, and the
+        // prompt in steps of 4), one combining launch more per layer there.
+        for (batch, chunks) in [(4, 1), (16, 1), (4, 3), (16, 3)] {
             let b = m.gpu().unwrap();
+            b.gpu.set_attention_chunks(Some(chunks));
             let mut s =
                 GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 16, batch, &lora)
                     .unwrap();
@@ -598,12 +601,17 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
             let per_layer: usize = fused.iter().map(|&f| if f { 6 } else { 8 }).sum();
             let long = per_layer + 2 + 2 * 7 * n_layer * adapters.len();
             let pairs = if adapters.is_empty() { n_layer } else { 0 };
+            let split = if chunks > 1 { n_layer } else { 0 };
             assert_eq!(s.launches(16), long, "{variant}");
-            assert_eq!(s.launches(1), long - pairs, "{variant}");
-            assert_eq!(s.launches(4), long - pairs, "{variant}");
+            assert_eq!(s.launches(1), long - pairs + split, "{variant}");
+            assert_eq!(s.launches(4), long - pairs + split, "{variant}");
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();
-            close(&gpu_logits, &cpu_logits, &format!("{variant}: prompt"));
+            close(
+                &gpu_logits,
+                &cpu_logits,
+                &format!("{variant}: prompt, {chunks} chunks"),
+            );
             for t in [3u32, 250, 7, 100] {
                 let before = (
                     b.gpu.counters.submissions.load(Ordering::Relaxed),
@@ -617,9 +625,14 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
                 assert_eq!(after.0 - before.0, 1, "one submission per decode step");
                 assert_eq!(after.1, before.1, "no buffer created per decode step");
                 let c = m.forward_with(&mut cache, &[t], false, &lora).unwrap();
-                close(&g, &c, &format!("{variant}: decode {t} with {adapters:?}"));
+                close(
+                    &g,
+                    &c,
+                    &format!("{variant}: decode {t} with {adapters:?}, {chunks} chunks"),
+                );
             }
             assert!(s.forward(&[1, 2]).await.is_err(), "context of 16 is full");
+            b.gpu.set_attention_chunks(None);
         }
     }
 }
@@ -689,12 +702,14 @@ fn a_profile_times_every_launch_by_what_it_computed() {
 const SMOLLM: &str = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// SmolLM2 on the GPU: the reference prompts' greedy tokens, and top-5 logits within 0.05 of the float64
-/// reference (the same bound as the CPU path).
+/// reference (the same bound as the CPU path). Decoding's attention split into the 15 position chunks a GPU
+/// uses for its 9 heads (software adapters do not split by default).
 async fn smollm_reference() {
     use common::reference::ids;
     let Some(m) = on_gpu(common::asset(SMOLLM).await).await else {
         return;
     };
+    m.gpu().unwrap().gpu.set_attention_chunks(Some(15));
     // In the browser (SwiftShader runs WebGPU on the CPU, slowly) the raw prompt only; natively both.
     let browser = cfg!(target_arch = "wasm32");
     for c in common::reference::cases()
@@ -815,7 +830,7 @@ async_test! {
 
 // ---- The element-wise and attention kernels, one by one, against f64 references ----
 
-use lorag::kernels::gpu::{Grid, Kernel};
+use lorag::kernels::gpu::{attention_partials, Grid, Kernel};
 
 const U: f64 = 1.0 / (1u64 << 24) as f64; // f32 unit roundoff
 
@@ -962,6 +977,12 @@ async_test! {
 /// Σ p_j|v_j| · (4δ_max + (len + 10)·u). The step's rotated k and its v land in the cache at their positions
 /// (within the rotation bound; v exactly), and nothing else there changes (the slots after the step hold NaN
 /// the kernel must neither read nor touch).
+///
+/// Split over nch position chunks (decoding; 1: unsplit, as prefill runs), each chunk's exponentials are
+/// exp(s − m_c) and the combining launch scales them by exp(m_c − M): (s − m_c) + (m_c − M) = s − M, so the
+/// arguments' rounding is what one exp(s − M) has, and the products add a few ulps; a chunk's sums take at most
+/// len terms and the combination nch more, with one division at the end: the bound above with len + nch terms.
+/// The partials buffer starts as NaN: a chunk that failed to write its part would show.
 async fn attention() {
     let Some(g) = gpu().await else { return };
     let mut rng = common::Rng(24);
@@ -986,7 +1007,12 @@ async fn attention() {
                 cs.extend([a.cos() as f32, a.sin() as f32]);
             }
         }
-        for neox in [false, true] {
+        // Unsplit, and split into 5 (chunks across the cached and own positions) or 16 (the small case's
+        // later chunks empty).
+        for (neox, nch) in [1u32, 5, 16]
+            .into_iter()
+            .flat_map(|c| [(false, c), (true, c)])
+        {
             let q = rand_vec(&mut rng, n * nh * hd, 1.5);
             let k = rand_vec(&mut rng, n * kv_dim, 1.5);
             let v = rand_vec(&mut rng, n * kv_dim, 1.0);
@@ -1031,18 +1057,25 @@ async fn attention() {
                 neox as u32,
             ]);
             let step = g.uniform(&[0, 0, 0, 0]);
-            let got = launch(
-                &g,
-                Kernel::Attention,
-                &[&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
-                &step,
-                Grid::TokensY(nh as u32),
-                pos0 as u32,
-                n as u32,
-                &ob,
-                n * nh * hd,
-            )
-            .await;
+            let words: Vec<u8> = [pos0 as u32, n as u32, 0, 0]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            g.queue.write_buffer(&step, 0, &words);
+            let partials = vec![f32::NAN; attention_partials(nch, nh, hd)];
+            let pb = g.f32_buffer("partials", &partials);
+            let ds = g.attention(
+                [&qkvb, &kcb, &vcb, &csb, &sb, &ob, &p, &step],
+                &pb,
+                nh,
+                hd,
+                nch,
+            );
+            assert_eq!(ds.len(), if nch > 1 { 2 } else { 1 }, "launches");
+            let got = g
+                .run_and_read(&ds, n as u32, &ob, n * nh * hd)
+                .await
+                .unwrap();
             let gk = g.run_and_read(&[], 0, &kcb, 2 * cache_off).await.unwrap();
             let gv = g.run_and_read(&[], 0, &vcb, 2 * cache_off).await.unwrap();
             // A head's vector rotated for position pos: (value, bound) per dim.
@@ -1110,11 +1143,11 @@ async fn attention() {
                             want += ej / sum * vj;
                             mag += ej / sum * vj.abs();
                         }
-                        let tol = mag * (4.0 * dmax + (len as f64 + 10.0) * U);
+                        let tol = mag * (4.0 * dmax + (len as f64 + nch as f64 + 10.0) * U);
                         let got = got[o + d] as f64;
                         assert!(
                             (got - want).abs() <= tol,
-                            "attention (workgroup {wg}) t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
+                            "attention (workgroup {wg}, {nch} chunks) t{t} h{h} d{d} neox {neox}: {got} vs {want} (tol {tol})"
                         );
                     }
                 }

@@ -87,6 +87,8 @@ pub struct Gpu {
     /// (0: the default, 64 on a CPU adapter and 256 elsewhere).
     attention: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     attention_wg: AtomicU32,
+    /// Position chunks per (head, token) that [`Gpu::attention`] splits decoding steps into (0: the default).
+    attention_chunks: AtomicU32,
     /// Bytes an activation buffer of `matvec_many` / `matvec_t_many` may take (0: the device's binding limit).
     activation_cap: AtomicUsize,
     /// The device has timestamp queries inside passes (native only).
@@ -342,6 +344,9 @@ pub enum Grid {
     TokensY(u32),
     /// ⌈n · per_token / 64⌉ workgroups of 64, laid out in x and y.
     Flat(u32),
+    /// (x, n, z) in steps of up to `TILE` tokens, (x, n, 1) in longer ones: attention split over z position
+    /// chunks when decoding.
+    TokensYChunks(u32, u32),
 }
 
 impl Grid {
@@ -352,6 +357,7 @@ impl Grid {
             Grid::TokensX => (n, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::TokensY(x) => (x, n, 1),
+            Grid::TokensYChunks(x, z) => (x, n, if n <= TILE { z } else { 1 }),
             Grid::Flat(per) => {
                 let g = (n * per).div_ceil(64).max(1);
                 let x = g.min(65_535);
@@ -478,16 +484,24 @@ pub enum Kernel {
     RmsNorm,
     /// attention.wgsl: RoPE on the step's q and k, the step's k and v stored into the cache, and attention.
     Attention,
+    /// attention_combine.wgsl: attention split over position chunks, added up.
+    AttentionCombine,
     /// swiglu.wgsl.
     SwiGlu,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 3] = [Kernel::RmsNorm, Kernel::Attention, Kernel::SwiGlu];
+    const ALL: [Kernel; 4] = [
+        Kernel::RmsNorm,
+        Kernel::Attention,
+        Kernel::AttentionCombine,
+        Kernel::SwiGlu,
+    ];
     fn name(self) -> &'static str {
         match self {
             Kernel::RmsNorm => "rmsnorm",
             Kernel::Attention => "attention",
+            Kernel::AttentionCombine => "attention combine",
             Kernel::SwiGlu => "swiglu",
         }
     }
@@ -499,10 +513,20 @@ impl Kernel {
                 "const MAX_HEAD_DIM: u32 = {MAX_HEAD_DIM}u;\nconst WG: u32 = {wg}u;\n{}",
                 include_str!("wgsl/attention.wgsl")
             ),
+            Kernel::AttentionCombine => include_str!("wgsl/attention_combine.wgsl").into(),
             Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl").into(),
         }
     }
 }
+
+/// Floats of the partials buffer [`Gpu::attention`] needs: per token of a step of up to `TILE`, head and chunk,
+/// the chunk's max score, sum and `hd` unnormalized values.
+pub fn attention_partials(chunks: u32, n_head: usize, hd: usize) -> usize {
+    TILE as usize * n_head * chunks.max(1) as usize * (hd + 2)
+}
+
+/// The most position chunks [`Gpu::attention`] splits a (head, token) into.
+pub const MAX_ATTENTION_CHUNKS: u32 = 64;
 
 /// The largest head (values per attention head) the attention kernel holds: it keeps the token's rotated q in
 /// workgroup memory, an array of this size (its WGSL source gets this value).
@@ -724,6 +748,7 @@ impl Gpu {
             kernels,
             attention: Mutex::new(attention),
             attention_wg: AtomicU32::new(0),
+            attention_chunks: AtomicU32::new(0),
             #[cfg(not(target_arch = "wasm32"))]
             timestamps: want.contains(
                 wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
@@ -1191,6 +1216,57 @@ impl Gpu {
     /// adapter and 256 elsewhere, or `Some(64)` / `Some(256)` (tests run both).
     pub fn set_attention_workgroup(&self, wg: Option<u32>) {
         self.attention_wg.store(wg.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// The position chunks [`Gpu::attention`] splits a decoding step's (head, token) into, for a model of
+    /// `n_head` query heads: as set by [`Gpu::set_attention_chunks`], else enough for 128 workgroups (a big GPU's
+    /// multiprocessors) up to 16 chunks, or 1 (no split) on a CPU adapter, which runs workgroups one after the
+    /// other anyway.
+    pub fn attention_chunks(&self, n_head: usize) -> u32 {
+        match self.attention_chunks.load(Ordering::SeqCst) {
+            0 if self.info.software || self.info.name.contains("SwiftShader") => 1,
+            0 => (128u32.div_ceil(n_head.max(1) as u32)).clamp(1, 16),
+            k => k,
+        }
+    }
+
+    /// Position chunks for attention dispatches built from now on: `None` for the default
+    /// ([`Gpu::attention_chunks`]), `Some(1)` never to split (tests run several).
+    pub fn set_attention_chunks(&self, chunks: Option<u32>) {
+        self.attention_chunks.store(
+            chunks.unwrap_or(0).min(MAX_ATTENTION_CHUNKS),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// One layer's attention: attention.wgsl over `buffers` (the step's q|k|v, the k and v caches, the RoPE
+    /// table, the scores, the output, its parameters, the step) and, where `chunks` > 1, in steps of up to `TILE`
+    /// tokens split over that many position chunks per (head, token) with attention_combine.wgsl adding them up
+    /// into the output (a second launch; longer steps have workgroups enough and run unsplit). `partials`: at
+    /// least [`attention_partials`]`(chunks, n_head, hd)` floats.
+    pub fn attention(
+        &self,
+        buffers: [&wgpu::Buffer; 8],
+        partials: &wgpu::Buffer,
+        n_head: usize,
+        hd: usize,
+        chunks: u32,
+    ) -> Vec<Dispatch> {
+        let mut b = buffers.to_vec();
+        b.push(partials);
+        let (nh, chunks) = (n_head as u32, chunks.clamp(1, MAX_ATTENTION_CHUNKS));
+        let mut ds = vec![self.dispatch(Kernel::Attention, &b, Grid::TokensYChunks(nh, chunks))];
+        if chunks > 1 {
+            let p = self.uniform(&[nh, hd as u32, chunks, 0]);
+            let mut d = self.dispatch(
+                Kernel::AttentionCombine,
+                &[partials, buffers[5], &p],
+                Grid::TokensY(nh),
+            );
+            d.steps = Steps::UpTo(TILE);
+            ds.push(d);
+        }
+        ds
     }
 
     /// A launch of `pipeline` (its layout derived from the shader) with `buffers` bound to bindings 0, 1, … in

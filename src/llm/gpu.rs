@@ -17,7 +17,8 @@ use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
-    Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, Steps, MAX_HEAD_DIM, TILE,
+    attention_partials, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, Steps,
+    MAX_HEAD_DIM, TILE,
 };
 use crate::{Error, Result};
 
@@ -261,6 +262,12 @@ impl<'a> GpuSession<'a> {
         let g = f("g", batch * ff);
         let u = f("u", batch * ff);
         let scores = f("scores", batch * c.n_head * n_ctx);
+        // Decoding steps' attention split over position chunks (Gpu::attention), their partial sums.
+        let chunks = gpu.attention_chunks(c.n_head);
+        let parts = f(
+            "attention partials",
+            attention_partials(chunks, c.n_head, hd),
+        );
         // Per layer n_ctx × kv_dim values each: v by position, k by dim (attention.wgsl says why).
         let kc = gpu.buffer("k cache", kv_total, STORAGE);
         let vc = gpu.buffer("v cache", kv_total, STORAGE);
@@ -282,6 +289,7 @@ impl<'a> GpuSession<'a> {
             g.clone(),
             u.clone(),
             scores.clone(),
+            parts.clone(),
             kc.clone(),
             vc.clone(),
             cs.clone(),
@@ -412,10 +420,12 @@ impl<'a> GpuSession<'a> {
                 c.rope_neox as u32,
             ]);
             // RoPE runs inside attention, which also stores the step's k and v into the cache.
-            ds.push(gpu.dispatch(
-                Kernel::Attention,
-                &[&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
-                Grid::TokensY(c.n_head as u32),
+            ds.extend(gpu.attention(
+                [&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
+                &parts,
+                c.n_head,
+                hd,
+                chunks,
             ));
             ds.extend(product(plan[3])?);
             // Gate and up: in steps of up to TILE tokens one launch of row pairs where they are one chunk

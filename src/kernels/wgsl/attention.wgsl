@@ -1,4 +1,5 @@
-// RoPE and causal attention over the KV cache with grouped KV heads, in one launch. One workgroup per (head, token):
+// RoPE and causal attention over the KV cache with grouped KV heads, in one launch. One workgroup per (head, token)
+// (and position chunk, below):
 // token t sits at position pos0 + t and sees positions 0..=pos0 + t, those before pos0 from the layer's cache, the
 // step's own from K and V as the products left them, rotated here (q too). The first query head of each KV group
 // stores its token's rotated k and its v into the cache for the later steps; nothing in this launch reads those
@@ -7,6 +8,14 @@
 // are. cos/sin come from a table computed in f64 on the CPU (the values the CPU path uses):
 // CS[(pos · half + i) · 2 + {0: cos, 1: sin}]. Scores, softmax and the weighted sum of values follow the CPU path's
 // operations (scores · scale, max, exp(s − max), sum, weights e / sum).
+//
+// Split over position chunks (decoding: a step of up to TILE tokens has too few (head, token) workgroups to keep
+// a GPU busy): a launch of nch = num_workgroups.z > 1 chunks per (head, token) gives chunk c the positions
+// c·⌈len / nch⌉ .. (c + 1)·⌈len / nch⌉ (clipped to len; a chunk may be empty). Each chunk writes to PART, at
+// ((t · n_head + h) · nch + c) · (hd + 2): its max score m_c, its sum l_c = Σ exp(s − m_c) and its unnormalized
+// sum o_c = Σ exp(s − m_c) · v (hd values); attention_combine.wgsl adds the chunks up into O. With nch = 1 the one
+// chunk holds every position and writes the normalized output to O itself (prefill), as the CPU path computes
+// it. Only chunk 0 stores the step's k and v into the cache.
 //
 // The caches' layouts (each layer's part from P.cache_off): VC by position, [pos][kv head][dim], as the values
 // are read (a dim quad per invocation, neighbouring invocations neighbouring quads of one position); KC by dim,
@@ -25,6 +34,7 @@ struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 @group(0) @binding(5) var<storage, read_write> O: array<f32>;
 @group(0) @binding(6) var<uniform> P: Params;
 @group(0) @binding(7) var<uniform> STEP: Step;
+@group(0) @binding(8) var<storage, read_write> PART: array<f32>;
 // A workgroup of WG invocations per (head, token) (a const the host puts before this source: 256, or 64 on a CPU
 // adapter). Scores: the positions are shared out round-robin, each
 // invocation's dot products in four independent partial sums. Values: hd ≤ MAX_HEAD_DIM ≤ 4 · WG (WG ≥ 64), so the
@@ -101,11 +111,23 @@ fn reduce(li: u32, is_max: bool) -> f32 {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
     let h = wg.x;
     let t = wg.y;
+    let c = wg.z;
+    let nch = nwg.z;
     let pos0 = STEP.pos0;
     let len = pos0 + t + 1u;
+    // This chunk's positions lo .. hi: cached ones lo .. ch, the step's own oh .. hi.
+    let per = (len + nch - 1u) / nch;
+    let lo = min(c * per, len);
+    let hi = min(lo + per, len);
+    let ch = min(hi, pos0);
+    let oh = max(lo, pos0);
     let q_dim = P.n_head * P.hd;
     let kv_dim = P.n_kv * P.hd;
     let group = P.n_head / P.n_kv;
@@ -121,7 +143,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var d = li; d < P.hd; d += WG) {
         let pi = pair_of(d);
         qr[d] = rot(QKV[q0 + d], QKV[q0 + pi.y], pi, pos0 + t);
-        if (h % group == 0u) {
+        if (h % group == 0u && c == 0u) {
             KC[kbase + d * P.n_ctx + pos0 + t] = rot(QKV[own + d], QKV[own + pi.y], pi, pos0 + t);
             VC[dst + d] = QKV[own + kv_dim + d];
         }
@@ -131,7 +153,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Scores of the cached positions.
     let hd4 = P.hd & ~3u;
     let nc = P.n_ctx;
-    for (var j = li; j < pos0; j += WG) {
+    for (var j = lo + li; j < ch; j += WG) {
         let k0 = kbase + j;
         var d0 = 0.0;
         var d1 = 0.0;
@@ -149,7 +171,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         mx = max(mx, s);
     }
     // The step's own positions up to this token: their k rotated here.
-    for (var j = pos0 + li; j < len; j += WG) {
+    for (var j = oh + li; j < hi; j += WG) {
         let k0 = (j - pos0) * stride + q_dim + kvh * P.hd;
         var d = 0.0;
         for (var e = 0u; e < P.hd; e++) {
@@ -163,16 +185,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     red[li] = mx;
     let m = reduce(li, true);
     var sum = 0.0;
-    for (var j = li; j < len; j += WG) {
+    for (var j = lo + li; j < hi; j += WG) {
         let e = exp(S[s0 + j] - m);
         S[s0 + j] = e;
         sum += e;
     }
     red[li] = sum;
     let total = reduce(li, false);
-    // The weights e / total (the CPU path's), each by the invocation that wrote its e; then every invocation
-    // reads every weight.
-    for (var j = li; j < len; j += WG) { S[s0 + j] = S[s0 + j] / total; }
+    // Unsplit: the weights e / total (the CPU path's), each by the invocation that wrote its e. Then every
+    // invocation reads every weight (split: every e).
+    if (nch == 1u) {
+        for (var j = li; j < len; j += WG) { S[s0 + j] = S[s0 + j] / total; }
+    }
     storageBarrier();
     // Values: invocation li takes dims 4·(li % q4) .. + 3 (q4 = ⌈hd / 4⌉ quads) of the positions g, g + gs, …
     // (g = li / q4, gs = WG / q4 groups: 16 for hd = 64), four positions an iteration.
@@ -187,27 +211,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var a2 = vec4<f32>(0.0);
         var a3 = vec4<f32>(0.0);
         let vb = P.cache_off + kvh * P.hd + d0;
-        var j = g;
-        for (; j + 3u * gs < pos0; j += 4u * gs) {
+        var j = lo + g;
+        for (; j + 3u * gs < ch; j += 4u * gs) {
             a0 = fma(vec4<f32>(S[s0 + j]), v4(vb + j * kv_dim, d0), a0);
             a1 = fma(vec4<f32>(S[s0 + j + gs]), v4(vb + (j + gs) * kv_dim, d0), a1);
             a2 = fma(vec4<f32>(S[s0 + j + 2u * gs]), v4(vb + (j + 2u * gs) * kv_dim, d0), a2);
             a3 = fma(vec4<f32>(S[s0 + j + 3u * gs]), v4(vb + (j + 3u * gs) * kv_dim, d0), a3);
         }
-        for (; j < pos0; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), v4(vb + j * kv_dim, d0), a0); }
+        for (; j < ch; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), v4(vb + j * kv_dim, d0), a0); }
         let ov = q_dim + kv_dim + kvh * P.hd + d0;
-        for (; j < len; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), own4((j - pos0) * stride + ov, d0), a0); }
+        for (; j < hi; j += gs) { a0 = fma(vec4<f32>(S[s0 + j]), own4((j - pos0) * stride + ov, d0), a0); }
         acc = (a0 + a1) + (a2 + a3);
     }
     red4[li] = acc;
     workgroupBarrier();
+    let pb = ((t * P.n_head + h) * nch + c) * (P.hd + 2u);
     if (g == 0u) {
         var o = vec4<f32>(0.0);
         for (var k = 0u; k < gs; k++) { o += red4[k * q4 + li]; }
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < P.hd) {
-                O[o0 + d0 + e] = o[e];
+                if (nch == 1u) {
+                    O[o0 + d0 + e] = o[e];
+                } else {
+                    PART[pb + 2u + d0 + e] = o[e];
+                }
             }
         }
+    }
+    if (nch > 1u && li == 0u) {
+        PART[pb] = m;
+        PART[pb + 1u] = total;
     }
 }
