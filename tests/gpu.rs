@@ -795,8 +795,27 @@ async fn faults() {
         "gpu",
         "the lost device is still attached until use_device"
     );
+    let (name, software) = {
+        let i = &m.gpu().unwrap().gpu.info;
+        (i.name.clone(), i.software)
+    };
     let r = m.use_device(DevicePref::Cpu).await.unwrap();
     assert_eq!(r.kind, "cpu");
+    // `auto` declines a software adapter (slower than the CPU path), saying so: natively lavapipe (llvmpipe, its
+    // device type CPU), in Chromium SwiftShader (which the browser flags as its fallback adapter, nameless). A
+    // hardware GPU it takes.
+    assert!(software || !name.contains("llvmpipe"), "{name}");
+    let r = m.use_device(DevicePref::Auto).await.unwrap();
+    if software {
+        assert_eq!(r.kind, "cpu", "{r:?}");
+        let notice = r.notice.clone().unwrap_or_default();
+        assert!(
+            notice.contains("software") && notice.contains(&name),
+            "{r:?}"
+        );
+    } else {
+        assert_eq!(r.kind, "gpu", "{r:?}");
+    }
     // Heads wider than the attention kernel holds (264 > 256 values): the request fails and says why.
     let hd = lorag::kernels::gpu::MAX_HEAD_DIM + 8;
     let (q, kv) = (4 * hd as u64, 2 * hd as u64);

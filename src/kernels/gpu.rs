@@ -27,7 +27,8 @@ pub struct GpuInfo {
     pub backend: String,
     /// Discrete, integrated, virtual, CPU (software), other.
     pub device_type: String,
-    /// A software adapter.
+    /// A software adapter: the CPU runs its workgroups (device type CPU: lavapipe natively, a browser's fallback
+    /// adapter; or one named SwiftShader).
     pub software: bool,
     /// Subgroup operations are available.
     pub subgroups: bool,
@@ -631,7 +632,9 @@ impl Gpu {
             name: ai.name.clone(),
             backend: format!("{:?}", ai.backend),
             device_type: format!("{:?}", ai.device_type),
-            software: ai.device_type == wgpu::DeviceType::Cpu,
+            // In a browser wgpu says `Cpu` for the fallback adapter (headless Chromium 156 flags SwiftShader so, and
+            // gives it no name) and `Other` for any other; the name catches a SwiftShader not flagged.
+            software: ai.device_type == wgpu::DeviceType::Cpu || ai.name.contains("SwiftShader"),
             subgroups: want.contains(wgpu::Features::SUBGROUP),
             shader_f16: want.contains(wgpu::Features::SHADER_F16),
             max_storage_binding: limits.max_storage_buffer_binding_size as u64,
@@ -1224,7 +1227,7 @@ impl Gpu {
     /// other anyway.
     pub fn attention_chunks(&self, n_head: usize) -> u32 {
         match self.attention_chunks.load(Ordering::SeqCst) {
-            0 if self.info.software || self.info.name.contains("SwiftShader") => 1,
+            0 if self.info.software => 1,
             0 => (128u32.div_ceil(n_head.max(1) as u32)).clamp(1, 16),
             k => k,
         }
@@ -1734,10 +1737,9 @@ async fn shader(device: &wgpu::Device, name: &str, src: &str) -> Result<wgpu::Sh
 }
 
 /// attention.wgsl's workgroup size unless set: 64 on a CPU adapter (it runs every invocation's barriers one
-/// after the other; SwiftShader in a browser counts as one, though the browser does not call it a fallback
-/// adapter), 256 on a GPU (more invocations share a head's positions: faster decoding after long prompts).
+/// after the other), 256 on a GPU (more invocations share a head's positions: faster decoding after long prompts).
 fn default_attention_wg(info: &GpuInfo) -> u32 {
-    match info.software || info.name.contains("SwiftShader") {
+    match info.software {
         true => 64,
         false => 256,
     }

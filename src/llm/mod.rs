@@ -482,9 +482,13 @@ impl Model {
                 Err(e) => return Err(e),
             };
             if auto && g.info.software {
+                // (A browser's fallback adapter may have no name: headless Chromium's SwiftShader has none.)
+                let name = match g.info.name.as_str() {
+                    "" => "the browser's fallback adapter",
+                    n => n,
+                };
                 return Ok(DeviceReport::cpu(Some(format!(
-                    "the only GPU adapter is a software one ({}); the CPU path is faster",
-                    g.info.name
+                    "the only GPU adapter is a software one ({name}); the CPU path is faster"
                 ))));
             }
             #[allow(clippy::arc_with_non_send_sync)]
