@@ -250,39 +250,29 @@ fn main() {
         med(&mut gp),
         med(&mut gd)
     );
-    // What running gate and up as one launch saves: the same requests with two launches (same tokens).
+    // What a decoding change saves: the same requests with it undone (same tokens asserted), median decode tok/s.
     let backend = gpu.gpu().unwrap().gpu.clone();
+    let decode_without = |what: &str| {
+        let mut v = vec![];
+        for _ in 0..reps {
+            let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
+            assert_eq!(o.ids, ids, "GPU ({what}) and CPU greedy tokens differ");
+            v.push(o.decode_tok_s());
+        }
+        med(&mut v)
+    };
+    // Gate and up as one launch, against two.
     backend.set_row_pairs(false);
-    let mut two = vec![];
-    for _ in 0..reps {
-        let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
-        assert_eq!(
-            o.ids, ids,
-            "GPU (two launches) and CPU greedy tokens differ"
-        );
-        two.push(o.decode_tok_s());
-    }
+    let two = decode_without("two launches");
     backend.set_row_pairs(true);
-    println!(
-        "  GPU with gate and up as two launches: decode {:.1} tok/s",
-        med(&mut two)
-    );
-    // What splitting decoding's attention over position chunks saves: the same requests unsplit.
+    println!("  GPU with gate and up as two launches: decode {two:.1} tok/s");
+    // Decoding's attention split over position chunks, against unsplit.
     backend.set_attention_chunks(Some(1));
-    let mut unsplit = vec![];
-    for _ in 0..reps {
-        let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
-        assert_eq!(
-            o.ids, ids,
-            "GPU (attention unsplit) and CPU greedy tokens differ"
-        );
-        unsplit.push(o.decode_tok_s());
-    }
+    let unsplit = decode_without("attention unsplit");
     backend.set_attention_chunks(None);
     println!(
-        "  GPU with attention unsplit (one workgroup per head; the default here: {} chunks): decode {:.1} tok/s",
+        "  GPU with attention unsplit (one workgroup per head; the default here: {} chunks): decode {unsplit:.1} tok/s",
         backend.attention_chunks(gpu.weights.cfg.n_head),
-        med(&mut unsplit)
     );
     // Where a GPU step's time goes: each launch timed (one run of the prompt alone, then of the whole request;
     // decoding is the difference), beside the wall-clock time per step.
