@@ -40,157 +40,84 @@ fn main() {
             .unwrap_or(4096)
     };
     let (rows, cols) = (dim("GPU_ROWS"), dim("GPU_COLS"));
-    println!("products on {rows} × {cols}: one submission of {LAUNCHES} launches, time per launch");
-    let mut s = 0x1234_5678u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    // "kernel ms": the launch's own GPU time from timestamps around it (where the adapter has them), beside the
-    // wall-clock difference "ms".
-    let timed = g.set_profiling(true);
-    g.set_profiling(false);
-    println!(
-        "{:<12} {:>6} {:>10} {:>10} {:>10} {:>10}",
-        "type", "tokens", "ms", "GB/s", "GFLOP/s", "kernel ms"
-    );
-    for ty in [
+    let all = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q8_0,
         GgmlType::Q4_1,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
-    ] {
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut w: Vec<u8> = (0..rows * rb).map(|_| next() as u8).collect();
-        // Keep every scale a small normal number (f16 0x2000 ≈ 2^-7) so no NaN or infinity appears.
-        let scale_offsets: &[usize] = match ty {
-            GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
-            GgmlType::Q6_K => &[208],
-            _ => &[],
-        };
-        if ty == GgmlType::F32 {
-            for c in w.chunks_exact_mut(4) {
-                c.copy_from_slice(&0.01f32.to_le_bytes());
-            }
-        } else if ty == GgmlType::F16 {
-            for c in w.chunks_exact_mut(2) {
-                c.copy_from_slice(&0x2000u16.to_le_bytes());
-            }
-        } else {
-            for b in w.chunks_exact_mut(ty.block_bytes()) {
-                for &o in scale_offsets {
-                    b[o..o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+    ];
+    products(&g, rows, cols, &all, &[1, 64, 256]);
+    // SmolLM2-135M's decoding products one token at a time (`SMALL_SHAPES`, rows x cols separated by commas; empty
+    // skips): q/k/v together, o, gate and up (as the pair's rows), down; what a step's launches cost in isolation.
+    let shapes = std::env::var("SMALL_SHAPES")
+        .unwrap_or_else(|_| "960x576,576x576,3072x576,576x1536".into());
+    // Each with one-token rows split over subgroups (`Gpu::set_decode_rows`: 1, 2 or 4 rows a workgroup) where
+    // the adapter allows it, beside a subgroup per row (0).
+    for (r, c) in shapes.split(',').filter_map(|s| s.trim().split_once('x')) {
+        if let (Ok(r), Ok(c)) = (r.parse(), c.parse()) {
+            for split in [0, 1, 2, 4] {
+                g.set_decode_rows(Some(split));
+                g.set_subgroups(true);
+                if g.decode_rows() == split && g.subgroups() {
+                    println!(
+                        "(one-token rows: {})",
+                        match split {
+                            0 => "a subgroup each, 4 a workgroup".to_string(),
+                            k => format!("{k} a workgroup, split over its subgroups"),
+                        }
+                    );
+                    products(&g, r, c, &[GgmlType::Q4_1], &[1]);
                 }
             }
-        }
-        let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
-        // One token also with the decoder's fused RMSNorm (what q, k, v, gate and up pay for not launching a norm),
-        // and where the adapter has subgroups, without them (matvec.wgsl's workgroup-memory sums).
-        let norm_w = g.f32_buffer("norm", &vec![1.0f32; cols]);
-        let sg = g.subgroups();
-        let mut runs = vec![(1usize, false, sg), (1, true, sg)];
-        if sg {
-            runs.extend([(1, false, false), (1, true, false)]);
-        }
-        runs.extend([(64, false, sg), (256, false, sg)]);
-        for (n, norm, sub) in runs {
-            g.set_subgroups(sub);
-            let x = g.f32_buffer("x", &vec![0.5f32; n * cols]);
-            let y = g.buffer(
-                "y",
-                (n * rows * 4) as u64,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            );
-            let step = g.uniform(&[0, n as u32, 0, 0]);
-            let d = g.matvec_dispatches_with(
-                &m,
-                &x,
-                &y,
-                None,
-                norm.then_some(&norm_w),
-                None,
-                &step,
-                MatvecParams {
-                    in_stride: cols as u32,
-                    out_stride: rows as u32,
-                    scale: 1.0,
-                    input: match norm {
-                        true => Input::RmsNorm { eps: 1e-5 },
-                        false => Input::Plain,
-                    },
-                    ..Default::default()
-                },
-            );
-            // Time one launch and LAUNCHES launches, each in one submission ending in a 4-byte read; the
-            // difference is the kernels' own time, without the submission's and the read's fixed cost.
-            let time = |k: usize| {
-                let many: Vec<_> = (0..k).flat_map(|_| d.iter().cloned()).collect();
-                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap(); // warm-up (pipelines)
-                let mut best = f64::INFINITY;
-                for _ in 0..3 {
-                    let t = Instant::now();
-                    block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
-            };
-            let ms = (time(LAUNCHES) - time(1)).max(1e-9) * 1e3 / (LAUNCHES - 1) as f64;
-            let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
-            let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
-            let kernel = if timed {
-                g.set_profiling(true);
-                let many: Vec<_> = (0..LAUNCHES).flat_map(|_| d.iter().cloned()).collect();
-                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
-                let p = g.profile();
-                g.set_profiling(false);
-                let (ns, k) = p
-                    .iter()
-                    .fold((0.0, 0), |(s, c), t| (s + t.ns, c + t.launches));
-                format!("{:.3}", ns / 1e6 / k.max(1) as f64)
-            } else {
-                "-".into()
-            };
-            let name = format!(
-                "{}{}{}",
-                ty.name(),
-                if norm { "+norm" } else { "" },
-                if sg && !sub { "-sg" } else { "" }
-            );
-            println!("{name:<12} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
+            g.set_decode_rows(None);
         }
     }
     // The floor under every launch of a decoding step: LAUNCHES launches of a kernel with almost nothing to do
     // (RMSNorm of 4 values, one workgroup), each writing the buffer the next one writes (the decoder's chain
-    // of dependent launches, with the barrier between them), per launch as above.
+    // of dependent launches, with the barrier between them), per launch as above. Then the same chain
+    // alternating with another pipeline (SwiGLU of 4 values: what a pipeline switch adds), and RMSNorm of 576
+    // values (one workgroup's reduction: what a small kernel's own work adds).
     {
-        let x = g.f32_buffer("x", &[1.0, 2.0, 3.0, 4.0]);
-        let w = g.f32_buffer("w", &[1.0; 4]);
-        let y = g.buffer(
-            "y",
-            16,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        );
-        let p = g.uniform(&[4, 0, 1e-5f32.to_bits(), 0]);
-        let step = g.uniform(&[0, 1, 0, 0]);
-        let d = g.dispatch(Kernel::RmsNorm, &[&x, &w, &y, &p, &step], Grid::One);
-        let time = |k: usize| {
-            let many = vec![d.clone(); k];
-            block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
-            let mut best = f64::INFINITY;
-            for _ in 0..5 {
-                let t = Instant::now();
+        let floor = |n: usize, alternate: bool| {
+            let x = g.f32_buffer("x", &vec![1.5; n]);
+            let w = g.f32_buffer("w", &vec![1.0; n]);
+            let y = g.buffer(
+                "y",
+                4 * n as u64,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let p = g.uniform(&[n as u32, 0, 1e-5f32.to_bits(), 0]);
+            let step = g.uniform(&[0, 1, 0, 0]);
+            let d = g.dispatch(Kernel::RmsNorm, &[&x, &w, &y, &p, &step], Grid::One);
+            let sp = g.uniform(&[n as u32, 0, 0, 0]);
+            let other = g.dispatch(Kernel::SwiGlu, &[&y, &w, &sp, &step], Grid::Flat(n as u32));
+            let time = |k: usize| {
+                let many: Vec<_> = (0..k)
+                    .map(|i| match alternate && i % 2 == 1 {
+                        true => other.clone(),
+                        false => d.clone(),
+                    })
+                    .collect();
                 block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            best
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64
         };
-        let us = (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64;
-        println!("floor: a dependent launch with (almost) nothing to do: {us:.1} µs");
+        println!(
+            "floor: a dependent launch with (almost) nothing to do: {:.1} µs; alternating two pipelines: {:.1} µs; \
+             RMSNorm of 576 values: {:.1} µs",
+            floor(4, false),
+            floor(4, true),
+            floor(576, false)
+        );
     }
     drop(g);
     // The model and the peers' prompt; LORAG_MODEL / LLM_PROMPT name other paths (a copy on a GPU machine).
@@ -274,6 +201,52 @@ fn main() {
         "  GPU with attention unsplit (one workgroup per head; the default here: {} chunks): decode {unsplit:.1} tok/s",
         backend.attention_chunks(gpu.weights.cfg.n_head),
     );
+    // One-token rows per workgroup swept (`Gpu::set_decode_rows`; the model's products are built per request).
+    for split in [0, 1, 2, 4] {
+        backend.set_decode_rows(Some(split));
+        if backend.decode_rows() == split && backend.subgroups() {
+            let v = decode_without(&format!("decode rows {split}"));
+            println!("  GPU with one-token rows {split} a workgroup (0: a subgroup each): decode {v:.1} tok/s");
+        }
+    }
+    backend.set_decode_rows(None);
+    // Attention's workgroup size (64 or 256 invocations per (head, token, chunk)).
+    for wg in [64, 256] {
+        backend.set_attention_workgroup(Some(wg));
+        let v = decode_without(&format!("attention workgroups of {wg}"));
+        println!("  GPU with attention workgroups of {wg}: decode {v:.1} tok/s");
+    }
+    backend.set_attention_workgroup(None);
+    // Decoding's attention chunk count swept (`ATTN_SWEEP`, counts separated by commas; empty skips): decode tok/s
+    // after the peers' prompt and after a `LONG_PROMPT`-token one (below), same tokens asserted for the first.
+    let long: usize = std::env::var("LONG_PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(720);
+    let long_prompt: Vec<u32> = prompt.iter().copied().cycle().take(long).collect();
+    let sweep = std::env::var("ATTN_SWEEP").unwrap_or_else(|_| "1,2,4,8,16,32".into());
+    for c in sweep
+        .split(',')
+        .filter_map(|c| c.trim().parse::<u32>().ok())
+    {
+        backend.set_attention_chunks(Some(c));
+        let short = decode_without(&format!("attention in {c} chunks"));
+        let mut v = vec![];
+        for _ in 0..reps.min(if long > 0 { reps } else { 0 }) {
+            let o = GenerateOptions {
+                max_tokens: 33,
+                ..opts.clone()
+            };
+            v.push(
+                block_on(gpu.generate_async(&long_prompt, &o, &mut |_| true))
+                    .unwrap()
+                    .decode_tok_s(),
+            );
+        }
+        let after = if v.is_empty() { 0.0 } else { med(&mut v) };
+        println!("  attention in {c:>2} chunks: decode {short:.1} tok/s; after a {long}-token prompt {after:.1} tok/s");
+    }
+    backend.set_attention_chunks(None);
     // Where a GPU step's time goes: each launch timed (one run of the prompt alone, then of the whole request;
     // decoding is the difference), beside the wall-clock time per step.
     if !backend.set_profiling(true) {
@@ -343,12 +316,7 @@ fn main() {
     // Decoding after a prompt as long as a RAG prompt (`LONG_PROMPT` tokens, default 720: the bundled examples'
     // cited prompts are about 700): the peers' prompt repeated to that length, then 16 tokens. Attention's share
     // of a step grows with the context (its workgroups walk every cached position); 0 skips this.
-    let long: usize = std::env::var("LONG_PROMPT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(720);
     if long > 0 {
-        let long_prompt: Vec<u32> = prompt.iter().copied().cycle().take(long).collect();
         // Attention split over position chunks (the default on a GPU), then unsplit.
         for (chunks, what) in [(None, ""), (Some(1), ", attention unsplit")] {
             backend.set_attention_chunks(chunks);
@@ -363,4 +331,131 @@ fn main() {
         backend.set_attention_chunks(None);
     }
     backend.set_profiling(false);
+}
+
+/// Products of `tys` on a rows × cols matrix: per launch time of LAUNCHES dependent launches, for each token count
+/// (one token also with the fused RMSNorm, and where the adapter has subgroups, without them).
+fn products(g: &Gpu, rows: usize, cols: usize, tys: &[GgmlType], tokens: &[usize]) {
+    println!("products on {rows} × {cols}: one submission of {LAUNCHES} launches, time per launch");
+    let mut s = 0x1234_5678u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    // "kernel ms": the launch's own GPU time from timestamps around it (where the adapter has them), beside the
+    // wall-clock difference "ms".
+    let timed = g.set_profiling(true);
+    g.set_profiling(false);
+    println!(
+        "{:<12} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "type", "tokens", "ms", "GB/s", "GFLOP/s", "kernel ms"
+    );
+    for &ty in tys {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut w: Vec<u8> = (0..rows * rb).map(|_| next() as u8).collect();
+        // Keep every scale a small normal number (f16 0x2000 ≈ 2^-7) so no NaN or infinity appears.
+        let scale_offsets: &[usize] = match ty {
+            GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => &[],
+        };
+        if ty == GgmlType::F32 {
+            for c in w.chunks_exact_mut(4) {
+                c.copy_from_slice(&0.01f32.to_le_bytes());
+            }
+        } else if ty == GgmlType::F16 {
+            for c in w.chunks_exact_mut(2) {
+                c.copy_from_slice(&0x2000u16.to_le_bytes());
+            }
+        } else {
+            for b in w.chunks_exact_mut(ty.block_bytes()) {
+                for &o in scale_offsets {
+                    b[o..o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+                }
+            }
+        }
+        let m = g.upload_matrix(ty, &w, rows, cols).unwrap();
+        // One token also with the decoder's fused RMSNorm (what q, k, v, gate and up pay for not launching a norm),
+        // and where the adapter has subgroups, without them (matvec.wgsl's workgroup-memory sums).
+        let norm_w = g.f32_buffer("norm", &vec![1.0f32; cols]);
+        let sg = g.subgroups();
+        let mut runs = vec![];
+        for &n in tokens {
+            runs.push((n, false, sg));
+            if n == 1 {
+                runs.push((1, true, sg));
+                if sg {
+                    runs.extend([(1, false, false), (1, true, false)]);
+                }
+            }
+        }
+        for (n, norm, sub) in runs {
+            g.set_subgroups(sub);
+            let x = g.f32_buffer("x", &vec![0.5f32; n * cols]);
+            let y = g.buffer(
+                "y",
+                (n * rows * 4) as u64,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            );
+            let step = g.uniform(&[0, n as u32, 0, 0]);
+            let d = g.matvec_dispatches_with(
+                &m,
+                &x,
+                &y,
+                None,
+                norm.then_some(&norm_w),
+                None,
+                &step,
+                MatvecParams {
+                    in_stride: cols as u32,
+                    out_stride: rows as u32,
+                    scale: 1.0,
+                    input: match norm {
+                        true => Input::RmsNorm { eps: 1e-5 },
+                        false => Input::Plain,
+                    },
+                    ..Default::default()
+                },
+            );
+            // Time one launch and LAUNCHES launches, each in one submission ending in a 4-byte read; the
+            // difference is the kernels' own time, without the submission's and the read's fixed cost.
+            let time = |k: usize| {
+                let many: Vec<_> = (0..k).flat_map(|_| d.iter().cloned()).collect();
+                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap(); // warm-up (pipelines)
+                let mut best = f64::INFINITY;
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            let ms = (time(LAUNCHES) - time(1)).max(1e-9) * 1e3 / (LAUNCHES - 1) as f64;
+            let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
+            let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
+            let kernel = if timed {
+                g.set_profiling(true);
+                let many: Vec<_> = (0..LAUNCHES).flat_map(|_| d.iter().cloned()).collect();
+                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
+                let p = g.profile();
+                g.set_profiling(false);
+                let (ns, k) = p
+                    .iter()
+                    .fold((0.0, 0), |(s, c), t| (s + t.ns, c + t.launches));
+                format!("{:.3}", ns / 1e6 / k.max(1) as f64)
+            } else {
+                "-".into()
+            };
+            let name = format!(
+                "{}{}{}",
+                ty.name(),
+                if norm { "+norm" } else { "" },
+                if sg && !sub { "-sg" } else { "" }
+            );
+            println!("{name:<12} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
+        }
+    }
 }

@@ -154,19 +154,25 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>, types: &[GgmlType]) {
         let m = upload(g, ty, &w, rows, cols, cap);
         let got = g.matvec(&m, &xs, n).await.unwrap();
         // Several tokens go through the tiled pipeline (each weight decoded once for the tile), one token through
-        // the plain one; each token's sum runs in the same order in both, so the bits agree.
-        let tiled = n <= lorag::kernels::gpu::TILE as usize;
-        for t in (0..n).filter(|_| tiled) {
+        // the plain one; each token's sum runs in the same order in both, so the bits agree. Where one-token rows
+        // are split over subgroups their sums are added in another order: those are checked against the
+        // reference below, as `got` is.
+        let split = g.subgroups() && g.decode_rows_for(rows) > 0;
+        let mut singles = vec![];
+        for t in (0..n).filter(|_| n <= lorag::kernels::gpu::TILE as usize) {
             let one = g
                 .matvec(&m, &xs[t * cols..(t + 1) * cols], 1)
                 .await
                 .unwrap();
-            assert_eq!(
-                &one[..],
-                &got[t * rows..(t + 1) * rows],
-                "{} tiled vs single",
-                ty.name()
-            );
+            if !split {
+                assert_eq!(
+                    &one[..],
+                    &got[t * rows..(t + 1) * rows],
+                    "{} tiled vs single",
+                    ty.name()
+                );
+            }
+            singles.extend(one);
         }
         // A view of some rows (`GpuMatrix::rows`: the decoder's q, k and v inside their fused matrix), starting
         // inside a chunk and, when split, crossing chunks: the same rows, bit for bit.
@@ -191,12 +197,15 @@ async fn check_matvec(g: &Gpu, cap: Option<usize>, types: &[GgmlType]) {
                 quant::dequantize_row_ref(ty, row, &mut deq);
                 let mag: f32 = deq.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
                 let tol = cols as f32 * f32::EPSILON * mag;
-                let v = got[t * rows + r];
-                assert!(
-                    (v - want).abs() <= tol,
-                    "{} token {t} row {r}: GPU {v} vs reference {want} (tolerance {tol})",
-                    ty.name()
-                );
+                let one = singles.get(t * rows + r).copied();
+                for (v, what) in [(Some(got[t * rows + r]), ""), (one, ", alone")] {
+                    let Some(v) = v else { continue };
+                    assert!(
+                        (v - want).abs() <= tol,
+                        "{} token {t}{what} row {r}: GPU {v} vs reference {want} (tolerance {tol}, split {split})",
+                        ty.name()
+                    );
+                }
             }
         }
     }
@@ -222,10 +231,20 @@ async fn matvec_every_format() {
         // The matrix-matrix steps through matmul.wgsl, then (with split tensors) through matmul_wide.wgsl.
         // Tensors over the storage-binding limit are split by rows: a small cap forces it.
         g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_TILE));
+        g.set_decode_rows(Some(0));
         check_matvec(&g, browser.then_some(1024), &TYPES).await;
         g.set_gemm_tile(Some(lorag::kernels::gpu::GEMM_WIDE_TILE));
         check_matvec(&g, Some(1024), wide_types).await;
         g.set_gemm_tile(None);
+        // One-token rows split over subgroups (matvec_sg.wgsl's SPLIT), 1 and 2 rows a workgroup (2 to 4
+        // subgroups a row on lavapipe's 8-wide subgroups), where the adapter allows it.
+        for rows in [1, 2] {
+            g.set_decode_rows(Some(rows));
+            if sg && g.decode_rows() == rows {
+                check_matvec(&g, None, &TYPES).await;
+            }
+        }
+        g.set_decode_rows(None);
     }
 }
 
@@ -386,8 +405,15 @@ async fn row_pairs() {
         for n in [1usize, 3, TILE as usize] {
             let step = g.uniform(&[0, n as u32, 0, 0]);
             let x = g.f32_buffer("x", &rand_vec(&mut rng, n * cols, 2.0));
-            for &sg in &sg_paths {
+            // On subgroups also with one-token rows split over them (the pair's halves split as the two
+            // products are: the same bits).
+            let splits = sg_paths.iter().flat_map(|&sg| match sg {
+                true => vec![(sg, 0), (sg, 1), (sg, 2)],
+                false => vec![(sg, 0)],
+            });
+            for (sg, split) in splits {
                 g.set_subgroups(sg);
+                g.set_decode_rows(Some(split));
                 let buf = |name| g.f32_buffer(name, &vec![0.0; n * rows]);
                 let (gate, up, fused) = (buf("gate"), buf("up"), buf("fused"));
                 let params = |pair, glu| MatvecParams {
@@ -447,7 +473,7 @@ async fn row_pairs() {
                 assert!(want.iter().any(|&v| v != 0.0));
                 if let Some(i) = (0..n * rows).find(|&i| got[i].to_bits() != want[i].to_bits()) {
                     panic!(
-                        "{} subgroups {sg} {n} tokens, token {} row {}: one launch {} vs two {}",
+                        "{} subgroups {sg} (split {split}) {n} tokens, token {} row {}: one launch {} vs two {}",
                         ty.name(),
                         i / rows,
                         i % rows,
@@ -702,8 +728,9 @@ fn a_profile_times_every_launch_by_what_it_computed() {
 const SMOLLM: &str = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// SmolLM2 on the GPU: the reference prompts' greedy tokens, and top-5 logits within 0.05 of the float64
-/// reference (the same bound as the CPU path). Natively, decoding's attention split into the 15 position chunks
-/// a GPU uses for its 9 heads (software adapters do not split by default).
+/// reference (the same bound as the CPU path). Natively as a GPU decodes it (software adapters split neither by
+/// default): attention split into the 4 position chunks a GPU uses for 9 heads, one-token products' rows split
+/// over subgroups (one row a workgroup).
 async fn smollm_reference() {
     use common::reference::ids;
     let Some(m) = on_gpu(common::asset(SMOLLM).await).await else {
@@ -713,7 +740,14 @@ async fn smollm_reference() {
     // and tiny decoder tests run it there.
     let browser = cfg!(target_arch = "wasm32");
     if !browser {
-        m.gpu().unwrap().gpu.set_attention_chunks(Some(15));
+        let g = &m.gpu().unwrap().gpu;
+        g.set_attention_chunks(Some(4));
+        g.set_decode_rows(Some(1));
+        assert_eq!(
+            g.decode_rows(),
+            1,
+            "lavapipe's workgroups hold four subgroups"
+        );
     }
     // In the browser (SwiftShader runs WebGPU on the CPU, slowly) the raw prompt only; natively both.
     for c in common::reference::cases()

@@ -51,7 +51,7 @@ pub struct Counters {
 
 /// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in,
 /// subgroup operations).
-type MatvecKey = (u32, u32, bool, bool);
+type MatvecKey = (u32, u32, bool, bool, u32);
 
 /// A wgpu device with the lorag kernels.
 pub struct Gpu {
@@ -71,6 +71,11 @@ pub struct Gpu {
     /// matvec_sg.wgsl's workgroup size: four of the adapter's widest subgroups (one row each), within 32..=256,
     /// and at most 64 of its smallest.
     sg_width: u32,
+    /// Every workgroup of `sg_width` holds at least four subgroups (so one-token products may split rows over
+    /// subgroups: matvec_sg.wgsl's SPLIT).
+    sg_split: bool,
+    /// One-token products' rows per workgroup on subgroups ([`Gpu::set_decode_rows`]; `u32::MAX`: the default).
+    decode_rows: AtomicU32,
     /// Build matrix-vector pipelines on `matvec_sg_module` ([`Gpu::set_subgroups`]).
     use_subgroups: AtomicBool,
     matmul_module: wgpu::ShaderModule,
@@ -83,10 +88,11 @@ pub struct Gpu {
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     kernels: Vec<wgpu::ComputePipeline>,
-    /// attention.wgsl's pipelines by workgroup size (the adapter's default built with the device, another
-    /// on request: each costs a software adapter seconds to compile), and the size dispatches built now take
-    /// (0: the default, 64 on a CPU adapter and 256 elsewhere).
-    attention: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    /// attention.wgsl's pipelines by (workgroup size, head size bound HD): the adapter's default workgroup with
+    /// heads of `ATTENTION_HD` built with the device, others on request (each costs a software adapter seconds
+    /// to compile); and the workgroup size dispatches built now take (0: the default, 64 on a CPU adapter and 256
+    /// elsewhere).
+    attention: Mutex<Vec<((u32, u32), wgpu::ComputePipeline)>>,
     attention_wg: AtomicU32,
     /// Position chunks per (head, token) that [`Gpu::attention`] splits decoding steps into (0: the default).
     attention_chunks: AtomicU32,
@@ -377,8 +383,9 @@ pub struct Dispatch {
     pub bind_group: wgpu::BindGroup,
     /// Workgroup counts.
     pub grid: Grid,
-    /// For steps of 2..=`TILE` tokens: a pipeline handling `TILE` tokens per workgroup (same bindings).
-    pub tiled: Option<wgpu::ComputePipeline>,
+    /// For steps of 2..=`TILE` tokens: a pipeline handling `TILE` tokens per workgroup (same bindings), and its
+    /// row workgroups (x, y; z is the token tiles).
+    pub tiled: Option<(wgpu::ComputePipeline, u32, u32)>,
     /// For steps of more than `TILE` tokens: the matrix-matrix pipeline (matmul.wgsl, same bindings) and its
     /// workgroups for the rows (x, y); z is the token tiles.
     pub gemm: Option<Gemm>,
@@ -454,10 +461,10 @@ impl Dispatch {
             pass.dispatch_workgroups(*x, *y, n.div_ceil(tile));
             return if wide { "matmul wide" } else { "matmul" };
         }
-        if let (Some(p), Grid::TokensZ(x, y), true) = (&self.tiled, self.grid, n > 1) {
+        if let (Some((p, x, y)), true) = (&self.tiled, n > 1) {
             pass.set_pipeline(p);
             pass.set_bind_group(0, &self.bind_group, &[]);
-            pass.dispatch_workgroups(x, y, n.div_ceil(TILE));
+            pass.dispatch_workgroups(*x, *y, n.div_ceil(TILE));
             return if self.subgroups {
                 "matvec×8 sg"
             } else {
@@ -506,12 +513,13 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu",
         }
     }
-    /// The WGSL source; `wg`: attention's workgroup size (64 or 256).
-    fn source(self, wg: u32) -> String {
+    /// The WGSL source; attention's workgroup size `wg` (64 or 256) and bound on its heads' size `hd` (the
+    /// loops over a head's dims run to it).
+    fn source(self, wg: u32, hd: u32) -> String {
         match self {
             Kernel::RmsNorm => include_str!("wgsl/rmsnorm.wgsl").into(),
             Kernel::Attention => format!(
-                "const MAX_HEAD_DIM: u32 = {MAX_HEAD_DIM}u;\nconst WG: u32 = {wg}u;\n{}",
+                "const HD: u32 = {hd}u;\nconst WG: u32 = {wg}u;\n{}",
                 include_str!("wgsl/attention.wgsl")
             ),
             Kernel::AttentionCombine => include_str!("wgsl/attention_combine.wgsl").into(),
@@ -530,8 +538,12 @@ pub fn attention_partials(chunks: u32, n_head: usize, hd: usize) -> usize {
 pub const MAX_ATTENTION_CHUNKS: u32 = 64;
 
 /// The largest head (values per attention head) the attention kernel holds: it keeps the token's rotated q in
-/// workgroup memory, an array of this size (its WGSL source gets this value).
+/// workgroup memory, an array of its pipeline's head size bound (at most this).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// The head size whose attention pipeline is built with the device (SmolLM2's, Llama's and most small models'
+/// 64); other sizes compile on first use.
+const ATTENTION_HD: u32 = 64;
 
 /// matvec.wgsl, matvec_t.wgsl and matmul.wgsl share the weight-reading helpers (dequant.wgsl); matvec.wgsl and
 /// matmul.wgsl also their parameters and bindings (products.wgsl: one bind group layout serves both).
@@ -705,9 +717,12 @@ impl Gpu {
         });
         let mut kernels = Vec::new();
         let mut attention = vec![];
+        let sg_width = (4 * ai.subgroup_max_size)
+            .clamp(32, 256)
+            .min(64 * ai.subgroup_min_size.max(1));
         let attention_wg = default_attention_wg(&info);
         for k in Kernel::ALL {
-            let module = shader(&device, k.name(), &k.source(attention_wg)).await?;
+            let module = shader(&device, k.name(), &k.source(attention_wg, ATTENTION_HD)).await?;
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let p = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(k.name()),
@@ -721,7 +736,7 @@ impl Gpu {
                 return Err(dev_err(format!("kernel {} failed to build: {e}", k.name())));
             }
             match k {
-                Kernel::Attention => attention.push((attention_wg, p)),
+                Kernel::Attention => attention.push(((attention_wg, ATTENTION_HD), p)),
                 _ => kernels.push(p),
             }
         }
@@ -737,9 +752,9 @@ impl Gpu {
             matvec_sg_module,
             // (wgpu's smallest subgroup is ≥ 4, so a workgroup of ≤ 256 has ≤ 64 subgroups: matvec_sg.wgsl's
             // mean square keeps one sum per subgroup in 64 places; the min() says so for any adapter.)
-            sg_width: (4 * ai.subgroup_max_size)
-                .clamp(32, 256)
-                .min(64 * ai.subgroup_min_size.max(1)),
+            sg_width,
+            sg_split: sg_width >= 4 * ai.subgroup_max_size,
+            decode_rows: AtomicU32::new(u32::MAX),
             matmul_module,
             matmul_wide_module,
             gemm_tile: AtomicU32::new(0),
@@ -932,6 +947,45 @@ impl Gpu {
         self.row_pairs.load(Ordering::SeqCst)
     }
 
+    /// One-token products' rows per workgroup on subgroups for a product of `rows` rows, each row split over
+    /// the workgroup's subgroups (1, 2 or 4), or 0: a subgroup per row, four rows a workgroup (also where a
+    /// workgroup may have fewer than four subgroups). As set by [`Gpu::set_decode_rows`], else by the rows:
+    /// up to 1024 one a workgroup, up to 2048 two, more 0; 0 on a CPU adapter (its subgroups run one after the
+    /// other: the split only adds the sums' barrier). On an H200 (one token, Q4_1, time per dependent launch):
+    /// 576 × 1536 12 µs split against 26 µs unsplit, 576 × 576 11 against 18, 960 × 576 15 against 21; but
+    /// 3072 × 576 25 µs at one row a workgroup, 20 at two, 17 unsplit, and SmolLM2's 49152-row output projection
+    /// 127 µs at one row a workgroup against 83 unsplit: past a thousand workgroups more only queue.
+    pub fn decode_rows_for(&self, rows: usize) -> u32 {
+        match self.decode_rows.load(Ordering::SeqCst) {
+            _ if !self.sg_split => 0,
+            u32::MAX if self.info.software => 0,
+            u32::MAX if rows <= 1024 => 1,
+            u32::MAX if rows <= 2048 => 2,
+            u32::MAX => 0,
+            r => r,
+        }
+    }
+
+    /// [`Gpu::decode_rows_for`] as set by [`Gpu::set_decode_rows`] (`u32::MAX`: by the rows), 0 where the adapter
+    /// cannot split.
+    pub fn decode_rows(&self) -> u32 {
+        match self.sg_split {
+            true => self.decode_rows.load(Ordering::SeqCst),
+            false => 0,
+        }
+    }
+
+    /// Rows per workgroup of one-token products on subgroups built from now on (`None`: the default; `Some(0)`:
+    /// one subgroup per row; `Some(1 | 2 | 4)`: rows split over subgroups; other values are taken as 4).
+    pub fn set_decode_rows(&self, rows: Option<u32>) {
+        let r = match rows {
+            None => u32::MAX,
+            Some(r @ (0 | 1 | 2 | 4)) => r,
+            Some(_) => 4,
+        };
+        self.decode_rows.store(r, Ordering::SeqCst);
+    }
+
     /// Whether matrix-vector products built now use subgroup operations.
     pub fn subgroups(&self) -> bool {
         self.use_subgroups.load(Ordering::SeqCst)
@@ -940,16 +994,20 @@ impl Gpu {
     /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`);
     /// `norm`: the RMSNorm input transform compiled in (the override constant NORM); `sg`: matvec_sg.wgsl's entry
     /// point where the module exists (matrix-vector only).
+    /// `split`: rows per workgroup of a one-token pipeline on subgroups, each split over subgroups (SPLIT;
+    /// 0: one subgroup per row, four rows).
     fn matvec_pipeline(
         &self,
         ty: GgmlType,
         tile: u32,
         norm: bool,
         sg: bool,
+        split: u32,
     ) -> wgpu::ComputePipeline {
         let sg = sg && tile != MATMUL && tile != MATMUL_WIDE && self.matvec_sg_module.is_some();
+        let split = if sg && tile == 1 { split } else { 0 };
         let mut cache = self.matvec.lock().unwrap();
-        let key = (ty.id(), tile, norm, sg);
+        let key = (ty.id(), tile, norm, sg, split);
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
             return p.clone();
         }
@@ -967,6 +1025,8 @@ impl Gpu {
             ("TT", tile as f64),
             norm,
             ("SGW", self.sg_width as f64),
+            ("SPLIT", (split > 0) as u32 as f64),
+            ("RPS", split.max(1) as f64),
         ];
         let (label, module, entry, constants): (_, _, _, &[(&str, f64)]) =
             match &self.matvec_sg_module {
@@ -1049,12 +1109,16 @@ impl Gpu {
         );
         let halves = if base.pair { 2 } else { 1 };
         let subgroups = self.subgroups();
-        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups);
-        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups);
-        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups);
+        let split = match subgroups {
+            true => self.decode_rows_for(m.rows / halves),
+            false => 0,
+        };
+        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups, split);
+        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups, 0);
+        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups, 0);
         let forced = self.gemm_tile.load(Ordering::SeqCst);
         let gemm_wide = (forced == GEMM_WIDE_TILE || forced == 0 && m.rows >= WIDE_MIN_ROWS)
-            .then(|| self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups));
+            .then(|| self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups, 0));
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =
@@ -1113,8 +1177,14 @@ impl Gpu {
                         },
                     ],
                 });
-                let groups = rows.div_ceil(4) as u32;
-                let gx = groups.min(65_535);
+                // Row workgroups (x, y) of `per` rows each, for the one-token pipeline and the tiled one.
+                let row_groups = |per: usize| {
+                    let groups = rows.div_ceil(per) as u32;
+                    let gx = groups.min(65_535);
+                    (gx, groups.div_ceil(gx))
+                };
+                let (gx, gy) = row_groups(if split > 0 { split as usize } else { 4 });
+                let (tgx, tgy) = row_groups(4);
                 // Row workgroups (x, y) for a tile of `t` rows.
                 let grid = |t: u32| {
                     let tiles = (c.rows as u32).div_ceil(t);
@@ -1135,8 +1205,8 @@ impl Gpu {
                 Dispatch {
                     pipeline: pipeline.clone(),
                     bind_group,
-                    grid: Grid::TokensZ(gx, groups.div_ceil(gx)),
-                    tiled: Some(tiled.clone()),
+                    grid: Grid::TokensZ(gx, gy),
+                    tiled: Some((tiled.clone(), tgx, tgy)),
                     gemm: (!base.pair).then(|| Gemm {
                         small: (gemm.clone(), sx, sy),
                         wide: gemm_wide.clone().map(|p| (p, wx, wy)),
@@ -1176,43 +1246,45 @@ impl Gpu {
     /// A launch of `kernel` with `buffers` bound to bindings 0, 1, … in order.
     pub fn dispatch(&self, kernel: Kernel, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
         let pipeline = match kernel {
-            Kernel::Attention => {
-                let wg = match self.attention_wg.load(Ordering::SeqCst) {
-                    0 => default_attention_wg(&self.info),
-                    wg => wg,
-                };
-                let mut built = self.attention.lock().unwrap();
-                match built.iter().find(|(w, _)| *w == wg) {
-                    Some((_, p)) => p.clone(),
-                    None => {
-                        // The default's source with another workgroup size: it compiled with the device.
-                        let module =
-                            self.device
-                                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                    label: Some("attention"),
-                                    source: wgpu::ShaderSource::Wgsl(kernel.source(wg).into()),
-                                });
-                        let p =
-                            self.device
-                                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                                    label: Some("attention"),
-                                    layout: None,
-                                    module: &module,
-                                    entry_point: Some("main"),
-                                    compilation_options: Default::default(),
-                                    cache: None,
-                                });
-                        built.push((wg, p.clone()));
-                        p
-                    }
-                }
-            }
+            // Any head size up to MAX_HEAD_DIM ([`Gpu::attention`] takes the pipeline for the model's own).
+            Kernel::Attention => self.attention_pipeline(MAX_HEAD_DIM as u32),
             _ => {
                 let others = Kernel::ALL.iter().filter(|k| **k != Kernel::Attention);
                 self.kernels[others.clone().position(|k| *k == kernel).unwrap()].clone()
             }
         };
         self.launch(kernel.name(), pipeline, buffers, grid)
+    }
+
+    /// attention.wgsl's pipeline for heads of up to `hd` values, with the workgroup size dispatches take now.
+    fn attention_pipeline(&self, hd: u32) -> wgpu::ComputePipeline {
+        let wg = match self.attention_wg.load(Ordering::SeqCst) {
+            0 => default_attention_wg(&self.info),
+            wg => wg,
+        };
+        let mut built = self.attention.lock().unwrap();
+        if let Some((_, p)) = built.iter().find(|(k, _)| *k == (wg, hd)) {
+            return p.clone();
+        }
+        // The source the device compiled with other constants (compile errors surfaced there).
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("attention"),
+                source: wgpu::ShaderSource::Wgsl(Kernel::Attention.source(wg, hd).into()),
+            });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("attention"),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        built.push(((wg, hd), p.clone()));
+        p
     }
 
     /// The attention kernel's workgroup size for dispatches built from now on: `None` (the default) 64 on a CPU
@@ -1222,13 +1294,14 @@ impl Gpu {
     }
 
     /// The position chunks [`Gpu::attention`] splits a decoding step's (head, token) into, for a model of
-    /// `n_head` query heads: as set by [`Gpu::set_attention_chunks`], else enough for 128 workgroups (a big GPU's
-    /// multiprocessors) up to 16 chunks, or 1 (no split) on a CPU adapter, which runs workgroups one after the
-    /// other anyway.
+    /// `n_head` query heads: as set by [`Gpu::set_attention_chunks`], else enough for 32 workgroups up to 16
+    /// chunks (4 for SmolLM2's 9 heads: an H200 decoded fastest there both after 197 and after 720 positions,
+    /// of 1 to 32 chunks; more chunks make each shorter but the combine longer), or 1 (no split) on a CPU
+    /// adapter, which runs workgroups one after the other anyway.
     pub fn attention_chunks(&self, n_head: usize) -> u32 {
         match self.attention_chunks.load(Ordering::SeqCst) {
             0 if self.info.software => 1,
-            0 => (128u32.div_ceil(n_head.max(1) as u32)).clamp(1, 16),
+            0 => (32u32.div_ceil(n_head.max(1) as u32)).clamp(1, 16),
             k => k,
         }
     }
@@ -1258,7 +1331,13 @@ impl Gpu {
         let mut b = buffers.to_vec();
         b.push(partials);
         let (nh, chunks) = (n_head as u32, chunks.clamp(1, MAX_ATTENTION_CHUNKS));
-        let mut ds = vec![self.dispatch(Kernel::Attention, &b, Grid::TokensYChunks(nh, chunks))];
+        let pipeline = self.attention_pipeline(hd as u32);
+        let mut ds = vec![self.launch(
+            Kernel::Attention.name(),
+            pipeline,
+            &b,
+            Grid::TokensYChunks(nh, chunks),
+        )];
         if chunks > 1 {
             let p = self.uniform(&[nh, hd as u32, chunks, 0]);
             let mut d = self.dispatch(

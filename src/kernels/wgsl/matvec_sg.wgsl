@@ -17,6 +17,55 @@ var<workgroup> subgroups: atomic<u32>;
 // The workgroup's size: four of the adapter's widest subgroups, within 32..=256 and at most 64 of its smallest
 // (kernels::gpu sets it).
 override SGW: u32 = 128u;
+// SPLIT = 1 (one-token pipelines, where kernels::gpu knows a workgroup has at least four subgroups): the
+// workgroup computes RPS rows (1, 2 or 4), each over K = S / RPS subgroups instead of one (S subgroups; each
+// takes every K-th group of its row's slots), their sums added in workgroup memory. Decoding's products are short
+// rows (576 or 1536 columns for SmolLM2), and a row's time is its lanes' chain of loads: a row over four
+// subgroups has a quarter of the chain. With SPLIT = 0, RPS is RPW (4).
+override SPLIT: u32 = 0u;
+override RPS: u32 = 4u;
+
+// SPLIT's products (TT = 1): see above. Uniform control flow at the barriers.
+fn split_rows(row0: u32, rank: u32, lanes: u32, sg: u32, count: u32, tok0: u32) {
+    let kk = max(1u, count / RPS);
+    let k = sg / RPS;
+    let row = row0 + sg % RPS;
+    let work = k < kk && row < P.rows;
+    let slots = (P.cols + 3u) / 4u;
+    let halves = select(1u, 2u, P.glu == 2u);
+    let step = kk * lanes;
+    if (NORM == 1u) {
+        workgroupBarrier(); // inv[] read part[]: written again below
+    }
+    for (var h = 0u; h < halves; h++) {
+        acc[0] = 0.0;
+        if (work) {
+            let wr = row + h * P.rows;
+            var u = k * lanes + rank;
+            for (; u + 3u * step < slots; u += 4u * step) {
+                slot(wr, u, tok0);
+                slot(wr, u + step, tok0);
+                slot(wr, u + 2u * step, tok0);
+                slot(wr, u + 3u * step, tok0);
+            }
+            for (; u < slots; u += step) { slot(wr, u, tok0); }
+        }
+        let v = subgroupAdd(acc[0]);
+        if (rank == 0u && k < kk) {
+            part[sg] = v;
+        }
+        workgroupBarrier();
+        if (rank == 0u && k == 0u && row < P.rows && nt > 0u) {
+            var s = 0.0;
+            for (var j = 0u; j < kk; j++) { s += part[j * RPS + sg]; }
+            if (NORM == 1u) {
+                s *= inv[0];
+            }
+            emit(s, row, 0u, tok0, h, halves);
+        }
+        workgroupBarrier(); // part[] again in the up pass
+    }
+}
 
 // RMSNorm's 1 / rms of the tile's tokens into inv[], where `keep` (each subgroup's rank 0): every invocation
 // squares and adds its share of the columns (li, li + SGW, …), subgroupAdd adds a subgroup's shares, and each
@@ -55,6 +104,10 @@ fn main_sg(
     let count = atomicLoad(&subgroups); // every subgroup has drawn
     if (NORM == 1u) {
         mean_squares_sg(li, sg, count, tok0, rank == 0u);
+    }
+    if (SPLIT == 1u) {
+        split_rows((wg.x + wg.y * nwg.x) * RPS, rank, lanes, sg, count, tok0);
+        return;
     }
     let slots = (P.cols + 3u) / 4u;
     let halves = select(1u, 2u, P.glu == 2u); // row pairs: the gate row's pass, then the up row's
