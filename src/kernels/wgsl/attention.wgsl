@@ -71,6 +71,12 @@ fn own4(i: u32, d0: u32) -> vec4<f32> {
 // inside, so the compiler can unroll them and issue a key's loads together instead of one round trip to memory
 // after another (an H200 decoding SmolLM2: 28.8 µs a launch with the bound read from P).
 var<workgroup> qr: array<f32, HD>;
+// The step's own keys, rotated, for its first OWN positions (pos0 ..): written once per workgroup, dims shared out
+// over the invocations, then read by the invocation scoring each position. Rotating them inside the score loop
+// made that one invocation walk a head's dims in a chain of loads and cos/sin lookups (an H200, after 230
+// positions: the score phase 31 of a launch's 48 µs, with one position per invocation).
+const OWN: u32 = 8u;
+var<workgroup> kr: array<f32, OWN * HD>;
 
 // Dim d's rotation: (pair index i, the partner dim, 1 if d is the pair's first); i = half for a dim that does
 // not rotate (partial rotary).
@@ -150,6 +156,19 @@ fn main(
             VC[dst + d] = QKV[own + kv_dim + d];
         }
     }
+    // The own positions this chunk scores (oh .. hi), up to OWN of them, rotated into kr.
+    let staged = min(hi, pos0 + OWN);
+    if (oh < staged) {
+        for (var i = li; i < (staged - pos0) * HD; i += WG) {
+            let jj = i / HD;
+            let d = i % HD;
+            if (pos0 + jj >= oh && d < P.hd) {
+                let k0 = jj * stride + q_dim + kvh * P.hd;
+                let pi = pair_of(d);
+                kr[i] = rot(QKV[k0 + d], QKV[k0 + pi.y], pi, pos0 + jj);
+            }
+        }
+    }
     workgroupBarrier();
     var mx = -3.4e38;
     // Scores of the cached positions.
@@ -178,10 +197,19 @@ fn main(
     for (var j = oh + li; j < hi; j += WG) {
         let k0 = (j - pos0) * stride + q_dim + kvh * P.hd;
         var d = 0.0;
-        for (var e = 0u; e < HD; e++) {
-            if (e < P.hd) {
-                let pi = pair_of(e);
-                d += qr[e] * rot(QKV[k0 + e], QKV[k0 + pi.y], pi, j);
+        if (j < staged) {
+            let kb = (j - pos0) * HD;
+            for (var e = 0u; e < HD; e++) {
+                if (e < P.hd) {
+                    d += qr[e] * kr[kb + e];
+                }
+            }
+        } else {
+            for (var e = 0u; e < HD; e++) {
+                if (e < P.hd) {
+                    let pi = pair_of(e);
+                    d += qr[e] * rot(QKV[k0 + e], QKV[k0 + pi.y], pi, j);
+                }
             }
         }
         let s = d * P.scale;
