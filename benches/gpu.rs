@@ -119,7 +119,13 @@ fn main() {
             floor(576, false)
         );
     }
+    attention_alone(&g);
+    attention_phases(&g);
     drop(g);
+    // `KERNELS_ONLY=1`: the kernel tables alone (a short run on a lent machine).
+    if std::env::var_os("KERNELS_ONLY").is_some() {
+        return;
+    }
     // The model and the peers' prompt; LORAG_MODEL / LLM_PROMPT name other paths (a copy on a GPU machine).
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = |var: &str, default: &str| {
@@ -457,5 +463,169 @@ fn products(g: &Gpu, rows: usize, cols: usize, tys: &[GgmlType], tokens: &[usize
             );
             println!("{name:<12} {n:>6} {ms:>10.3} {gbs:>10.1} {gflops:>10.1} {kernel:>10}");
         }
+    }
+}
+
+/// Decoding's attention launches alone at SmolLM2's shapes (9 heads, 3 KV heads of 64, one token), by context
+/// length and chunk count: time per launch of LAUNCHES dependent ones (as the products above), the attention
+/// launch by itself and with the combine; against the floor, what the kernel's own work costs.
+fn attention_alone(g: &Gpu) {
+    use lorag::kernels::gpu::attention_partials;
+    let (nh, nkv, hd, half, n_ctx) = (9usize, 3usize, 64usize, 32usize, 1024usize);
+    let kv_dim = nkv * hd;
+    let qkv = g.f32_buffer("qkv", &vec![0.01; nh * hd + 2 * kv_dim]);
+    let kc = g.f32_buffer("kc", &vec![0.01; n_ctx * kv_dim]);
+    let vc = g.f32_buffer("vc", &vec![0.01; n_ctx * kv_dim]);
+    let cs = g.f32_buffer("cs", &vec![0.5; n_ctx * half * 2]);
+    let sb = g.f32_buffer("scores", &vec![0.0; nh * n_ctx]);
+    let ob = g.f32_buffer("out", &vec![0.0; nh * hd]);
+    let p = g.uniform(&[
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        n_ctx as u32,
+        0,
+        (1.0 / (hd as f32).sqrt()).to_bits(),
+        half as u32,
+        0,
+    ]);
+    println!("attention alone (SmolLM2's heads, one token), time per launch of {LAUNCHES} dependent ones:");
+    for pos0 in [0u32, 230, 720] {
+        let step = g.uniform(&[pos0, 1, 0, 0]);
+        let mut line = format!("  after {pos0:>3} positions:");
+        for nch in [1u32, 4, 16] {
+            let pb = g.f32_buffer("partials", &vec![0.0; attention_partials(nch, nh, hd)]);
+            let ds = g.attention([&qkv, &kc, &vc, &cs, &sb, &ob, &p, &step], &pb, nh, hd, nch);
+            let time = |ds: &[lorag::kernels::gpu::Dispatch], k: usize| {
+                let many: Vec<_> = (0..k).flat_map(|_| ds.iter().cloned()).collect();
+                block_on(g.run_and_read(&many, 1, &ob, 1)).unwrap();
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    block_on(g.run_and_read(&many, 1, &ob, 1)).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            let per = |ds: &[lorag::kernels::gpu::Dispatch]| {
+                (time(ds, LAUNCHES) - time(ds, 1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64
+            };
+            let alone = per(&ds[..1]);
+            match ds.len() {
+                1 => line += &format!(" unsplit {alone:.1} µs;"),
+                _ => {
+                    line += &format!(
+                        " {nch} chunks {alone:.1} µs, with the combine {:.1};",
+                        per(&ds)
+                    )
+                }
+            }
+        }
+        println!("{line}");
+    }
+}
+
+/// Where a decoding attention launch's time goes: attention.wgsl cut short after each of its phases (a `return`
+/// for every invocation, so the barriers stay uniform), timed as in `attention_alone` after 230 positions,
+/// unsplit and in 4 chunks. The differences between rows are the phases' costs (a measuring aid: the cut
+/// kernels compute nothing useful).
+fn attention_phases(g: &Gpu) {
+    let (nh, nkv, hd, half, n_ctx) = (9usize, 3usize, 64usize, 32usize, 1024usize);
+    let kv_dim = nkv * hd;
+    let src = include_str!("../src/kernels/wgsl/attention.wgsl");
+    let cuts = [
+        ("rotated q (and the cache store)", "    var mx = -3.4e38;\n"),
+        (
+            "+ scores",
+            "    red[li] = mx;\n    let m = reduce(li, true);\n",
+        ),
+        ("+ max (tree over the workgroup)", "    var sum = 0.0;\n"),
+        (
+            "+ exponentials and their sum",
+            "    // Unsplit: the weights e / total",
+        ),
+        (
+            "+ normalized weights, storageBarrier",
+            "    // Values: invocation li takes",
+        ),
+        ("+ values (the whole kernel)", ""),
+    ];
+    let wg = if g.info.software { 64 } else { 256 };
+    let bufs = [
+        g.f32_buffer("qkv", &vec![0.01; nh * hd + 2 * kv_dim]),
+        g.f32_buffer("kc", &vec![0.01; n_ctx * kv_dim]),
+        g.f32_buffer("vc", &vec![0.01; n_ctx * kv_dim]),
+        g.f32_buffer("cs", &vec![0.5; n_ctx * half * 2]),
+        g.f32_buffer("scores", &vec![0.0; nh * n_ctx]),
+        g.f32_buffer("out", &vec![0.0; nh * hd]),
+        g.uniform(&[
+            nh as u32,
+            nkv as u32,
+            hd as u32,
+            n_ctx as u32,
+            0,
+            (1.0 / (hd as f32).sqrt()).to_bits(),
+            half as u32,
+            0,
+        ]),
+        g.uniform(&[230, 1, 0, 0]),
+        g.f32_buffer(
+            "partials",
+            &vec![0.0; lorag::kernels::gpu::attention_partials(16, nh, hd)],
+        ),
+    ];
+    let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+    println!("attention cut short after each phase (after 230 positions), time per launch of {LAUNCHES} dependent ones:");
+    for (what, at) in cuts {
+        let body = match at {
+            "" => src.to_string(),
+            at => {
+                let i = src
+                    .rfind(at)
+                    .expect("attention.wgsl changed: update the cut points");
+                format!("{}    return;\n{}", &src[..i], &src[i..])
+            }
+        };
+        let code = format!("const HD: u32 = {hd}u;\nconst WG: u32 = {wg}u;\n{body}");
+        let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("attention cut"),
+            source: wgpu::ShaderSource::Wgsl(code.into()),
+        });
+        let pipeline = g
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("attention cut"),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let mut line = format!("  {what:<40}");
+        for nch in [1u32, 4] {
+            let d = g.launch(
+                "attention cut",
+                pipeline.clone(),
+                &refs,
+                Grid::TokensYChunks(nh as u32, nch),
+            );
+            let time = |k: usize| {
+                let many = vec![d.clone(); k];
+                block_on(g.run_and_read(&many, 1, &bufs[5], 1)).unwrap();
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    block_on(g.run_and_read(&many, 1, &bufs[5], 1)).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                best
+            };
+            let us = (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64;
+            line += &format!(
+                " {nch} chunk{}: {us:>5.1} µs",
+                if nch > 1 { "s" } else { " " }
+            );
+        }
+        println!("{line}");
     }
 }

@@ -1352,8 +1352,8 @@ impl Gpu {
     }
 
     /// A launch of `pipeline` (its layout derived from the shader) with `buffers` bound to bindings 0, 1, … in
-    /// order.
-    fn launch(
+    /// order (public for measurements of variants of a kernel: benches/gpu.rs).
+    pub fn launch(
         &self,
         label: &str,
         pipeline: wgpu::ComputePipeline,
