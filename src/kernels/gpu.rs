@@ -50,7 +50,7 @@ pub struct Counters {
 }
 
 /// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in,
-/// subgroup operations).
+/// subgroup operations, one-token rows per workgroup split over subgroups or 0).
 type MatvecKey = (u32, u32, bool, bool, u32);
 
 /// A wgpu device with the lorag kernels.
