@@ -4,7 +4,7 @@
 //! 197-token prompt, 64 greedy tokens, medians of `GPU_REPS` rounds, default 3), then per-launch profiles of its
 //! prefill, its decoding, and decoding after a RAG-length prompt (`LONG_PROMPT` tokens, default 720).
 //!   cargo bench --bench gpu
-use lorag::kernels::gpu::{Gpu, Grid, Input, Kernel, MatvecParams};
+use lorag::kernels::gpu::{Dispatch, Gpu, Grid, Input, Kernel, MatvecParams};
 use lorag::kernels::{block_on, DevicePref};
 use lorag::llm::quant::GgmlType;
 use lorag::llm::{GenerateOptions, Model, SamplerConfig};
@@ -111,23 +111,15 @@ fn main() {
             let d = g.dispatch(Kernel::RmsNorm, &[&x, &w, &y, &p, &step], Grid::One);
             let sp = g.uniform(&[n as u32, 0, 0, 0]);
             let other = g.dispatch(Kernel::SwiGlu, &[&y, &w, &sp, &step], Grid::Flat(n as u32));
-            let time = |k: usize| {
-                let many: Vec<_> = (0..k)
+            let chain = |k: usize| {
+                (0..k)
                     .map(|i| match alternate && i % 2 == 1 {
                         true => other.clone(),
                         false => d.clone(),
                     })
-                    .collect();
-                block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
-                let mut best = f64::INFINITY;
-                for _ in 0..5 {
-                    let t = Instant::now();
-                    block_on(g.run_and_read(&many, 1, &y, 1)).unwrap();
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
+                    .collect()
             };
-            (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64
+            per_launch(&g, 1, &y, 5, chain).max(0.0) * 1e6
         };
         println!(
             "floor: a dependent launch with (almost) nothing to do: {:.1} µs; alternating two pipelines: {:.1} µs; \
@@ -444,20 +436,8 @@ fn products(g: &Gpu, rows: usize, cols: usize, tys: &[GgmlType], tokens: &[usize
                     ..Default::default()
                 },
             );
-            // Time one launch and LAUNCHES launches, each in one submission ending in a 4-byte read; the
-            // difference is the kernels' own time, without the submission's and the read's fixed cost.
-            let time = |k: usize| {
-                let many: Vec<_> = (0..k).flat_map(|_| d.iter().cloned()).collect();
-                block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap(); // warm-up (pipelines)
-                let mut best = f64::INFINITY;
-                for _ in 0..3 {
-                    let t = Instant::now();
-                    block_on(g.run_and_read(&many, n as u32, &y, 1)).unwrap();
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
-            };
-            let ms = (time(LAUNCHES) - time(1)).max(1e-9) * 1e3 / (LAUNCHES - 1) as f64;
+            let ms =
+                per_launch(g, n as u32, &y, 3, repeat(&d)).max(1e-9 / (LAUNCHES - 1) as f64) * 1e3;
             let gbs = (rows * rb) as f64 / (ms / 1e3) / 1e9;
             let gflops = 2.0 * (rows * cols * n) as f64 / (ms / 1e3) / 1e9;
             let kernel = if timed {
@@ -514,20 +494,7 @@ fn attention_alone(g: &Gpu) {
         for nch in [1u32, 4, 16] {
             let pb = g.f32_buffer("partials", &vec![0.0; attention_partials(nch, nh, hd)]);
             let ds = g.attention([&qkv, &kc, &vc, &cs, &sb, &ob, &p, &step], &pb, nh, hd, nch);
-            let time = |ds: &[lorag::kernels::gpu::Dispatch], k: usize| {
-                let many: Vec<_> = (0..k).flat_map(|_| ds.iter().cloned()).collect();
-                block_on(g.run_and_read(&many, 1, &ob, 1)).unwrap();
-                let mut best = f64::INFINITY;
-                for _ in 0..5 {
-                    let t = Instant::now();
-                    block_on(g.run_and_read(&many, 1, &ob, 1)).unwrap();
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
-            };
-            let per = |ds: &[lorag::kernels::gpu::Dispatch]| {
-                (time(ds, LAUNCHES) - time(ds, 1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64
-            };
+            let per = |ds: &[Dispatch]| per_launch(g, 1, &ob, 5, repeat(ds)).max(0.0) * 1e6;
             let alone = per(&ds[..1]);
             match ds.len() {
                 1 => line += &format!(" unsplit {alone:.1} µs;"),
@@ -605,20 +572,7 @@ fn attention_phases(g: &Gpu) {
             }
         };
         let code = format!("const HD: u32 = {hd}u;\nconst WG: u32 = {wg}u;\n{body}");
-        let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("attention cut"),
-            source: wgpu::ShaderSource::Wgsl(code.into()),
-        });
-        let pipeline = g
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("attention cut"),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
+        let pipeline = g.pipeline_from_wgsl("attention cut", &code);
         let mut line = format!("  {what:<40}");
         for nch in [1u32, 4] {
             let d = g.launch(
@@ -627,18 +581,7 @@ fn attention_phases(g: &Gpu) {
                 &refs,
                 Grid::TokensYChunks(nh as u32, nch),
             );
-            let time = |k: usize| {
-                let many = vec![d.clone(); k];
-                block_on(g.run_and_read(&many, 1, &bufs[5], 1)).unwrap();
-                let mut best = f64::INFINITY;
-                for _ in 0..5 {
-                    let t = Instant::now();
-                    block_on(g.run_and_read(&many, 1, &bufs[5], 1)).unwrap();
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                best
-            };
-            let us = (time(LAUNCHES) - time(1)).max(0.0) * 1e6 / (LAUNCHES - 1) as f64;
+            let us = per_launch(g, 1, &bufs[5], 5, repeat(std::slice::from_ref(&d))).max(0.0) * 1e6;
             line += &format!(
                 " {nch} chunk{}: {us:>5.1} µs",
                 if nch > 1 { "s" } else { " " }
@@ -646,4 +589,33 @@ fn attention_phases(g: &Gpu) {
         }
         println!("{line}");
     }
+}
+
+/// Seconds per launch of a chain of dependent launches: `chain(k)` builds k launches, each chain runs in one
+/// submission ending in a 4-byte read of `read` (a step of `n` tokens), best of `reps` after a warm-up run
+/// (pipelines); the difference between LAUNCHES and one leaves out the submission's and the read's fixed cost.
+fn per_launch(
+    g: &Gpu,
+    n: u32,
+    read: &wgpu::Buffer,
+    reps: usize,
+    chain: impl Fn(usize) -> Vec<Dispatch>,
+) -> f64 {
+    let time = |k: usize| {
+        let many = chain(k);
+        block_on(g.run_and_read(&many, n, read, 1)).unwrap();
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            block_on(g.run_and_read(&many, n, read, 1)).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    (time(LAUNCHES) - time(1)) / (LAUNCHES - 1) as f64
+}
+
+/// A chain of k copies of `ds` (for [`per_launch`]).
+fn repeat(ds: &[Dispatch]) -> impl Fn(usize) -> Vec<Dispatch> + '_ {
+    move |k| (0..k).flat_map(|_| ds.iter().cloned()).collect()
 }

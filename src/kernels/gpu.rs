@@ -1267,24 +1267,30 @@ impl Gpu {
             return p.clone();
         }
         // The source the device compiled with other constants (compile errors surfaced there).
+        let p = self.pipeline_from_wgsl("attention", &Kernel::Attention.source(wg, hd));
+        built.push(((wg, hd), p.clone()));
+        p
+    }
+
+    /// A pipeline of `source`'s entry point `main`, its layout derived from the shader (for [`Gpu::launch`]), not
+    /// checked for compile errors (the kernels' sources are checked when the device is built; benches/gpu.rs
+    /// builds variants of them).
+    pub fn pipeline_from_wgsl(&self, label: &str, source: &str) -> wgpu::ComputePipeline {
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("attention"),
-                source: wgpu::ShaderSource::Wgsl(Kernel::Attention.source(wg, hd).into()),
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
             });
-        let p = self
-            .device
+        self.device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("attention"),
+                label: Some(label),
                 layout: None,
                 module: &module,
                 entry_point: Some("main"),
                 compilation_options: Default::default(),
                 cache: None,
-            });
-        built.push(((wg, hd), p.clone()));
-        p
+            })
     }
 
     /// The attention kernel's workgroup size for dispatches built from now on: `None` (the default) 64 on a CPU

@@ -25,6 +25,19 @@ override SGW: u32 = 128u;
 override SPLIT: u32 = 0u;
 override RPS: u32 = 4u;
 
+// Row wr's slots first, first + step, … dotted into acc[], four per iteration (the same slots in the same order
+// as one at a time: the bits do not change), so that a lane has four slots' loads in flight instead of one.
+fn row_slots(wr: u32, first: u32, step: u32, slots: u32, tok0: u32) {
+    var u = first;
+    for (; u + 3u * step < slots; u += 4u * step) {
+        slot(wr, u, tok0);
+        slot(wr, u + step, tok0);
+        slot(wr, u + 2u * step, tok0);
+        slot(wr, u + 3u * step, tok0);
+    }
+    for (; u < slots; u += step) { slot(wr, u, tok0); }
+}
+
 // SPLIT's products (TT = 1): see above. Uniform control flow at the barriers.
 fn split_rows(row0: u32, rank: u32, lanes: u32, sg: u32, count: u32, tok0: u32) {
     let kk = max(1u, count / RPS);
@@ -40,15 +53,7 @@ fn split_rows(row0: u32, rank: u32, lanes: u32, sg: u32, count: u32, tok0: u32) 
     for (var h = 0u; h < halves; h++) {
         acc[0] = 0.0;
         if (work) {
-            let wr = row + h * P.rows;
-            var u = k * lanes + rank;
-            for (; u + 3u * step < slots; u += 4u * step) {
-                slot(wr, u, tok0);
-                slot(wr, u + step, tok0);
-                slot(wr, u + 2u * step, tok0);
-                slot(wr, u + 3u * step, tok0);
-            }
-            for (; u < slots; u += step) { slot(wr, u, tok0); }
+            row_slots(row + h * P.rows, k * lanes + rank, step, slots, tok0);
         }
         let v = subgroupAdd(acc[0]);
         if (rank == 0u && k < kk) {
@@ -117,18 +122,8 @@ fn main_sg(
             break;
         }
         for (var h = 0u; h < halves; h++) {
-            let wr = row + h * P.rows;
             for (var t = 0u; t < TT; t++) { acc[t] = 0.0; }
-            // Four slots per iteration (the same slots in the same order as one at a time: the bits do not
-            // change), so that a lane has four slots' loads in flight instead of one.
-            var u = rank;
-            for (; u + 3u * lanes < slots; u += 4u * lanes) {
-                slot(wr, u, tok0);
-                slot(wr, u + lanes, tok0);
-                slot(wr, u + 2u * lanes, tok0);
-                slot(wr, u + 3u * lanes, tok0);
-            }
-            for (; u < slots; u += lanes) { slot(wr, u, tok0); }
+            row_slots(row + h * P.rows, rank, lanes, slots, tok0);
             for (var t = 0u; t < TT; t++) {
                 if (t >= nt) {
                     break;
