@@ -1325,7 +1325,8 @@ impl Gpu {
     /// table, the scores, the output, its parameters, the step) and, where `chunks` > 1, in steps of up to `TILE`
     /// tokens split over that many position chunks per (head, token) with attention_combine.wgsl adding them up
     /// into the output (a second launch; longer steps have workgroups enough and run unsplit). `partials`: at
-    /// least [`attention_partials`]`(chunks, n_head, hd)` floats.
+    /// least [`attention_partials`]`(chunks, n_head, hd)` floats. `hd` at most [`MAX_HEAD_DIM`] (the decoder refuses
+    /// larger heads with a typed error; larger here fails the pipeline's workgroup-memory limit).
     pub fn attention(
         &self,
         buffers: [&wgpu::Buffer; 8],
