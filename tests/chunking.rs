@@ -1,7 +1,7 @@
 //! Chunking properties (coverage, size, overlap, spans, clean boundaries) checked against the real
 //! MiniLM tokenizer re-tokenizing every chunk, plus hand-checked cuts. Runs natively and in wasm.
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -2,7 +2,7 @@
 //! knowledge packs and bad input. Runs natively and in wasm (the SciFact tests natively only: the
 //! vectors are 8 MB and the wasm runs are already the slowest part of the suite).
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -892,7 +892,7 @@ mod scifact {
         }
         kb.compact();
         let files = lorag::EmbedderFiles {
-            model_onnx: include_bytes!("../models/all-MiniLM-L6-v2-int8/model.onnx"),
+            model_onnx: common::MINILM_ONNX,
             tokenizer_json: common::TOKENIZER_JSON,
             config_json: None,
             pooling_config_json: Some(include_bytes!(

@@ -1,7 +1,7 @@
 //! Ingestion of text, Markdown, HTML and PDF, and bad input of every kind. Runs natively and, through
 //! wasm-bindgen-test, in Node and in headless Chromium.
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

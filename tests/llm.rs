@@ -2,7 +2,7 @@
 //! forward over the same GGUF weights), natively and in wasm (both must give the reference tokens, so they agree
 //! with each other token for token); hostile GGUF files, prompts, settings and chat templates.
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -14,8 +14,7 @@ use lorag::llm::quant::GgmlType;
 use lorag::llm::{GenerateOptions, Message, Model, SamplerConfig, StopReason};
 use lorag::Error;
 
-const SMOLLM: &[u8] =
-    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+use common::SMOLLM;
 
 fn smollm() -> Model {
     Model::from_bytes(SMOLLM.to_vec()).expect("SmolLM2 loads")

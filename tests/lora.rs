@@ -5,7 +5,7 @@
 //! files: typed errors, and the base and resident adapters keep working. Training (`mod training`): gradients
 //! against finite differences, learning, export, resume. Natively and in wasm.
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -21,12 +21,7 @@ use lorag::llm::{
 };
 use lorag::Error;
 
-const SMOLLM: &[u8] =
-    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-const PEFT_CONFIG: &[u8] =
-    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_config.json");
-const PEFT_WEIGHTS: &[u8] =
-    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_model.safetensors");
+use common::{PEFT_CONFIG, PEFT_WEIGHTS, SMOLLM};
 const GGUF_LORA: &[u8] = include_bytes!(
     "../../shared/reference/lora-synthetic-smollm2/smollm2-135m-synthetic-lora-f32.gguf"
 );
@@ -1214,7 +1209,7 @@ mod training {
                 .collect()
         };
 
-        let model = crate::smollm();
+        let model = super::smollm();
         let w = &model.weights;
         let lora = LoraConfig {
             rank: 8,
@@ -1414,15 +1409,15 @@ mod training {
             include_bytes!("fixtures/lorag-trained-qk/adapter_model.safetensors");
         const WANT: &str = include_str!("fixtures/peft-load-lorag-adapter.json");
         let want: serde_json::Value = serde_json::from_str(WANT).unwrap();
-        let mut m = crate::smollm();
+        let mut m = super::smollm();
         let adapter = m.adapter_from_peft(CONFIG, WEIGHTS).unwrap();
         assert_eq!(adapter.info().targets, [Target::Q, Target::K]);
         m.add_adapter("trained", adapter).unwrap();
         for case in want["cases"].as_array().unwrap() {
-            let prompt = crate::ids(&case["ids"]);
+            let prompt = super::ids(&case["ids"]);
             let n_vocab = m.config().n_vocab;
             let last = |adapters: &[(&str, f32)]| {
-                let all = crate::logits(&m, &prompt, adapters);
+                let all = super::logits(&m, &prompt, adapters);
                 all[all.len() - n_vocab..].to_vec()
             };
             let (adapted, base) = (last(&[("trained", 1.0)]), last(&[]));

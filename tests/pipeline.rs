@@ -3,7 +3,7 @@
 //! mapped to sources; the four modes; conversation; the interaction log's fine-tuning export. Natively and in
 //! wasm (Node, headless Chromium).
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -17,13 +17,7 @@ use lorag::{
     TextKind,
 };
 
-const SMOLLM: &[u8] =
-    include_bytes!("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-const PEFT_CONFIG: &[u8] =
-    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_config.json");
-const PEFT_WEIGHTS: &[u8] =
-    include_bytes!("../../shared/reference/lora-synthetic-smollm2/adapter_model.safetensors");
-const MINILM_ONNX: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/model.onnx");
+use common::{MINILM_ONNX, PEFT_CONFIG, PEFT_WEIGHTS, SMOLLM};
 const MINILM_CONFIG: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/config.json");
 const MINILM_POOLING: &[u8] =
     include_bytes!("../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json");

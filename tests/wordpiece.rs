@@ -1,6 +1,6 @@
 //! The fast WordPiece path gives exactly the offsets of the `tokenizers` crate.
 
-mod common;
+use crate::common;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

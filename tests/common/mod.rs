@@ -12,6 +12,19 @@ pub const TOKENIZER_JSON: &[u8] =
 pub const SBERT_CONFIG: &[u8] =
     include_bytes!("../../models/all-MiniLM-L6-v2-int8/sentence_bert_config.json");
 
+/// The larger files several test modules read, as statics: one copy in the test binary whichever modules use them
+/// (consts would be copied where used; the wasm test binary carries them, ~100 MB for the model).
+#[cfg(feature = "llm")]
+pub static SMOLLM: &[u8] =
+    include_bytes!("../../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+#[cfg(feature = "llm")]
+pub static PEFT_CONFIG: &[u8] =
+    include_bytes!("../../../shared/reference/lora-synthetic-smollm2/adapter_config.json");
+#[cfg(feature = "llm")]
+pub static PEFT_WEIGHTS: &[u8] =
+    include_bytes!("../../../shared/reference/lora-synthetic-smollm2/adapter_model.safetensors");
+pub static MINILM_ONNX: &[u8] = include_bytes!("../../models/all-MiniLM-L6-v2-int8/model.onnx");
+
 /// A file of this crate (`path` relative to the crate root, e.g. a model from `scripts/fetch-models`), read when
 /// the test runs rather than compiled into it: natively from disk; in wasm through Node's `fs`, or in a browser
 /// from wasm-bindgen's test server, which serves the crate root. A test wasm carrying a 100 MB model took
