@@ -78,7 +78,7 @@ fn main() {
             for split in [0, 1, 2, 4] {
                 g.set_decode_rows(Some(split));
                 g.set_subgroups(true);
-                if g.decode_rows() == split && g.subgroups() {
+                if g.decode_rows() == Some(split) && g.subgroups() {
                     println!(
                         "(one-token rows: {})",
                         match split {
@@ -220,7 +220,7 @@ fn main() {
     // One-token rows per workgroup swept (`Gpu::set_decode_rows`; the model's products are built per request).
     for split in [0, 1, 2, 4] {
         backend.set_decode_rows(Some(split));
-        if backend.decode_rows() == split && backend.subgroups() {
+        if backend.decode_rows() == Some(split) && backend.subgroups() {
             let v = decode_without(&format!("decode rows {split}"));
             println!("  GPU with one-token rows {split} a workgroup (0: a subgroup each): decode {v:.1} tok/s");
         }

@@ -966,12 +966,13 @@ impl Gpu {
         }
     }
 
-    /// [`Gpu::decode_rows_for`] as set by [`Gpu::set_decode_rows`] (`u32::MAX`: by the rows), 0 where the adapter
-    /// cannot split.
-    pub fn decode_rows(&self) -> u32 {
-        match self.sg_split {
-            true => self.decode_rows.load(Ordering::SeqCst),
-            false => 0,
+    /// What [`Gpu::set_decode_rows`] set: `None` where it is the default (by the rows, [`Gpu::decode_rows_for`]),
+    /// `Some(0)` where the adapter cannot split rows whatever was set.
+    pub fn decode_rows(&self) -> Option<u32> {
+        match (self.sg_split, self.decode_rows.load(Ordering::SeqCst)) {
+            (false, _) => Some(0),
+            (true, u32::MAX) => None,
+            (true, r) => Some(r),
         }
     }
 
