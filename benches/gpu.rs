@@ -226,6 +226,14 @@ fn main() {
         }
     }
     backend.set_decode_rows(None);
+    // Products without subgroups: the kernels a browser runs (wgpu 30's WebGPU backend offers no subgroups), the
+    // figure to set against the CPU wasm path in the same browser.
+    if backend.subgroups() {
+        backend.set_subgroups(false);
+        let plain = decode_without("no subgroups");
+        backend.set_subgroups(true);
+        println!("  GPU without subgroups (a browser's products): decode {plain:.1} tok/s");
+    }
     // Attention's workgroup size (64 or 256 invocations per (head, token, chunk)).
     for wg in [64, 256] {
         backend.set_attention_workgroup(Some(wg));
