@@ -3,29 +3,14 @@
 
 mod common;
 
-use common::asset;
+use common::{asset, minilm_files};
 
 use lorag::{Embedder, EmbedderConfig, EmbedderFiles, Engine, Error, Limits, TextKind};
 
-const MINILM_CONFIG: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/config.json");
-const MINILM_POOLING: &[u8] =
-    include_bytes!("../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json");
-const MINILM_MODULES: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/modules.json");
 /// The models are read when the tests run (`common::asset`), not compiled in.
 const MINILM_ONNX: &str = "models/all-MiniLM-L6-v2-int8/model.onnx";
 const PARA_ONNX: &str = "models/paraphrase-MiniLM-L3-v2/model.onnx";
 const REFERENCE: &str = include_str!("../../shared/reference/embeddings.json");
-
-fn minilm_files(onnx: &[u8]) -> EmbedderFiles<'_> {
-    EmbedderFiles {
-        model_onnx: onnx,
-        tokenizer_json: common::TOKENIZER_JSON,
-        config_json: Some(MINILM_CONFIG),
-        pooling_config_json: Some(MINILM_POOLING),
-        sentence_bert_config_json: Some(common::SBERT_CONFIG),
-        modules_json: Some(MINILM_MODULES),
-    }
-}
 
 fn minilm(onnx: &[u8]) -> Embedder {
     let e = Embedder::from_bytes(

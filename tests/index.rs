@@ -892,16 +892,8 @@ mod scifact {
         }
         kb.compact();
         let files = lorag::EmbedderFiles {
-            model_onnx: common::MINILM_ONNX,
-            tokenizer_json: common::TOKENIZER_JSON,
             config_json: None,
-            pooling_config_json: Some(include_bytes!(
-                "../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json"
-            )),
-            sentence_bert_config_json: Some(common::SBERT_CONFIG),
-            modules_json: Some(include_bytes!(
-                "../models/all-MiniLM-L6-v2-int8/modules.json"
-            )),
+            ..common::minilm_files(common::MINILM_ONNX)
         };
         let embedder =
             lorag::Embedder::from_bytes(files, Default::default(), &Default::default()).unwrap();

@@ -1,5 +1,5 @@
 //! Ingestion of text, Markdown, HTML and PDF, and bad input of every kind. Runs natively and, through
-//! wasm-bindgen-test, in Node and in headless Chromium.
+//! wasm-bindgen-test, in Node.
 
 use crate::common;
 

@@ -1,7 +1,7 @@
 //! The pipeline with real parts (MiniLM embedder, SmolLM2 generator, the bundled example documents): the
 //! prompt builder's numbering, escaping and token budget measured with the model's own tokenizer; citations
 //! mapped to sources; the four modes; conversation; the interaction log's fine-tuning export. Natively and in
-//! wasm (Node, headless Chromium).
+//! wasm (Node).
 
 use crate::common;
 
@@ -13,15 +13,10 @@ use lorag::llm::{AdapterUse, GenerateOptions, Message, Model, SamplerConfig};
 use lorag::pipeline::{Feedback, Rating};
 use lorag::prompt::{build_prompt, cite, PromptConfig, Source};
 use lorag::{
-    AskOptions, Embedder, EmbedderConfig, EmbedderFiles, Error, KnowledgeBase, Limits, Mode, Rag,
-    TextKind,
+    AskOptions, Embedder, EmbedderConfig, Error, KnowledgeBase, Limits, Mode, Rag, TextKind,
 };
 
 use common::{MINILM_ONNX, PEFT_CONFIG, PEFT_WEIGHTS, SMOLLM};
-const MINILM_CONFIG: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/config.json");
-const MINILM_POOLING: &[u8] =
-    include_bytes!("../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json");
-const MINILM_MODULES: &[u8] = include_bytes!("../models/all-MiniLM-L6-v2-int8/modules.json");
 const DOCS: &[(&str, &[u8])] = &[
     (
         "handbook.md",
@@ -45,14 +40,7 @@ fn smollm() -> Model {
 
 fn minilm() -> Embedder {
     Embedder::from_bytes(
-        EmbedderFiles {
-            model_onnx: MINILM_ONNX,
-            tokenizer_json: common::TOKENIZER_JSON,
-            config_json: Some(MINILM_CONFIG),
-            pooling_config_json: Some(MINILM_POOLING),
-            sentence_bert_config_json: Some(common::SBERT_CONFIG),
-            modules_json: Some(MINILM_MODULES),
-        },
+        common::minilm_files(MINILM_ONNX),
         EmbedderConfig::default(),
         &Limits::default(),
     )

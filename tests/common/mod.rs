@@ -11,6 +11,23 @@ pub const TOKENIZER_JSON: &[u8] =
     include_bytes!("../../models/all-MiniLM-L6-v2-int8/tokenizer.json");
 pub const SBERT_CONFIG: &[u8] =
     include_bytes!("../../models/all-MiniLM-L6-v2-int8/sentence_bert_config.json");
+/// all-MiniLM-L6-v2's other configuration files.
+pub const MINILM_CONFIG: &[u8] = include_bytes!("../../models/all-MiniLM-L6-v2-int8/config.json");
+pub const MINILM_POOLING: &[u8] =
+    include_bytes!("../../models/all-MiniLM-L6-v2-int8/1_Pooling/config.json");
+pub const MINILM_MODULES: &[u8] = include_bytes!("../../models/all-MiniLM-L6-v2-int8/modules.json");
+
+/// all-MiniLM-L6-v2's files, with `onnx` as its graph.
+pub fn minilm_files(onnx: &[u8]) -> lorag::EmbedderFiles<'_> {
+    lorag::EmbedderFiles {
+        model_onnx: onnx,
+        tokenizer_json: TOKENIZER_JSON,
+        config_json: Some(MINILM_CONFIG),
+        pooling_config_json: Some(MINILM_POOLING),
+        sentence_bert_config_json: Some(SBERT_CONFIG),
+        modules_json: Some(MINILM_MODULES),
+    }
+}
 
 /// The larger files several test modules read, as statics: one copy in the test binary whichever modules use them
 /// (consts would be copied where used; the wasm test binary carries them, ~100 MB for the model).
