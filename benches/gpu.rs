@@ -209,6 +209,13 @@ fn main() {
     let two = decode_without("two launches");
     backend.set_row_pairs(true);
     println!("  GPU with gate and up as two launches: decode {two:.1} tok/s");
+    // Attention's chunks added up inside the output projection, against a launch of their own.
+    backend.set_combine_in_product(false);
+    let own = decode_without("combine launch");
+    backend.set_combine_in_product(true);
+    println!(
+        "  GPU with attention's chunks added up in a launch of their own: decode {own:.1} tok/s"
+    );
     // Decoding's attention split over position chunks, against unsplit.
     backend.set_attention_chunks(Some(1));
     let unsplit = decode_without("attention unsplit");

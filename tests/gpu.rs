@@ -487,6 +487,111 @@ async fn row_pairs() {
 }
 
 async_test! {
+    fn attention_chunks_added_up_in_the_output_projection_match_the_combining_launch() {
+        combine_in_product().await
+    }
+}
+/// Decoding's output projection reading attention's position chunks (`Input::Combine`: the products add them up
+/// on the way in) against the combining launch (attention_combine.wgsl) and then the same product over its
+/// output, bit for bit: the input values are computed with the combining kernel's operations in its order, and
+/// the product's sum is the same either way. Chunk partials as attention leaves them (max scores, positive sums,
+/// unnormalized values; empty chunks with max −3.4e38 and zero sums), 2 to 16 chunks (loads in groups of 8:
+/// 9 and 16 cross one), heads of an odd size (13, F32) and of 24 and 64 (the quantized formats' 32-element
+/// units), into a residual that already holds values; both product paths, one-token rows split or not. The
+/// combining launch is itself held to an f64 reference below (`attention_matches_an_f64_reference`).
+async fn combine_in_product() {
+    use lorag::kernels::gpu::{combine_fits, Input, MatvecParams};
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(0xc0);
+    let sg_paths = paths(&g);
+    for (ty, nh, hd) in [
+        (GgmlType::F32, 5, 13),
+        (GgmlType::Q4_1, 4, 24),
+        (GgmlType::Q6_K, 4, 64),
+    ] {
+        let (rows, cols) = (37, nh * hd);
+        let w = random_rows(ty, rows, cols, &mut rng);
+        let m = upload(&g, ty, &w, rows, cols, None);
+        let step = g.uniform(&[7, 1, 0, 0]);
+        for nch in [2u32, 3, 9, 16] {
+            assert!(combine_fits(nh, nch));
+            let wd = hd + 2;
+            let mut part = vec![0.0f32; nh * nch as usize * wd];
+            for (i, p) in part.chunks_exact_mut(wd).enumerate() {
+                // Chunk 1 of each head empty (as when the positions do not reach it), the rest filled.
+                if i % nch as usize == 1 && nch > 2 {
+                    p[0] = -3.4e38;
+                    continue;
+                }
+                p[0] = rand_vec(&mut rng, 1, 3.0)[0];
+                p[1] = 0.5 + rng.below(1000) as f32 / 200.0;
+                p[2..].copy_from_slice(&rand_vec(&mut rng, hd, 2.0));
+            }
+            let pb = g.f32_buffer("partials", &part);
+            let residual = rand_vec(&mut rng, rows, 1.0);
+            let splits = sg_paths.iter().flat_map(|&sg| match sg {
+                true => vec![(sg, 0), (sg, 1), (sg, 4)],
+                false => vec![(sg, 0)],
+            });
+            for (sg, split) in splits {
+                g.set_subgroups(sg);
+                g.set_decode_rows(Some(split));
+                let params = |input| MatvecParams {
+                    in_stride: cols as u32,
+                    out_stride: rows as u32,
+                    accumulate: true,
+                    scale: 1.0,
+                    input,
+                    ..Default::default()
+                };
+                let att = g.f32_buffer("att", &vec![f32::NAN; cols]);
+                let (y_two, y_one) = (
+                    g.f32_buffer("y two", &residual),
+                    g.f32_buffer("y one", &residual),
+                );
+                let p = g.uniform(&[nh as u32, hd as u32, nch, 0]);
+                let mut two = vec![g.dispatch(
+                    Kernel::AttentionCombine,
+                    &[&pb, &att, &p],
+                    Grid::TokensY(nh as u32),
+                )];
+                two.extend(g.matvec_dispatches(
+                    &m,
+                    &att,
+                    &y_two,
+                    None,
+                    &step,
+                    params(Input::Plain),
+                ));
+                let want = g.run_and_read(&two, 1, &y_two, rows).await.unwrap();
+                let input = Input::Combine {
+                    heads: nh as u32,
+                    chunks: nch,
+                };
+                let one = g.matvec_dispatches(&m, &pb, &y_one, None, &step, params(input));
+                assert_eq!(one.len(), 1);
+                assert!(one[0].label.ends_with("+combine"), "{}", one[0].label);
+                assert!(
+                    one[0].steps.has(1) && !one[0].steps.has(2),
+                    "one-token steps only"
+                );
+                let got = g.run_and_read(&one, 1, &y_one, rows).await.unwrap();
+                assert!(want.iter().zip(&residual).any(|(a, b)| a != b));
+                if let Some(r) = (0..rows).find(|&r| got[r].to_bits() != want[r].to_bits()) {
+                    panic!(
+                        "{} {nh} heads of {hd}, {nch} chunks, subgroups {sg} (split {split}), row {r}: \
+                         combined in the product {} vs combining launch {}",
+                        ty.name(),
+                        got[r],
+                        want[r]
+                    );
+                }
+            }
+        }
+    }
+}
+
+async_test! {
     fn unsupported_formats_and_bad_shapes_are_errors() {
         bad_uploads().await
     }
@@ -612,7 +717,8 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
         // Steps of at most 4 tokens (matvec.wgsl's tiled pipeline for the prompt), and of 16 (the prompt in one
         // step of 11: matmul.wgsl, with the biases, the residual adds and the adapters' scaled products).
         // Attention split into 3 position chunks with the first (in steps of up to TILE tokens: the prompt in
-        // steps of 4, then decoding; one combining launch more per layer there), unsplit with the second.
+        // steps of 4, with one combining launch more per layer, then decoding, where the output projection adds
+        // the chunks up), unsplit with the second.
         for (batch, chunks) in [(4, 3), (16, 1)] {
             let b = m.gpu().unwrap();
             b.gpu.set_attention_chunks(Some(chunks));
@@ -627,9 +733,11 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
             let per_layer: usize = fused.iter().map(|&f| if f { 6 } else { 8 }).sum();
             let long = per_layer + 2 + 2 * 7 * n_layer * adapters.len();
             let pairs = if adapters.is_empty() { n_layer } else { 0 };
+            // Split, steps of 2..=TILE tokens add a combining launch per layer; one-token steps add the chunks
+            // up inside the output projection (its adapter's first product too).
             let split = if chunks > 1 { n_layer } else { 0 };
             assert_eq!(s.launches(16), long, "{variant}");
-            assert_eq!(s.launches(1), long - pairs + split, "{variant}");
+            assert_eq!(s.launches(1), long - pairs, "{variant}");
             assert_eq!(s.launches(4), long - pairs + split, "{variant}");
             let gpu_logits = s.forward(&prompt).await.unwrap();
             let cpu_logits = m.forward_with(&mut cache, &prompt, false, &lora).unwrap();

@@ -49,9 +49,10 @@ pub struct Counters {
     pub buffers: AtomicUsize,
 }
 
-/// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, RMSNorm compiled in,
-/// subgroup operations, one-token rows per workgroup split over subgroups or 0).
-type MatvecKey = (u32, u32, bool, bool, u32);
+/// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, the input transform
+/// compiled in (products.wgsl's NORM: [`Input::mode`]), subgroup operations, one-token rows per workgroup split
+/// over subgroups or 0).
+type MatvecKey = (u32, u32, u32, bool, u32);
 
 /// A wgpu device with the lorag kernels.
 pub struct Gpu {
@@ -68,6 +69,9 @@ pub struct Gpu {
     matvec_module: wgpu::ShaderModule,
     /// matvec.wgsl + matvec_sg.wgsl, where the adapter has subgroup operations (and the module compiled).
     matvec_sg_module: Option<wgpu::ShaderModule>,
+    /// The two modules above with the input transform of [`Input::Combine`] (one-token pipelines with NORM 2).
+    matvec_combine_module: wgpu::ShaderModule,
+    matvec_sg_combine_module: Option<wgpu::ShaderModule>,
     /// matvec_sg.wgsl's workgroup size: four of the adapter's widest subgroups (one row each), within 32..=256,
     /// and at most 64 of its smallest.
     sg_width: u32,
@@ -84,6 +88,9 @@ pub struct Gpu {
     gemm_tile: AtomicU32,
     /// Whether decoder sessions built from now on run gate and up as row pairs ([`Gpu::set_row_pairs`]).
     row_pairs: AtomicBool,
+    /// Whether decoder sessions built from now on add attention's chunks up inside the output projection
+    /// ([`Gpu::set_combine_in_product`]).
+    combine_in_product: AtomicBool,
     matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
@@ -242,13 +249,42 @@ pub enum Input {
         /// Epsilon.
         eps: f32,
     },
+    /// One-token steps only: the input is attention's output for `heads` heads (the product's columns / `heads`
+    /// values each) as [`Gpu::attention`] left it split over `chunks` position chunks (its partials buffer),
+    /// added up on the way in exactly as its combining launch adds them (same bits), which the decoder then
+    /// skips. At most [`combine_fits`] of them.
+    Combine {
+        /// Attention heads.
+        heads: u32,
+        /// Position chunks (2..=`MAX_ATTENTION_CHUNKS`).
+        chunks: u32,
+    },
+}
+
+impl Input {
+    /// products.wgsl's NORM for this transform: 0 plain, 1 RMSNorm, 2 attention's chunks added up.
+    pub fn mode(self) -> u32 {
+        match self {
+            Input::Plain => 0,
+            Input::RmsNorm { .. } => 1,
+            Input::Combine { .. } => 2,
+        }
+    }
+}
+
+/// Whether a one-token product can add up attention's `chunks` position chunks of `heads` heads on the way in
+/// ([`Input::Combine`]): its factors and sums take 2 · heads · chunks + heads floats of the 448 matvec.wgsl keeps
+/// for them (SmolLM2's 9 heads up to 24 chunks; the default chunk counts keep heads · chunks under 48).
+pub fn combine_fits(heads: usize, chunks: u32) -> bool {
+    chunks > 1 && heads > 0 && 2 * heads * chunks as usize + heads <= 448
 }
 
 impl MatvecParams {
     fn bytes(&self) -> [u8; 64] {
-        let eps = match self.input {
-            Input::Plain => 0.0f32,
-            Input::RmsNorm { eps } => eps,
+        let (eps, heads, chunks) = match self.input {
+            Input::Plain => (0.0f32, 0, 0),
+            Input::RmsNorm { eps } => (eps, 0, 0),
+            Input::Combine { heads, chunks } => (0.0, heads, chunks),
         };
         let w = [
             self.rows,
@@ -265,8 +301,8 @@ impl MatvecParams {
             self.bias_off,
             eps.to_bits(),
             if self.pair { 2 } else { self.glu as u32 },
-            0,
-            0,
+            heads,
+            chunks,
         ];
         let mut out = [0u8; 64];
         for (o, v) in out.chunks_exact_mut(4).zip(w) {
@@ -407,6 +443,8 @@ pub enum Steps {
     UpTo(u32),
     /// Steps of more than this many tokens.
     Over(u32),
+    /// Steps of this many tokens to that many (both included).
+    Between(u32, u32),
 }
 
 impl Steps {
@@ -416,6 +454,7 @@ impl Steps {
             Steps::All => true,
             Steps::UpTo(k) => n <= k,
             Steps::Over(k) => n > k,
+            Steps::Between(lo, hi) => lo <= n && n <= hi,
         }
     }
 }
@@ -477,7 +516,7 @@ impl Dispatch {
         pass.dispatch_workgroups(x, y, z);
         if self.subgroups {
             "matvec sg"
-        } else if self.tiled.is_some() {
+        } else if matches!(self.grid, Grid::TokensZ(..)) {
             "matvec"
         } else {
             ""
@@ -550,6 +589,15 @@ const ATTENTION_HD: u32 = 64;
 const MATVEC_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/products.wgsl"),
+    include_str!("wgsl/matvec_input.wgsl"),
+    include_str!("wgsl/matvec.wgsl")
+);
+/// MATVEC_WGSL with the input transform that adds attention's chunks up ([`Input::Combine`]): a module of its
+/// own, so that the other products' pipelines do not compile its code (matvec_input.wgsl says why).
+const MATVEC_COMBINE_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/products.wgsl"),
+    include_str!("wgsl/matvec_combine.wgsl"),
     include_str!("wgsl/matvec.wgsl")
 );
 const MATVEC_T_WGSL: &str = concat!(
@@ -653,25 +701,24 @@ impl Gpu {
             max_buffer: limits.max_buffer_size,
         };
         let matvec_module = shader(&device, "matvec", MATVEC_WGSL).await?;
+        let matvec_combine_module =
+            shader(&device, "matvec (combine)", MATVEC_COMBINE_WGSL).await?;
         // A driver that offers subgroups but cannot compile them loses nothing: the products run without.
-        let matvec_sg_module = match info.subgroups {
-            true => {
-                let src = [
-                    SUBGROUPS_PREFIX,
-                    MATVEC_WGSL,
-                    include_str!("wgsl/matvec_sg.wgsl"),
-                ]
-                .concat();
-                match shader(&device, "matvec_sg", &src).await {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        warn(&format!("lorag: {e}; the products run without subgroups"));
-                        None
-                    }
-                }
+        let mut matvec_sg_modules = None;
+        if info.subgroups {
+            let sg = |src| [SUBGROUPS_PREFIX, src, include_str!("wgsl/matvec_sg.wgsl")].concat();
+            let both = match shader(&device, "matvec_sg", &sg(MATVEC_WGSL)).await {
+                Ok(p) => shader(&device, "matvec_sg (combine)", &sg(MATVEC_COMBINE_WGSL))
+                    .await
+                    .map(|c| (p, c)),
+                Err(e) => Err(e),
+            };
+            match both {
+                Ok(m) => matvec_sg_modules = Some(m),
+                Err(e) => warn(&format!("lorag: {e}; the products run without subgroups")),
             }
-            false => None,
-        };
+        }
+        let (matvec_sg_module, matvec_sg_combine_module) = matvec_sg_modules.unzip();
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
         // The kernels assert that their tile is the one the dispatches assume (const_assert on HOST_TILE).
         let tiled = |t: u32, src: &str| format!("const HOST_TILE: u32 = {t}u;\n{src}");
@@ -750,6 +797,8 @@ impl Gpu {
             use_subgroups: AtomicBool::new(matvec_sg_module.is_some()),
             matvec_module,
             matvec_sg_module,
+            matvec_combine_module,
+            matvec_sg_combine_module,
             // (wgpu's smallest subgroup is ≥ 4, so a workgroup of ≤ 256 has ≤ 64 subgroups: matvec_sg.wgsl's
             // mean square keeps one sum per subgroup in 64 places; the min() says so for any adapter.)
             sg_width,
@@ -759,6 +808,7 @@ impl Gpu {
             matmul_wide_module,
             gemm_tile: AtomicU32::new(0),
             row_pairs: AtomicBool::new(true),
+            combine_in_product: AtomicBool::new(true),
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
@@ -935,6 +985,19 @@ impl Gpu {
         self.gemm_tile.store(tile.unwrap_or(0), Ordering::SeqCst);
     }
 
+    /// Whether decoder sessions (`llm::gpu::GpuSession`) built from now on add attention's position chunks up
+    /// inside the output projection of one-token steps ([`Input::Combine`]; on by default, where
+    /// [`combine_fits`]) or in a launch of their own (attention_combine.wgsl): the same results bit for bit, so
+    /// the switch is for measuring what the launch saves (`cargo bench --bench gpu`).
+    pub fn set_combine_in_product(&self, on: bool) {
+        self.combine_in_product.store(on, Ordering::SeqCst);
+    }
+
+    /// See [`Gpu::set_combine_in_product`].
+    pub fn combine_in_product(&self) -> bool {
+        self.combine_in_product.load(Ordering::SeqCst)
+    }
+
     /// Whether decoder sessions (`llm::gpu::GpuSession`) built from now on run the gate and up projections as one
     /// launch of row pairs in steps of up to `TILE` tokens (on by default), or as two launches always: the same
     /// results bit for bit, so the switch is for measuring what the launch saves (`cargo bench --bench gpu`).
@@ -993,7 +1056,8 @@ impl Gpu {
     }
 
     /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`);
-    /// `norm`: the RMSNorm input transform compiled in (the override constant NORM); `sg`: matvec_sg.wgsl's entry
+    /// `norm`: the input transform compiled in (the override constant NORM, [`Input::mode`]; 2 only with `tile`
+    /// 1); `sg`: matvec_sg.wgsl's entry
     /// point where the module exists (matrix-vector only).
     /// `split`: rows per workgroup of a one-token pipeline on subgroups, each split over subgroups (SPLIT;
     /// 0: one subgroup per row, four rows).
@@ -1001,10 +1065,14 @@ impl Gpu {
         &self,
         ty: GgmlType,
         tile: u32,
-        norm: bool,
+        norm: u32,
         sg: bool,
         split: u32,
     ) -> wgpu::ComputePipeline {
+        debug_assert!(
+            norm < 2 || tile == 1,
+            "the chunks' sum is a one-token transform"
+        );
         let sg = sg && tile != MATMUL && tile != MATMUL_WIDE && self.matvec_sg_module.is_some();
         let split = if sg && tile == 1 { split } else { 0 };
         let mut cache = self.matvec.lock().unwrap();
@@ -1019,7 +1087,8 @@ impl Gpu {
                 bind_group_layouts: &[Some(&self.matvec_layout)],
                 immediate_size: 0,
             });
-        let norm = ("NORM", norm as u32 as f64);
+        let mode = norm;
+        let norm = ("NORM", norm as f64);
         let tiles = [("TY", ty.id() as f64), ("TT", tile as f64), norm];
         let sg_tiles = [
             ("TY", ty.id() as f64),
@@ -1043,7 +1112,14 @@ impl Gpu {
                     "main",
                     &[("TY", ty.id() as f64), norm],
                 ),
+                Some(_) if sg && mode == 2 => (
+                    "matvec_sg",
+                    self.matvec_sg_combine_module.as_ref().unwrap(),
+                    "main_sg",
+                    &sg_tiles,
+                ),
                 Some(m) if sg => ("matvec_sg", m, "main_sg", &sg_tiles),
+                _ if mode == 2 => ("matvec", &self.matvec_combine_module, "main", &tiles),
                 _ => ("matvec", &self.matvec_module, "main", &tiles),
             };
         let p = self
@@ -1082,7 +1158,8 @@ impl Gpu {
     /// [`Gpu::matvec_dispatches`] with the fusions' operands: `norm`, the norm weights of `base.input`
     /// (one per column), and `gate`, the gate of `base.glu` (laid out as `y`). With `base.pair` the dispatch
     /// runs only in steps of up to `TILE` tokens ([`Steps::UpTo`]): the matrix-matrix kernels have no row pairs,
-    /// so the caller adds the two products it replaces for longer steps ([`Steps::Over`]).
+    /// so the caller adds the two products it replaces for longer steps ([`Steps::Over`]). With
+    /// [`Input::Combine`] (`x`: attention's partials) it runs only in one-token steps ([`Steps::UpTo`]`(1)`).
     #[allow(clippy::too_many_arguments)]
     pub fn matvec_dispatches_with(
         &self,
@@ -1095,7 +1172,17 @@ impl Gpu {
         step: &wgpu::Buffer,
         base: MatvecParams,
     ) -> Vec<Dispatch> {
-        let norm_in = matches!(base.input, Input::RmsNorm { .. });
+        let mode = base.input.mode();
+        let combine = mode == 2;
+        if let Input::Combine { heads, chunks } = base.input {
+            assert!(
+                combine_fits(heads as usize, chunks)
+                    && m.cols.is_multiple_of(heads as usize)
+                    && !base.pair,
+                "attention's chunks added up in a product: {heads} heads over {} columns, {chunks} chunks",
+                m.cols
+            );
+        }
         // Row pairs: one chunk holding both halves (row r's partner is r + rows/2 in the same binding), and
         // nothing the pass over the gate rows would have to skip.
         assert!(
@@ -1114,12 +1201,14 @@ impl Gpu {
             true => self.decode_rows_for(m.rows / halves),
             false => 0,
         };
-        let pipeline = self.matvec_pipeline(m.ty, 1, norm_in, subgroups, split);
-        let tiled = self.matvec_pipeline(m.ty, TILE, norm_in, subgroups, 0);
-        let gemm = self.matvec_pipeline(m.ty, MATMUL, norm_in, subgroups, 0);
+        let pipeline = self.matvec_pipeline(m.ty, 1, mode, subgroups, split);
+        // The chunks' sum is a one-token transform: no pipelines for longer steps.
+        let tiled = (!combine).then(|| self.matvec_pipeline(m.ty, TILE, mode, subgroups, 0));
+        let gemm = (!combine).then(|| self.matvec_pipeline(m.ty, MATMUL, mode, subgroups, 0));
         let forced = self.gemm_tile.load(Ordering::SeqCst);
-        let gemm_wide = (forced == GEMM_WIDE_TILE || forced == 0 && m.rows >= WIDE_MIN_ROWS)
-            .then(|| self.matvec_pipeline(m.ty, MATMUL_WIDE, norm_in, subgroups, 0));
+        let gemm_wide = (!combine
+            && (forced == GEMM_WIDE_TILE || forced == 0 && m.rows >= WIDE_MIN_ROWS))
+            .then(|| self.matvec_pipeline(m.ty, MATMUL_WIDE, mode, subgroups, 0));
         let dummy = (bias.is_none() || norm.is_none() || gate.is_none())
             .then(|| self.buffer("no operand", 4, wgpu::BufferUsages::STORAGE));
         let [bias_buf, norm_buf, gate_buf] =
@@ -1207,9 +1296,9 @@ impl Gpu {
                     pipeline: pipeline.clone(),
                     bind_group,
                     grid: Grid::TokensZ(gx, gy),
-                    tiled: Some((tiled.clone(), tgx, tgy)),
-                    gemm: (!base.pair).then(|| Gemm {
-                        small: (gemm.clone(), sx, sy),
+                    tiled: tiled.clone().map(|p| (p, tgx, tgy)),
+                    gemm: gemm.clone().filter(|_| !base.pair).map(|small| Gemm {
+                        small: (small, sx, sy),
                         wide: gemm_wide.clone().map(|p| (p, wx, wy)),
                         wide_from,
                     }),
@@ -1219,11 +1308,17 @@ impl Gpu {
                         if base.pair { "2×" } else { "" },
                         rows,
                         m.cols,
-                        if norm_in { " +norm" } else { "" },
+                        match mode {
+                            1 => " +norm",
+                            2 => " +combine",
+                            _ => "",
+                        },
                         if base.glu || base.pair { " +glu" } else { "" }
                     ),
                     subgroups,
-                    steps: if base.pair {
+                    steps: if combine {
+                        Steps::UpTo(1)
+                    } else if base.pair {
                         Steps::UpTo(TILE)
                     } else {
                         Steps::All

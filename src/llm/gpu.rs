@@ -9,7 +9,9 @@
 //! residual), gate and up (normalizing likewise, uploaded as one matrix where their types agree: in steps of up
 //! to `TILE` tokens one launch of row pairs, u = silu(gate · x) · (up · x); in longer steps, or where either has
 //! an adapter, two launches, up finishing with SwiGLU, silu(gate) · up), and down (adding into the residual): 5
-//! launches a layer when decoding (6 in prefill; 2 more where q, k and v are separate), plus the final norm and
+//! launches a layer when decoding (6 in prefill; 2 more where q, k and v are separate; 1 more in steps of 2 to
+//! `TILE` tokens where attention is split over position chunks, whose sum one-token steps' output projection
+//! computes as it reads them: [`Input::Combine`]), plus the final norm and
 //! the output projection (and two per adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
 //! pass, submits once, and reads back only the logits: no buffer or bind group is created per token.
 
@@ -17,8 +19,8 @@ use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
-    attention_partials, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams, Steps,
-    MAX_HEAD_DIM, TILE,
+    attention_partials, combine_fits, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams,
+    Steps, MAX_HEAD_DIM, TILE,
 };
 use crate::{Error, Result};
 
@@ -264,6 +266,8 @@ impl<'a> GpuSession<'a> {
         let scores = f("scores", batch * c.n_head * n_ctx);
         // Decoding steps' attention split over position chunks (Gpu::attention), their partial sums.
         let chunks = gpu.attention_chunks(c.n_head);
+        // Decoding's output projection adds the chunks up itself (Input::Combine) where its factors fit.
+        let combine_in = gpu.combine_in_product() && combine_fits(c.n_head, chunks);
         let parts = f(
             "attention partials",
             attention_partials(chunks, c.n_head, hd),
@@ -348,23 +352,14 @@ impl<'a> GpuSession<'a> {
                 (5, ffn_in, whole(&u, ff), false, Some(&g)),
                 (6, plain(&u), whole(&x, d), true, None),
             ];
-            let adapted = |idx: usize| -> Vec<(&Adapter, f32)> {
-                lora.iter()
-                    .copied()
-                    .filter(|&(a, w)| w != 0.0 && a.get(li, Target::ALL[idx]).is_some())
-                    .collect()
-            };
-            // The adapters' products for matrix idx; the last one finishes with the gate, if any.
-            let mut lora_ds = |idx: usize,
-                               input: In,
-                               out: Out,
-                               gate: Option<&wgpu::Buffer>|
-             -> Result<Vec<Dispatch>> {
-                let mut out_ds = Vec::new();
-                let on = adapted(idx);
-                for (i, &(a, weight)) in on.iter().enumerate() {
-                    let lm = a.get(li, Target::ALL[idx]).expect("filtered by adapted()");
-                    let last = i + 1 == on.len();
+            // The adapters on each of the layer's matrices, uploaded once: (A, B, their intermediate, scale).
+            let mut lora_mats: [Vec<(GpuMatrix, GpuMatrix, wgpu::Buffer, f32)>; 7] =
+                Default::default();
+            for (idx, mats) in lora_mats.iter_mut().enumerate() {
+                for &(a, weight) in lora {
+                    let Some(lm) = a.get(li, Target::ALL[idx]).filter(|_| weight != 0.0) else {
+                        continue;
+                    };
                     let to_bytes =
                         |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
                     let am =
@@ -378,36 +373,35 @@ impl<'a> GpuSession<'a> {
                     }
                     let bm = gpu.upload_matrix(GgmlType::F32, &to_bytes(&b), lm.rows, lm.rank)?;
                     let t = gpu.buffer("lora t", (batch * lm.rank * 4) as u64, STORAGE);
-                    out_ds.extend(mv(
-                        &am,
-                        input,
-                        whole(&t, lm.rank),
-                        None,
-                        false,
-                        1.0,
-                        Glu::Off,
-                    ));
-                    let g = gate.filter(|_| last).into();
-                    out_ds.extend(mv(&bm, plain(&t), out, None, true, weight * lm.scale, g));
-                    keep.push(t);
-                    adapters.push(am);
-                    adapters.push(bm);
+                    mats.push((am, bm, t, weight * lm.scale));
                 }
-                Ok(out_ds)
+            }
+            let adapted = |idx: usize| !lora_mats[idx].is_empty();
+            // The adapters' products for matrix idx; the last one finishes with the gate, if any.
+            let lora_ds = |idx: usize, input: In, out: Out, gate: Option<&wgpu::Buffer>| {
+                let mut out_ds = Vec::new();
+                let on = &lora_mats[idx];
+                for (i, (am, bm, t, scale)) in on.iter().enumerate() {
+                    let last = i + 1 == on.len();
+                    out_ds.extend(mv(am, input, whole(t, am.rows), None, false, 1.0, Glu::Off));
+                    let g = gate.filter(|_| last).into();
+                    out_ds.extend(mv(bm, plain(t), out, None, true, *scale, g));
+                }
+                out_ds
             };
             // q, k and v: the layer's base products (one where they are one matrix), then their adapters'.
             for (m, bias, r0) in l.qkv_products() {
                 ds.extend(mv(m, attn_in, at(r0), bias, false, 1.0, Glu::Off));
             }
             for &(idx, input, out, _, gate) in &plan[..3] {
-                ds.extend(lora_ds(idx, input, out, gate)?);
+                ds.extend(lora_ds(idx, input, out, gate));
             }
             // A matrix's product and its adapters' (the gate on the last product writing the output).
-            let mut product = |(idx, input, out, acc, gate): Step| -> Result<Vec<Dispatch>> {
-                let base_gate = gate.filter(|_| adapted(idx).is_empty()).into();
+            let product = |(idx, input, out, acc, gate): Step| -> Vec<Dispatch> {
+                let base_gate = gate.filter(|_| !adapted(idx)).into();
                 let mut v = mv(&l.mats[idx], input, out, None, acc, 1.0, base_gate);
-                v.extend(lora_ds(idx, input, out, gate)?);
-                Ok(v)
+                v.extend(lora_ds(idx, input, out, gate));
+                v
             };
             let att_p = gpu.uniform(&[
                 c.n_head as u32,
@@ -420,24 +414,51 @@ impl<'a> GpuSession<'a> {
                 c.rope_neox as u32,
             ]);
             // RoPE runs inside attention, which also stores the step's k and v into the cache.
-            ds.extend(gpu.attention(
+            let mut attention = gpu.attention(
                 [&qkv, &kc, &vc, &cs, &scores, &att, &att_p, &step],
                 &parts,
                 c.n_head,
                 hd,
                 chunks,
-            ));
-            ds.extend(product(plan[3])?);
+            );
+            // One-token steps: the output projection (and its adapters' first products) add attention's chunks
+            // up as they read them; its combining launch runs only in steps of 2..=TILE tokens, and the plain
+            // products in steps of more than one.
+            if combine_in {
+                attention[1].steps = Steps::Between(2, TILE);
+            }
+            ds.extend(attention);
+            if combine_in {
+                let combined = (
+                    &parts,
+                    Input::Combine {
+                        heads: c.n_head as u32,
+                        chunks,
+                    },
+                    None,
+                );
+                let (idx, _, out, acc, gate) = plan[3];
+                let mut one = product((idx, combined, out, acc, gate));
+                for d in &mut one {
+                    d.steps = Steps::UpTo(1);
+                }
+                ds.extend(one);
+                let mut more = product(plan[3]);
+                for d in &mut more {
+                    d.steps = Steps::Over(1);
+                }
+                ds.extend(more);
+            } else {
+                ds.extend(product(plan[3]));
+            }
             // Gate and up: in steps of up to TILE tokens one launch of row pairs where they are one chunk
             // without adapters (u = silu(gate · x) · (up · x) directly); longer steps, and the rest, as two.
-            let pair = l.gate_up.as_ref().filter(|m| {
-                gpu.row_pairs()
-                    && m.chunks.len() == 1
-                    && adapted(4).is_empty()
-                    && adapted(5).is_empty()
-            });
-            let mut gate_up = product(plan[4])?;
-            gate_up.extend(product(plan[5])?);
+            let pair = l
+                .gate_up
+                .as_ref()
+                .filter(|m| gpu.row_pairs() && m.chunks.len() == 1 && !adapted(4) && !adapted(5));
+            let mut gate_up = product(plan[4]);
+            gate_up.extend(product(plan[5]));
             if let Some(m) = pair {
                 ds.extend(mv(m, ffn_in, whole(&u, ff), None, false, 1.0, Glu::Pair));
                 for d in &mut gate_up {
@@ -445,8 +466,12 @@ impl<'a> GpuSession<'a> {
                 }
             }
             ds.extend(gate_up);
-            ds.extend(product(plan[6])?);
+            ds.extend(product(plan[6]));
             keep.push(att_p);
+            for (am, bm, t, _) in lora_mats.into_iter().flatten() {
+                adapters.extend([am, bm]);
+                keep.push(t);
+            }
         }
         let final_p = gpu.uniform(&[d as u32, 1, c.eps.to_bits(), 0]);
         ds.push(gpu.dispatch(

@@ -11,8 +11,10 @@
 // token's sum runs in the same order whatever TT is, so the decoding (TT = 1) and prefill (TT = 8) pipelines
 // give identical bits.
 //
-// Two fusions save the decoder a launch each (products.wgsl declares them): NORM = 1 normalizes the input on the
-// way in (each workgroup computes its tokens' mean square), and P.glu = 1 applies SwiGLU to the result on the way
+// Three fusions save the decoder a launch each (products.wgsl declares them): NORM = 1 normalizes the input on the
+// way in (each workgroup computes its tokens' mean square); NORM = 2 (TT = 1: decoding's attention output
+// projection) reads attention's output as the position chunks attention.wgsl left it, adding them up on the way
+// in as attention_combine.wgsl would (matvec_combine.wgsl); and P.glu = 1 applies SwiGLU to the result on the way
 // out (y = silu(GATE[o]) · y, GATE laid out as Y: the up projection finishing g = silu(gate) · up once per
 // element). P.glu = 2 fuses the gate and up projections into one launch: W holds 2 · P.rows rows (the gate's,
 // then the up projection's), and output row r is silu(W[r] · x) · (W[r + P.rows] · x): the workgroup's rows
@@ -52,15 +54,9 @@ fn emit(v: f32, row: u32, t: u32, tok0: u32, h: u32, halves: u32) {
     Y[o] = finish_with(v, row, o, gate_of(t, o));
 }
 
-// The input at X[i] (column c), after the transform: with NORM, x · AUX[c]; the token's 1 / rms is a
-// common factor of the whole sum, applied once at the end (not once per weight, as the sum's inner loop would).
-fn input(i: u32, c: u32) -> f32 {
-    let x = X[i];
-    if (NORM == 1u) {
-        return x * AUX[c];
-    }
-    return x;
-}
+// input() (the transform on the way in) comes from matvec_input.wgsl, or for NORM = 2 from matvec_combine.wgsl,
+// before this source: see there.
+
 
 // acc[t] += w · x_t[j] for the tile's tokens. Every loop over the tile's tokens runs to the constant TT (the
 // pipeline's override) and tests t < nt inside: with constant bounds the compiler can unroll them and keep acc,
@@ -245,6 +241,9 @@ fn main(
     nt = min(TT, STEP.n - min(STEP.n, tok0));
     if (NORM == 1u) {
         mean_squares(li, tok0, lane == 0u);
+    }
+    if (NORM == 2u) {
+        combine_factors(li, 64u);
     }
     let halves = select(1u, 2u, P.glu == 2u);
     for (var h = 0u; h < halves; h++) {

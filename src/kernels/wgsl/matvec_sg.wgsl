@@ -110,6 +110,9 @@ fn main_sg(
     if (NORM == 1u) {
         mean_squares_sg(li, sg, count, tok0, rank == 0u);
     }
+    if (NORM == 2u) {
+        combine_factors(li, SGW);
+    }
     if (SPLIT == 1u) {
         split_rows((wg.x + wg.y * nwg.x) * RPS, rank, lanes, sg, count, tok0);
         return;

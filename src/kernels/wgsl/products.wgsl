@@ -2,8 +2,10 @@
 // serves both, so the parameters and bindings are written once, here.
 //
 // Override constants: TY, the weights' GGUF type id (dequant.wgsl decodes it); NORM = 1 normalizes the input on
-// the way in (RMSNorm: x · (1 / sqrt(mean(x²) + eps)) · AUX[c], AUX the norm weights). NORM is a constant, not a
-// parameter, so the plain product compiles without the transform in its innermost loop.
+// the way in (RMSNorm: x · (1 / sqrt(mean(x²) + eps)) · AUX[c], AUX the norm weights); NORM = 2 (matvec.wgsl's
+// one-token pipelines only) adds attention's position chunks up on the way in (X holds attention.wgsl's
+// partials: see matvec.wgsl). NORM is a constant, not a parameter, so the plain product compiles without the
+// transform in its innermost loop.
 
 struct Params {
     rows: u32,
@@ -20,8 +22,8 @@ struct Params {
     bias_off: u32,   // bias[bias_off + row]
     eps: f32,        // RMSNorm's epsilon (NORM = 1)
     glu: u32,        // 1: y = silu(GATE[o]) · y, last; 2: row pairs, y = silu(W[r]·x) · (W[r + rows]·x)
-    _a: u32,
-    _b: u32,
+    heads: u32,      // NORM = 2: attention's heads (cols / heads dims each) ...
+    chunks: u32,     // ... and position chunks
 }
 struct Step { pos0: u32, n: u32, _a: u32, _b: u32 }
 
