@@ -2,12 +2,12 @@
 // network is gone (network first while online, so updates arrive). Model files are cached by lorag itself (Cache
 // API, after their size and integrity checks) and knowledge packs live in OPFS (or IndexedDB). Network first means
 // a changed file is picked up on the next online load; renaming SHELL (a release) also clears the old copies.
-const SHELL = "lorag-www-v3";
+const SHELL = "lorag-www-v4";
 // Relative to this script: the app and its copy of the package (www/pkg), all inside this worker's scope, so the
 // module Worker (a client of its own, matched by its URL) is controlled too.
 const FILES = [
   "./", "./index.html", "./app.js", "./style.css",
-  "./pkg/worker-client.js", "./pkg/core.js", "./pkg/worker.js", "./pkg/web.js",
+  "./pkg/worker-client.js", "./pkg/core.js", "./pkg/worker.js", "./pkg/web.js", "./pkg/browser-storage.js",
   "./pkg/web/lorag.js", "./pkg/web/lorag_bg.wasm",
 ].map((f) => new URL(f, self.location).pathname);
 
