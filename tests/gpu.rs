@@ -381,6 +381,18 @@ async_test! {
         row_pairs().await
     }
 }
+/// The product paths of `paths` as (subgroups, one-token rows per workgroup for `Gpu::set_decode_rows`): on
+/// subgroups each of `splits`, without them 0 (no split there).
+fn with_splits(paths: &[bool], splits: &[u32]) -> Vec<(bool, u32)> {
+    paths
+        .iter()
+        .flat_map(|&sg| match sg {
+            true => splits.iter().map(|&k| (sg, k)).collect(),
+            false => vec![(sg, 0)],
+        })
+        .collect()
+}
+
 /// The gate and up projections in one launch (`MatvecParams::pair`: the decoder's FFN while decoding) against the
 /// two launches it replaces (the gate's product, then up's finishing with SwiGLU, both reading the normalized
 /// input), bit for bit: each row's two sums run in the same order in both (same lanes, same slots), and the
@@ -407,11 +419,7 @@ async fn row_pairs() {
             let x = g.f32_buffer("x", &rand_vec(&mut rng, n * cols, 2.0));
             // On subgroups also with one-token rows split over them (the pair's halves split as the two
             // products are: the same bits).
-            let splits = sg_paths.iter().flat_map(|&sg| match sg {
-                true => vec![(sg, 0), (sg, 1), (sg, 2)],
-                false => vec![(sg, 0)],
-            });
-            for (sg, split) in splits {
+            for (sg, split) in with_splits(&sg_paths, &[0, 1, 2]) {
                 g.set_subgroups(sg);
                 g.set_decode_rows(Some(split));
                 let buf = |name| g.f32_buffer(name, &vec![0.0; n * rows]);
@@ -495,10 +503,11 @@ async_test! {
 /// on the way in) against the combining launch (attention_combine.wgsl) and then the same product over its
 /// output, bit for bit: the input values are computed with the combining kernel's operations in its order, and
 /// the product's sum is the same either way. Chunk partials as attention leaves them (max scores, positive sums,
-/// unnormalized values; empty chunks with max −3.4e38 and zero sums), 2 to 16 chunks (loads in groups of 8:
-/// 9 and 16 cross one), heads of an odd size (13, F32) and of 24 and 64 (the quantized formats' 32-element
-/// units), into a residual that already holds values; both product paths, one-token rows split or not. The
-/// combining launch is itself held to an f64 reference below (`attention_matches_an_f64_reference`).
+/// unnormalized values; empty chunks with max −3.4e38 and zero sums), 2 to 16 chunks (the combining launch
+/// loads them in groups of 8: 9 and 16 cross one), heads of an odd size (13, F32) and of 24 and 64 (the quantized
+/// formats' 32-element units), into a residual that already holds values; both product paths, one-token rows
+/// split or not. The combining launch is itself held to an f64 reference below
+/// (`attention_kernel_matches_the_reference`).
 async fn combine_in_product() {
     use lorag::kernels::gpu::{combine_fits, Input, MatvecParams};
     let Some(g) = gpu().await else { return };
@@ -529,11 +538,7 @@ async fn combine_in_product() {
             }
             let pb = g.f32_buffer("partials", &part);
             let residual = rand_vec(&mut rng, rows, 1.0);
-            let splits = sg_paths.iter().flat_map(|&sg| match sg {
-                true => vec![(sg, 0), (sg, 1), (sg, 4)],
-                false => vec![(sg, 0)],
-            });
-            for (sg, split) in splits {
+            for (sg, split) in with_splits(&sg_paths, &[0, 1, 4]) {
                 g.set_subgroups(sg);
                 g.set_decode_rows(Some(split));
                 let params = |input| MatvecParams {

@@ -1056,7 +1056,7 @@ impl Gpu {
     }
 
     /// The matvec.wgsl pipeline for `ty` with `tile` tokens per workgroup, or matmul.wgsl's (`tile` = `MATMUL`);
-    /// `norm`: the input transform compiled in (the override constant NORM, [`Input::mode`]; 2 only with `tile`
+    /// `mode`: the input transform compiled in (the override constant NORM, [`Input::mode`]; 2 only with `tile`
     /// 1); `sg`: matvec_sg.wgsl's entry
     /// point where the module exists (matrix-vector only).
     /// `split`: rows per workgroup of a one-token pipeline on subgroups, each split over subgroups (SPLIT;
@@ -1065,18 +1065,18 @@ impl Gpu {
         &self,
         ty: GgmlType,
         tile: u32,
-        norm: u32,
+        mode: u32,
         sg: bool,
         split: u32,
     ) -> wgpu::ComputePipeline {
         debug_assert!(
-            norm < 2 || tile == 1,
+            mode < 2 || tile == 1,
             "the chunks' sum is a one-token transform"
         );
         let sg = sg && tile != MATMUL && tile != MATMUL_WIDE && self.matvec_sg_module.is_some();
         let split = if sg && tile == 1 { split } else { 0 };
         let mut cache = self.matvec.lock().unwrap();
-        let key = (ty.id(), tile, norm, sg, split);
+        let key = (ty.id(), tile, mode, sg, split);
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
             return p.clone();
         }
@@ -1087,8 +1087,7 @@ impl Gpu {
                 bind_group_layouts: &[Some(&self.matvec_layout)],
                 immediate_size: 0,
             });
-        let mode = norm;
-        let norm = ("NORM", norm as f64);
+        let norm = ("NORM", mode as f64);
         let tiles = [("TY", ty.id() as f64), ("TT", tile as f64), norm];
         let sg_tiles = [
             ("TY", ty.id() as f64),

@@ -219,6 +219,15 @@ fn plain(b: &wgpu::Buffer) -> In<'_> {
     (b, Input::Plain, None)
 }
 
+/// `ds`, to run only in the steps `steps` admits (a fused launch in some steps, the launches it replaces in the
+/// others).
+fn in_steps(mut ds: Vec<Dispatch>, steps: Steps) -> Vec<Dispatch> {
+    for d in &mut ds {
+        d.steps = steps;
+    }
+    ds
+}
+
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -438,16 +447,11 @@ impl<'a> GpuSession<'a> {
                     None,
                 );
                 let (idx, _, out, acc, gate) = plan[3];
-                let mut one = product((idx, combined, out, acc, gate));
-                for d in &mut one {
-                    d.steps = Steps::UpTo(1);
-                }
-                ds.extend(one);
-                let mut more = product(plan[3]);
-                for d in &mut more {
-                    d.steps = Steps::Over(1);
-                }
-                ds.extend(more);
+                ds.extend(in_steps(
+                    product((idx, combined, out, acc, gate)),
+                    Steps::UpTo(1),
+                ));
+                ds.extend(in_steps(product(plan[3]), Steps::Over(1)));
             } else {
                 ds.extend(product(plan[3]));
             }
@@ -461,9 +465,7 @@ impl<'a> GpuSession<'a> {
             gate_up.extend(product(plan[5]));
             if let Some(m) = pair {
                 ds.extend(mv(m, ffn_in, whole(&u, ff), None, false, 1.0, Glu::Pair));
-                for d in &mut gate_up {
-                    d.steps = Steps::Over(TILE);
-                }
+                gate_up = in_steps(gate_up, Steps::Over(TILE));
             }
             ds.extend(gate_up);
             ds.extend(product(plan[6]));
