@@ -204,6 +204,18 @@ fn main() {
         }
         med(&mut v)
     };
+    // Greedy decoding on the GPU (argmax and the next embedding there, several tokens a submission, the next
+    // submission queued while the host reads one), against the host choosing each token from the logits read
+    // back every step, and against other batch sizes.
+    for batch in [0, 1, 32] {
+        backend.set_greedy_batch(Some(batch));
+        let v = decode_without("greedy batch");
+        backend.set_greedy_batch(None);
+        match batch {
+            0 => println!("  GPU with the host choosing each token (the logits read back every step): decode {v:.1} tok/s"),
+            b => println!("  GPU greedy decoding {b} tokens a submission (default {}): decode {v:.1} tok/s", lorag::kernels::gpu::GREEDY_BATCH),
+        }
+    }
     // Gate and up as one launch, against two.
     backend.set_row_pairs(false);
     let two = decode_without("two launches");

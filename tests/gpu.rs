@@ -898,7 +898,8 @@ async_test! {
 }
 
 /// Faults: a kernel that does not compile is an error naming it; a device lost mid-conversation fails that
-/// request with `Error::Device`, and the next request runs (on the CPU) and gives the CPU's tokens.
+/// request with `Error::Device`, and the next request runs (on the CPU) and gives the CPU's tokens. The request
+/// is longer than a greedy submission (8 tokens), so the GPU is used again after the loss.
 async fn faults() {
     let Some(g) = gpu().await else { return };
     let e = g.compile("broken", "fn main( {").await.unwrap_err();
@@ -910,7 +911,7 @@ async fn faults() {
     };
     let prompt: Vec<u32> = (0..6).map(|i| (i * 41 % 256) as u32).collect();
     let opts = GenerateOptions {
-        max_tokens: 4,
+        max_tokens: 12,
         sampler: SamplerConfig::greedy(),
         ..Default::default()
     };
@@ -1623,5 +1624,268 @@ async fn train_on_gpu() {
 async_test! {
     fn training_on_the_gpu_matches_the_cpu() {
         train_on_gpu().await
+    }
+}
+
+// ---- Greedy decoding on the GPU: argmax.wgsl, embed.wgsl, and the session's submissions of several steps ----
+
+/// argmax.wgsl against `sampler::argmax` (the CPU's greedy choice): ties to the lowest index, NaN never chosen
+/// while any value is not (all NaN: the last index), −0 equal to +0, infinities, fewer and more values than the
+/// 256 invocations, SmolLM2's vocabulary. The result is an index, so the bound is equality; the token goes to
+/// slot pos0 + 1 and nothing else changes.
+async fn argmax_kernel() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(77);
+    let mut cases: Vec<(&str, Vec<f32>)> = Vec::new();
+    let mut r = rand_vec(&mut rng, 261, 10.0);
+    r[200] = 11.0;
+    r[45] = 11.0;
+    cases.push(("tie between 45 and 200", r));
+    let mut r = rand_vec(&mut rng, 1000, 1.0);
+    for i in [0, 1, 300, 777, 999] {
+        r[i] = f32::NAN;
+    }
+    r[500] = 5.0;
+    r[501] = -f32::NAN;
+    cases.push(("NaNs around the max", r));
+    let mut r = rand_vec(&mut rng, 300, 1.0);
+    r[0] = f32::NAN;
+    r[299] = 2.0;
+    cases.push(("NaN first, the max last", r));
+    cases.push(("all NaN", vec![f32::NAN; 300]));
+    cases.push(("all −∞", vec![f32::NEG_INFINITY; 5]));
+    cases.push(("one value", vec![-3.0]));
+    cases.push(("−0 then +0", vec![-0.0, 0.0, -1.0]));
+    cases.push(("+∞ once", {
+        let mut r = rand_vec(&mut rng, 700, 1e30);
+        r[650] = f32::INFINITY;
+        r
+    }));
+    let mut r = rand_vec(&mut rng, 49152, 20.0);
+    r[49151] = 20.5;
+    cases.push(("SmolLM2's vocabulary, the max last", r));
+    let pos0 = 3u32;
+    for (what, v) in cases {
+        let want = lorag::llm::sampler::argmax(&v);
+        let l = g.f32_buffer("logits", &v);
+        let tok = g.f32_buffer("tokens", &[0.0; 6]);
+        let p = g.uniform(&[v.len() as u32]);
+        let step = g.uniform(&[0, 0, 0, 0]);
+        let out = launch(
+            &g,
+            Kernel::Argmax,
+            &[&l, &tok, &p, &step],
+            &step,
+            Grid::One,
+            pos0,
+            1,
+            &tok,
+            6,
+        )
+        .await;
+        let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+        let mut expect = vec![0u32; 6];
+        expect[pos0 as usize + 1] = want;
+        assert_eq!(got, expect, "{what}");
+    }
+}
+async_test! {
+    fn the_argmax_kernel_picks_as_the_sampler_does() {
+        argmax_kernel().await
+    }
+}
+
+/// embed.wgsl: every format's rows (in several chunks, so that only the chunk holding the token writes) decoded
+/// into x bit for bit as the CPU decodes them (`dequantize_row`, and its scalar reference), for the first row,
+/// a row inside a later chunk and the last.
+async fn embed_kernel() {
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(0xe3b);
+    let (rows, cols) = (37, 256);
+    for ty in TYPES {
+        let w = random_rows(ty, rows, cols, &mut rng);
+        let rb = ty.row_bytes(cols).unwrap();
+        let m = upload(&g, ty, &w, rows, cols, Some(rb * 10 + 1));
+        let tokens = g.buffer(
+            "tokens",
+            64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        let x = g.f32_buffer("x", &[f32::NAN; 256]);
+        let step = g.uniform(&[5, 1, 0, 0]);
+        let ds = g.embed_dispatches(&m, &tokens, &x, &step);
+        assert_eq!(ds.len(), m.chunks.len());
+        for t in [0usize, 23, 36] {
+            g.queue.write_buffer(&tokens, 20, &(t as u32).to_le_bytes());
+            let got = g.run_and_read(&ds, 1, &x, cols).await.unwrap();
+            let row = &w[t * rb..(t + 1) * rb];
+            let (mut fast, mut reference) = (vec![0.0; cols], vec![0.0; cols]);
+            quant::dequantize_row(ty, row, &mut fast);
+            quant::dequantize_row_ref(ty, row, &mut reference);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&fast), "{} row {t}", ty.name());
+            assert_eq!(bits(&got), bits(&reference), "{} row {t}", ty.name());
+        }
+    }
+}
+async_test! {
+    fn the_embedding_kernel_decodes_rows_as_the_cpu() {
+        embed_kernel().await
+    }
+}
+
+/// A session's greedy decoding on the GPU (argmax and the next embedding there, several steps a submission, the
+/// next submission queued before the tokens are read) against the same session's kernels one step at a time
+/// with the host choosing (`sampler::argmax` of the logits read back): the same logits, so the same tokens,
+/// exactly. The tiny llama with its adapter, tied (the output matrix is the embeddings) and untied (an output
+/// matrix of its own: the embeddings uploaded for it); 8 tokens a submission (the default), 3 and 1; to the end
+/// of the context. After the first call each call submits at most one batch and creates no buffer; a step
+/// run with `forward` after greedy calls (which drops the batch queued ahead) gives the one-step path's logits.
+async fn greedy_session() {
+    let untie = |_: &mut _, t: &mut common::tiny::Tensors| {
+        t.push(("output.weight", vec![32, 261], GgmlType::F32));
+    };
+    for (variant, bytes) in [
+        ("tied", common::tiny::tiny(|_, _| {})),
+        ("untied", common::tiny::tiny(untie)),
+    ] {
+        let Some(mut m) = on_gpu(bytes).await else {
+            return;
+        };
+        let mut rng = common::Rng(9);
+        let mut a = lorag::llm::Adapter::empty(2, lorag::llm::AdapterFormat::Memory);
+        for l in 0..2 {
+            for t in [lorag::llm::Target::Q, lorag::llm::Target::Down] {
+                let base = t.mat(&m.weights.layers[l]);
+                let mut r = || (rng.below(2001) as f32 - 1000.0) / 300.0;
+                let lm = lorag::llm::lora::LoraMat {
+                    rank: 2,
+                    rows: base.rows,
+                    cols: base.cols,
+                    a: (0..2 * base.cols).map(|_| r()).collect(),
+                    bt: (0..2 * base.rows).map(|_| r()).collect(),
+                    scale: 0.9,
+                };
+                a.set(&m.weights, "t", l, t, lm).unwrap();
+            }
+        }
+        m.add_adapter("a", a).unwrap();
+        let lora = m
+            .active_adapters(&[lorag::llm::AdapterUse {
+                name: "a".into(),
+                weight: 1.0,
+            }])
+            .unwrap();
+        let b = m.gpu().unwrap();
+        let (n_ctx, prompt) = (40, [5u32, 99, 257, 12, 33, 7, 200]);
+        // One step at a time, the host choosing: the reference.
+        let mut one =
+            GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), n_ctx, 8, &lora).unwrap();
+        let mut logits = one.forward(&prompt).await.unwrap();
+        let mut want = vec![];
+        while one.len < n_ctx {
+            let t = lorag::llm::sampler::argmax(&logits);
+            want.push(t);
+            logits = one.forward(&[t]).await.unwrap();
+        }
+        want.push(lorag::llm::sampler::argmax(&logits));
+        let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
+        assert!(distinct > 8, "{variant}: a varied sequence ({want:?})");
+        for batch in [None, Some(3), Some(1)] {
+            b.gpu.set_greedy_batch(batch);
+            let what = format!("{variant}, batch {batch:?}");
+            let mut s =
+                GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), n_ctx, 8, &lora)
+                    .unwrap();
+            let l = s.forward(&prompt).await.unwrap();
+            let mut got = vec![lorag::llm::sampler::argmax(&l)];
+            let mut calls = 0;
+            while s.len < n_ctx {
+                let counts = (
+                    b.gpu.counters.submissions.load(Ordering::Relaxed),
+                    b.gpu.counters.buffers.load(Ordering::Relaxed),
+                );
+                let before = s.len;
+                let last = *got.last().unwrap();
+                let next = s.greedy(last, 1000).await.unwrap();
+                let k = batch.unwrap_or(lorag::kernels::gpu::GREEDY_BATCH) as usize;
+                assert_eq!(next.len(), k.min(n_ctx - before), "{what}: at {before}");
+                assert_eq!(s.len, before + next.len());
+                got.extend(next);
+                if calls > 0 {
+                    let subs = b.gpu.counters.submissions.load(Ordering::Relaxed) - counts.0;
+                    assert!(subs <= 1, "{what}: {subs} submissions in one call");
+                    let bufs = b.gpu.counters.buffers.load(Ordering::Relaxed) - counts.1;
+                    assert_eq!(bufs, 0, "{what}: buffers created in a call");
+                }
+                calls += 1;
+            }
+            assert_eq!(got, want, "{what}");
+            assert!(matches!(
+                s.greedy(1, 5).await,
+                Err(Error::ContextOverflow { .. })
+            ));
+            // Back to one step at a time in the middle: a fresh session, greedy for a while, then forward.
+            let mut s =
+                GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), n_ctx, 8, &lora)
+                    .unwrap();
+            s.forward(&prompt).await.unwrap();
+            let next = s.greedy(want[0], 5).await.unwrap();
+            assert_eq!(next, want[1..1 + next.len()], "{what}");
+            let at = prompt.len() + next.len();
+            let l = s.forward(&[want[next.len()]]).await.unwrap();
+            let mut r =
+                GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), n_ctx, 8, &lora)
+                    .unwrap();
+            let mut seq = prompt.to_vec();
+            seq.extend(&want[..=next.len()]);
+            let lr = r.forward(&seq).await.unwrap();
+            assert_eq!(r.len, at + 1);
+            close(&l, &lr, &format!("{what}: forward after greedy"));
+        }
+        b.gpu.set_greedy_batch(None);
+        // Whole requests: the same tokens, text and end with greedy decoding on the GPU and with it off, up to
+        // the token limit and to a full context.
+        for (max_tokens, context) in [(20, 0), (30, 16)] {
+            let opts = GenerateOptions {
+                max_tokens,
+                context,
+                sampler: SamplerConfig::greedy(),
+                adapters: vec![lorag::llm::AdapterUse {
+                    name: "a".into(),
+                    weight: 1.0,
+                }],
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let mut runs = vec![];
+            for batch in [None, Some(0)] {
+                m.gpu().unwrap().gpu.set_greedy_batch(batch);
+                let out = m
+                    .generate_async(&prompt, &opts, &mut |_| true)
+                    .await
+                    .unwrap();
+                runs.push((out.ids, out.text, out.stop_reason));
+            }
+            m.gpu().unwrap().gpu.set_greedy_batch(None);
+            assert_eq!(
+                runs[0], runs[1],
+                "{variant}: {max_tokens} tokens, context {context}"
+            );
+            let n = runs[0].0.len();
+            assert_eq!(
+                n,
+                if context == 0 {
+                    max_tokens
+                } else {
+                    16 - prompt.len() + 1
+                }
+            );
+        }
+    }
+}
+async_test! {
+    fn greedy_decoding_on_the_gpu_matches_the_host_choosing() {
+        greedy_session().await
     }
 }

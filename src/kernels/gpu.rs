@@ -94,6 +94,11 @@ pub struct Gpu {
     matvec: Mutex<Vec<(MatvecKey, wgpu::ComputePipeline)>>,
     matvec_t_module: wgpu::ShaderModule,
     matvec_t: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    /// embed.wgsl (greedy decoding's next input), and its pipelines by GGUF type id, built on first use.
+    embed_module: wgpu::ShaderModule,
+    embed: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+    /// Tokens a greedy decoding submission runs ([`Gpu::set_greedy_batch`]; 0: greedy decoding reads logits).
+    greedy_batch: AtomicU32,
     kernels: Vec<wgpu::ComputePipeline>,
     /// attention.wgsl's pipelines by (workgroup size, head size bound HD): the adapter's default workgroup with
     /// heads of `ATTENTION_HD` built with the device, others on request (each costs a software adapter seconds
@@ -148,6 +153,18 @@ impl std::fmt::Debug for Gpu {
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use super::block_on;
+
+/// A mapping asked for ([`Gpu::map_request`]), not yet waited for.
+pub struct MapRequest {
+    fut: SlotFuture<std::result::Result<(), String>>,
+    index: Option<wgpu::SubmissionIndex>,
+}
+
+impl std::fmt::Debug for MapRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapRequest")
+    }
+}
 
 /// A one-shot slot a wgpu callback fills.
 struct Slot<T> {
@@ -459,6 +476,13 @@ impl Steps {
     }
 }
 
+/// Tokens a greedy decoding submission runs by default: each step's argmax and the next step's embedding on
+/// the GPU, the tokens read back once per submission, the next submission queued before they are read.
+pub const GREEDY_BATCH: u32 = 8;
+
+/// The most tokens [`Gpu::set_greedy_batch`] lets a submission run.
+pub const MAX_GREEDY_BATCH: u32 = 64;
+
 /// Tokens per workgroup of the tiled matvec pipeline; longer steps (prefill) take the matrix-matrix kernel.
 pub const TILE: u32 = 8;
 
@@ -535,14 +559,17 @@ pub enum Kernel {
     AttentionCombine,
     /// swiglu.wgsl.
     SwiGlu,
+    /// argmax.wgsl: greedy decoding's choice of the next token, on the GPU.
+    Argmax,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 4] = [
+    const ALL: [Kernel; 5] = [
         Kernel::RmsNorm,
         Kernel::Attention,
         Kernel::AttentionCombine,
         Kernel::SwiGlu,
+        Kernel::Argmax,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -550,6 +577,7 @@ impl Kernel {
             Kernel::Attention => "attention",
             Kernel::AttentionCombine => "attention combine",
             Kernel::SwiGlu => "swiglu",
+            Kernel::Argmax => "argmax",
         }
     }
     /// The WGSL source; attention's workgroup size `wg` (64 or 256) and bound on its heads' size `hd` (the
@@ -563,6 +591,7 @@ impl Kernel {
             ),
             Kernel::AttentionCombine => include_str!("wgsl/attention_combine.wgsl").into(),
             Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl").into(),
+            Kernel::Argmax => include_str!("wgsl/argmax.wgsl").into(),
         }
     }
 }
@@ -603,6 +632,10 @@ const MATVEC_COMBINE_WGSL: &str = concat!(
 const MATVEC_T_WGSL: &str = concat!(
     include_str!("wgsl/dequant.wgsl"),
     include_str!("wgsl/matvec_t.wgsl")
+);
+const EMBED_WGSL: &str = concat!(
+    include_str!("wgsl/dequant.wgsl"),
+    include_str!("wgsl/embed.wgsl")
 );
 /// Where the adapter has subgroups, MATVEC_WGSL with a second entry point (matvec_sg.wgsl), after this prefix.
 /// Browsers need the extension enabled (and WGSL's uniformity analysis cannot see that a loop bounded by a
@@ -720,6 +753,7 @@ impl Gpu {
         }
         let (matvec_sg_module, matvec_sg_combine_module) = matvec_sg_modules.unzip();
         let matvec_t_module = shader(&device, "matvec_t", MATVEC_T_WGSL).await?;
+        let embed_module = shader(&device, "embed", EMBED_WGSL).await?;
         // The kernels assert that their tile is the one the dispatches assume (const_assert on HOST_TILE).
         let tiled = |t: u32, src: &str| format!("const HOST_TILE: u32 = {t}u;\n{src}");
         let matmul_module = shader(&device, "matmul", &tiled(GEMM_TILE, MATMUL_WGSL)).await?;
@@ -812,6 +846,9 @@ impl Gpu {
             matvec: Mutex::new(Vec::new()),
             matvec_t_module,
             matvec_t: Mutex::new(Vec::new()),
+            embed_module,
+            embed: Mutex::new(Vec::new()),
+            greedy_batch: AtomicU32::new(GREEDY_BATCH),
             activation_cap: AtomicUsize::new(0),
             kernels,
             attention: Mutex::new(attention),
@@ -1453,6 +1490,52 @@ impl Gpu {
         ds
     }
 
+    /// Greedy decoding's next input: launches of embed.wgsl writing row `TOK[step.pos0]` of `m` (the token
+    /// embeddings) into `x`, one per row chunk of `m`.
+    pub fn embed_dispatches(
+        &self,
+        m: &GpuMatrix,
+        tokens: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+    ) -> Vec<Dispatch> {
+        let pipeline = self.typed_pipeline("embed", &self.embed_module, &self.embed, m.ty);
+        m.chunks
+            .iter()
+            .map(|c| {
+                let p = self.uniform(&[
+                    c.rows as u32,
+                    m.cols as u32,
+                    m.row_bytes as u32,
+                    c.r0 as u32,
+                    c.offset as u32,
+                ]);
+                self.launch(
+                    &format!("embed {}", m.ty.name()),
+                    pipeline.clone(),
+                    &[&c.buffer, tokens, x, &p, step],
+                    Grid::Flat(m.cols as u32),
+                )
+            })
+            .collect()
+    }
+
+    /// Tokens per submission when a session decodes greedily on the GPU (`llm::gpu::GpuSession::greedy`), for
+    /// requests from now on.
+    pub fn greedy_batch(&self) -> u32 {
+        self.greedy_batch.load(Ordering::SeqCst)
+    }
+
+    /// Tokens per greedy decoding submission: `Some(0)` never to decode on the GPU alone (every step reads the
+    /// logits back and the host picks the token: what sampling does), `None` for the default
+    /// ([`GREEDY_BATCH`]).
+    pub fn set_greedy_batch(&self, tokens: Option<u32>) {
+        self.greedy_batch.store(
+            tokens.unwrap_or(GREEDY_BATCH).min(MAX_GREEDY_BATCH),
+            Ordering::SeqCst,
+        );
+    }
+
     /// A launch of `pipeline` (its layout derived from the shader) with `buffers` bound to bindings 0, 1, … in
     /// order (public for measurements of variants of a kernel: benches/gpu.rs).
     pub fn launch(
@@ -1496,29 +1579,41 @@ impl Gpu {
         n: u32,
         then: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<()> {
+        self.submit(|enc| {
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("lorag"),
+                    timestamp_writes: None,
+                });
+                self.record(&mut pass, dispatches, n);
+            }
+            then(enc);
+        })?;
+        Ok(())
+    }
+
+    /// Let `build` record into a command encoder and submit it (one submission, counted; with profiling on,
+    /// its timed launches collected); the submission's index.
+    pub fn submit(
+        &self,
+        build: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<wgpu::SubmissionIndex> {
         self.check()?;
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("lorag"),
             });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("lorag"),
-                timestamp_writes: None,
-            });
-            self.record(&mut pass, dispatches, n);
-        }
-        then(&mut enc);
+        build(&mut enc);
         #[cfg(not(target_arch = "wasm32"))]
         let timed = self.profile_resolve(&mut enc);
-        self.queue.submit([enc.finish()]);
+        let index = self.queue.submit([enc.finish()]);
         self.counters.submissions.fetch_add(1, Ordering::Relaxed);
         #[cfg(not(target_arch = "wasm32"))]
         if timed {
             self.profile_collect()?;
         }
-        Ok(())
+        Ok(index)
     }
 
     /// Record `dispatches` for a step of `n` tokens into `pass` (what [`Gpu::run`] does; for callers adding a pass
@@ -1670,15 +1765,44 @@ impl Gpu {
         staging: &wgpu::Buffer,
         read: impl FnOnce(&[u8]) -> T,
     ) -> Result<T> {
+        let request = self.map_request(staging, None);
+        self.map_finish(staging, request, read).await
+    }
+
+    /// Ask for `staging` (a `MAP_READ` buffer a submitted copy fills) to be mapped, right after the submission
+    /// `index` that fills it (`None`: the latest), so that later submissions run while it is read
+    /// ([`Gpu::map_finish`] waits for that one submission only).
+    pub fn map_request(
+        &self,
+        staging: &wgpu::Buffer,
+        index: Option<wgpu::SubmissionIndex>,
+    ) -> MapRequest {
         let (s, fut) = slot();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             fill(&s, r.map_err(|e| e.to_string()))
         });
+        MapRequest { fut, index }
+    }
+
+    /// Wait for a [`Gpu::map_request`]'s mapping, hand the bytes to `read`, unmap.
+    pub async fn map_finish<T>(
+        &self,
+        staging: &wgpu::Buffer,
+        request: MapRequest,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T> {
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: request.index,
+                timeout: None,
+            })
             .map_err(|e| dev_err(format!("waiting for the GPU: {e}")))?;
-        fut.await
+        #[cfg(target_arch = "wasm32")]
+        let _ = request.index;
+        request
+            .fut
+            .await
             .map_err(|e| dev_err(format!("reading back from the GPU: {e}")))?;
         let out = {
             let view = staging
@@ -1860,16 +1984,27 @@ impl Gpu {
     }
 
     fn matvec_t_pipeline(&self, ty: GgmlType) -> wgpu::ComputePipeline {
-        let mut cache = self.matvec_t.lock().unwrap();
+        self.typed_pipeline("matvec_t", &self.matvec_t_module, &self.matvec_t, ty)
+    }
+
+    /// `module`'s pipeline for weights of type `ty` (its override constant TY), built once into `cache`.
+    fn typed_pipeline(
+        &self,
+        label: &str,
+        module: &wgpu::ShaderModule,
+        cache: &Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
+        ty: GgmlType,
+    ) -> wgpu::ComputePipeline {
+        let mut cache = cache.lock().unwrap();
         if let Some((_, p)) = cache.iter().find(|(k, _)| *k == ty.id()) {
             return p.clone();
         }
         let p = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("matvec_t"),
+                label: Some(label),
                 layout: None,
-                module: &self.matvec_t_module,
+                module,
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &[("TY", ty.id() as f64)],

@@ -13,14 +13,16 @@
 //! `TILE` tokens where attention is split over position chunks, whose sum one-token steps' output projection
 //! computes as it reads them: [`Input::Combine`]), plus the final norm and
 //! the output projection (and two per adapted matrix). A step then writes the new tokens' embeddings and the step's position into two small buffers, records the launches into one compute
-//! pass, submits once, and reads back only the logits: no buffer or bind group is created per token.
+//! pass, submits once, and reads back only the logits: no buffer or bind group is created per token. Greedy
+//! decoding ([`GpuSession::greedy`]) reads back not even those: the argmax and the next token's embedding run on
+//! the GPU, several steps a submission, and only the chosen ids come back.
 
 use super::lora::{Adapter, Target};
 use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
     attention_partials, combine_fits, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams,
-    Steps, MAX_HEAD_DIM, TILE,
+    Steps, MAX_GREEDY_BATCH, MAX_HEAD_DIM, TILE,
 };
 use crate::{Error, Result};
 
@@ -66,6 +68,10 @@ pub struct GpuWeights {
     layers: Vec<GpuLayer>,
     output_norm: wgpu::Buffer,
     output: GpuMatrix,
+    /// The output matrix is the token embeddings (tied), which greedy decoding's embed.wgsl then reads.
+    tied: bool,
+    /// Untied: the token embeddings, uploaded when a session first decodes greedily on the GPU.
+    embedding: std::sync::OnceLock<GpuMatrix>,
 }
 
 fn upload(gpu: &Gpu, m: &Mat, data: &[u8]) -> Result<GpuMatrix> {
@@ -156,13 +162,28 @@ impl GpuWeights {
             layers,
             output_norm: gpu.f32_buffer("output_norm", &w.output_norm),
             output: upload(gpu, &w.output, data)?,
+            tied: (w.output.ty, w.output.start, w.output.len)
+                == (w.tok_embd.ty, w.tok_embd.start, w.tok_embd.len),
+            embedding: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The token embeddings on the GPU (uploaded on first use where they are not the output matrix).
+    fn embedding(&self, gpu: &Gpu, w: &Weights, data: &[u8]) -> Result<&GpuMatrix> {
+        if self.tied {
+            return Ok(&self.output);
+        }
+        if self.embedding.get().is_none() {
+            let _ = self.embedding.set(upload(gpu, &w.tok_embd, data)?);
+        }
+        Ok(self.embedding.get().unwrap())
     }
 }
 
 /// One conversation on the GPU: KV cache, activations and the launches of a step, built once.
 pub struct GpuSession<'a> {
     gpu: &'a Gpu,
+    gw: &'a GpuWeights,
     cpu: &'a Weights,
     data: &'a [u8],
     n_ctx: usize,
@@ -175,6 +196,8 @@ pub struct GpuSession<'a> {
     staging: wgpu::Buffer,
     dispatches: Vec<Dispatch>,
     output: Vec<Dispatch>,
+    /// Greedy decoding on the GPU, set up by its first [`GpuSession::greedy`].
+    greedy: Option<Greedy>,
     // Kept alive for the bind groups that use them.
     _keep: Vec<wgpu::Buffer>,
     _adapters: Vec<GpuMatrix>,
@@ -226,6 +249,34 @@ fn in_steps(mut ds: Vec<Dispatch>, steps: Steps) -> Vec<Dispatch> {
         d.steps = steps;
     }
     ds
+}
+
+/// A session's greedy decoding on the GPU: each step ends with argmax.wgsl writing the chosen token into
+/// `tokens` at the next position, and the next step starts with embed.wgsl reading it, so that a submission runs
+/// several steps without the host; their tokens come back together.
+struct Greedy {
+    /// Launches writing the embedding of the token at the step's position into `x`.
+    embed: Vec<Dispatch>,
+    argmax: Dispatch,
+    /// The token at each position (n_ctx + 1 slots; a step at position p reads slot p and writes p + 1).
+    tokens: wgpu::Buffer,
+    /// Per position p the step record (p, 1, 0, 0): a greedy step copies its own into the step buffer.
+    plan: wgpu::Buffer,
+    /// Two read-back buffers: a submission's tokens are read while the next one runs.
+    staging: [wgpu::Buffer; 2],
+    turn: usize,
+    /// Submitted, not yet read: at most two, the second continuing from the first's last token.
+    pending: std::collections::VecDeque<Pending>,
+    /// The token at position `len` from which `pending` continues (the last one the caller got).
+    from: Option<u32>,
+}
+
+/// A greedy submission: `k` steps from position `pos0`, its tokens going to `staging`.
+struct Pending {
+    pos0: usize,
+    k: usize,
+    staging: usize,
+    map: crate::kernels::gpu::MapRequest,
 }
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -494,6 +545,7 @@ impl<'a> GpuSession<'a> {
         keep.push(final_p);
         Ok(GpuSession {
             gpu,
+            gw,
             cpu,
             data,
             n_ctx,
@@ -505,6 +557,7 @@ impl<'a> GpuSession<'a> {
             staging,
             dispatches: ds,
             output: out_ds,
+            greedy: None,
             _keep: keep,
             _adapters: adapters,
         })
@@ -542,6 +595,8 @@ impl GpuSession<'_> {
                 c.n_vocab
             )));
         }
+        // The positions greedy submissions ran ahead are run again from `len`.
+        self.discard_pending().await?;
         let d = c.n_embd;
         let emb = self.cpu.tok_embd.bytes(self.data);
         let emb_row = self.cpu.tok_embd.ty.row_bytes(d).unwrap();
@@ -577,5 +632,163 @@ impl GpuSession<'_> {
             logits = gpu.read_mapped(&self.staging, c.n_vocab).await?;
         }
         Ok(logits)
+    }
+
+    /// Whether [`GpuSession::greedy`] runs here: turned on ([`Gpu::set_greedy_batch`]) and the token embeddings
+    /// of a type the GPU decodes.
+    pub fn greedy_on_gpu(&self) -> bool {
+        self.gpu.greedy_batch() > 0 && crate::kernels::gpu::matvec_supports(self.cpu.tok_embd.ty)
+    }
+
+    /// Greedy decoding on the GPU: the tokens that follow `last` (the token at position `len`, not yet run), as
+    /// many as one submission runs ([`Gpu::greedy_batch`]), at most `want` and as the context allows; each
+    /// step's choice is the argmax of its logits (as `sampler::argmax` picks it) and the next step's input on
+    /// the GPU. Before reading a submission's tokens the next one is queued, continuing from its last token, so
+    /// the GPU does not wait for the host; a call with another `last` or after [`GpuSession::forward`] drops it.
+    pub async fn greedy(&mut self, last: u32, want: usize) -> Result<Vec<u32>> {
+        let c = &self.cpu.cfg;
+        let batch = self.gpu.greedy_batch() as usize;
+        if want == 0 || batch == 0 {
+            return Err(Error::InvalidQuery(
+                "greedy decoding on the GPU: no tokens wanted, or turned off".into(),
+            ));
+        }
+        if self.len >= self.n_ctx {
+            return Err(Error::ContextOverflow {
+                tokens: self.len + 1,
+                context: self.n_ctx,
+            });
+        }
+        if last as usize >= c.n_vocab {
+            return Err(Error::InvalidQuery(format!(
+                "token id {last} is outside the vocabulary of {}",
+                c.n_vocab
+            )));
+        }
+        if self.greedy.is_none() {
+            self.greedy = Some(self.greedy_setup()?);
+        }
+        let g = self.greedy.as_ref().unwrap();
+        let continues =
+            g.from == Some(last) && g.pending.front().is_some_and(|p| p.pos0 == self.len);
+        if !continues {
+            self.discard_pending().await?;
+            let g = self.greedy.as_ref().unwrap();
+            self.gpu
+                .queue
+                .write_buffer(&g.tokens, (self.len * 4) as u64, &last.to_le_bytes());
+            self.greedy_submit(self.len, batch.min(want).min(self.n_ctx - self.len))?;
+        }
+        let first_k = self.greedy.as_ref().unwrap().pending[0].k;
+        let next = self.len + first_k;
+        if self.greedy.as_ref().unwrap().pending.len() == 1 && want > first_k && next < self.n_ctx {
+            self.greedy_submit(next, batch.min(want - first_k).min(self.n_ctx - next))?;
+        }
+        let g = self.greedy.as_mut().unwrap();
+        let p = g.pending.pop_front().unwrap();
+        let k = p.k;
+        let mut ids: Vec<u32> = self
+            .gpu
+            .map_finish(&g.staging[p.staging], p.map, |b| {
+                b[..k * 4]
+                    .chunks_exact(4)
+                    .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+                    .collect()
+            })
+            .await?;
+        self.gpu.check()?;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(Error::Device(format!(
+                "greedy decoding on the GPU chose token {t}, outside the vocabulary of {}",
+                c.n_vocab
+            )));
+        }
+        ids.truncate(want);
+        self.len += ids.len();
+        g.from = ids.last().copied();
+        Ok(ids)
+    }
+
+    /// The launches and buffers of greedy decoding (on the first [`GpuSession::greedy`]).
+    fn greedy_setup(&self) -> Result<Greedy> {
+        let gpu = self.gpu;
+        let emb = self.gw.embedding(gpu, self.cpu, self.data)?;
+        let tokens = gpu.buffer("tokens", ((self.n_ctx + 1) * 4) as u64, STORAGE);
+        let plan: Vec<u8> = (0..self.n_ctx as u32)
+            .flat_map(|p| [p, 1, 0, 0])
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let plan = gpu.buffer_init("greedy steps", &plan, STORAGE);
+        let staging = [0, 1].map(|_| {
+            gpu.buffer(
+                "tokens staging",
+                MAX_GREEDY_BATCH as u64 * 4,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )
+        });
+        let n_vocab = self.cpu.cfg.n_vocab as u32;
+        let p = gpu.uniform(&[n_vocab]);
+        let argmax = gpu.dispatch(
+            Kernel::Argmax,
+            &[&self.logits, &tokens, &p, &self.step],
+            Grid::One,
+        );
+        Ok(Greedy {
+            embed: gpu.embed_dispatches(emb, &tokens, &self.x, &self.step),
+            argmax,
+            tokens,
+            plan,
+            staging,
+            turn: 0,
+            pending: Default::default(),
+            from: None,
+        })
+    }
+
+    /// Submit `k` greedy steps from position `pos0` (whose token is in `tokens`), and ask for their tokens.
+    fn greedy_submit(&mut self, pos0: usize, k: usize) -> Result<()> {
+        let g = self.greedy.as_mut().unwrap();
+        let gpu = self.gpu;
+        let (dispatches, output, step) = (&self.dispatches, &self.output, &self.step);
+        let staging = &g.staging[g.turn];
+        let index = gpu.submit(|enc| {
+            for pos in pos0..pos0 + k {
+                enc.copy_buffer_to_buffer(&g.plan, (pos * 16) as u64, step, 0, 16);
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("greedy step"),
+                    timestamp_writes: None,
+                });
+                gpu.record(&mut pass, &g.embed, 1);
+                gpu.record(&mut pass, dispatches, 1);
+                gpu.record(&mut pass, output, 1);
+                gpu.record(&mut pass, std::slice::from_ref(&g.argmax), 1);
+            }
+            let at = ((pos0 + 1) * 4) as u64;
+            enc.copy_buffer_to_buffer(&g.tokens, at, staging, 0, (k * 4) as u64);
+        })?;
+        let map = gpu.map_request(staging, Some(index));
+        g.pending.push_back(Pending {
+            pos0,
+            k,
+            staging: g.turn,
+            map,
+        });
+        g.turn ^= 1;
+        Ok(())
+    }
+
+    /// Wait for greedy submissions not read (their read-back buffers must be unmapped before reuse) and drop
+    /// their tokens.
+    async fn discard_pending(&mut self) -> Result<()> {
+        let Some(g) = self.greedy.as_mut() else {
+            return Ok(());
+        };
+        g.from = None;
+        while let Some(p) = g.pending.pop_front() {
+            self.gpu
+                .map_finish(&g.staging[p.staging], p.map, |_| ())
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -546,7 +546,8 @@ impl Model {
     }
 
     /// [`Model::generate`] on the device chosen with [`Model::use_device`] (the CPU by default; on the GPU every
-    /// step is one submission and only logits come back). A lost GPU fails the request it happens in with
+    /// step is one submission and only logits come back, and greedy decoding without penalties runs several
+    /// steps a submission, choosing each token there: only the ids come back). A lost GPU fails the request it happens in with
     /// `Error::Device`; later requests run on the CPU until `use_device` is called again.
     pub async fn generate_async(
         &self,
@@ -645,11 +646,19 @@ impl Model {
         let mut utf8 = tokenizer::Utf8Stream::default();
         let max_stop = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut t_first = None;
+        // Tokens run through the model (the prompt, then each token fed back), and tokens a device's greedy
+        // decoding returned ahead, in order.
+        let mut fed = prompt.len();
+        let mut queued = std::collections::VecDeque::new();
+        let device_greedy = opts.sampler.plain_greedy();
         let stop_reason = loop {
             if opts.max_tokens == 0 {
                 break StopReason::MaxTokens;
             }
-            let id = sampler.sample(&mut logits, &history);
+            let id = match queued.pop_front() {
+                Some(id) => id,
+                None => sampler.sample(&mut logits, &history),
+            };
             ids.push(id);
             history.push(id);
             t_first.get_or_insert_with(now_ms);
@@ -705,10 +714,22 @@ impl Model {
             if ids.len() >= opts.max_tokens {
                 break StopReason::MaxTokens;
             }
-            if stepper.len() >= stepper.n_ctx() {
+            if fed >= stepper.n_ctx() {
                 break StopReason::ContextFull;
             }
-            logits = stepper.step(&[id]).await?;
+            // Greedy: the device may run several steps at once (the next tokens come queued, their steps
+            // run); otherwise one step, and the next token sampled from its logits.
+            if queued.is_empty() {
+                let want = opts.max_tokens - ids.len();
+                match device_greedy {
+                    true => match stepper.greedy(id, want).await? {
+                        Some(next) => queued.extend(next),
+                        None => logits = stepper.step(&[id]).await?,
+                    },
+                    false => logits = stepper.step(&[id]).await?,
+                }
+            }
+            fed += 1;
         };
         if !matches!(stop_reason, StopReason::Stop(_)) {
             text.push_str(&utf8.finish());
@@ -736,7 +757,11 @@ impl Model {
 /// One backend's forward pass inside a generation: run tokens, get the last one's logits.
 trait Stepper {
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
-    fn len(&self) -> usize;
+    /// Greedy decoding on the device, where it has it: the tokens that follow `last` (at most `want`, at least
+    /// one), each the argmax of the logits after the one before; `None`: use `step` and the sampler.
+    async fn greedy(&mut self, _last: u32, _want: usize) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
     fn n_ctx(&self) -> usize;
 }
 
@@ -763,9 +788,6 @@ impl Stepper for CpuStepper<'_> {
         }
         Ok(logits)
     }
-    fn len(&self) -> usize {
-        self.cache.len
-    }
     fn n_ctx(&self) -> usize {
         self.cache.n_ctx()
     }
@@ -791,8 +813,11 @@ impl Stepper for GpuStepper<'_> {
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.0.forward(tokens).await
     }
-    fn len(&self) -> usize {
-        self.0.len
+    async fn greedy(&mut self, last: u32, want: usize) -> Result<Option<Vec<u32>>> {
+        if !self.0.greedy_on_gpu() {
+            return Ok(None);
+        }
+        Ok(Some(self.0.greedy(last, want).await?))
     }
     fn n_ctx(&self) -> usize {
         self.0.n_ctx()

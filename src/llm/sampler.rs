@@ -55,6 +55,15 @@ impl SamplerConfig {
         }
     }
 
+    /// Greedy with every penalty off: the next token is the argmax of the logits alone (what a device can
+    /// choose without the history).
+    pub fn plain_greedy(&self) -> bool {
+        self.greedy
+            && self.repeat_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
+
     /// `Err(Config)` naming the first field out of range.
     pub fn validate(&self) -> Result<()> {
         let f = |ok: bool, what: &str, v: f32| {
