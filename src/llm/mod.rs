@@ -547,8 +547,8 @@ impl Model {
 
     /// [`Model::generate`] on the device chosen with [`Model::use_device`] (the CPU by default; on the GPU every
     /// step is one submission and only logits come back, and greedy decoding without penalties runs several
-    /// steps a submission, choosing each token there: only the ids come back). A lost GPU fails the request it happens in with
-    /// `Error::Device`; later requests run on the CPU until `use_device` is called again.
+    /// steps a submission, choosing each token there: only the ids come back). A lost GPU fails the request it
+    /// happens in with `Error::Device`; later requests run on the CPU until `use_device` is called again.
     pub async fn generate_async(
         &self,
         prompt: &[u32],
