@@ -34,11 +34,19 @@ fn better(av: f32, ai: u32, bv_: f32, bi_: u32) -> bool {
 fn main(@builtin(local_invocation_index) li: u32) {
     var v = 0.0;
     var i = NONE;
-    for (var j = li; j < P.n; j += 256u) {
-        let x = L[j];
-        if (better(x, j, v, i)) {
-            v = x;
-            i = j;
+    // Four values a pass, their loads first (in flight together: the loop is latency-bound, not bandwidth-
+    // bound, on a GPU's one workgroup), each clamped inside the array and compared only where it exists.
+    for (var j = li; j < P.n; j += 1024u) {
+        var x: array<f32, 4>;
+        for (var u = 0u; u < 4u; u++) {
+            x[u] = L[min(j + u * 256u, P.n - 1u)];
+        }
+        for (var u = 0u; u < 4u; u++) {
+            let jj = j + u * 256u;
+            if (jj < P.n && better(x[u], jj, v, i)) {
+                v = x[u];
+                i = jj;
+            }
         }
     }
     bv[li] = v;
