@@ -690,23 +690,8 @@ async fn tiny_variant(variant: &str, bytes: Vec<u8>, fused: [bool; 2], without_a
         },
         "{variant}"
     );
-    let mut rng = common::Rng(5);
-    let mut a = lorag::llm::Adapter::empty(2, lorag::llm::AdapterFormat::Memory);
-    for l in 0..2 {
-        for t in lorag::llm::Target::ALL {
-            let base = t.mat(&m.weights.layers[l]);
-            let mut r = || (rng.below(2001) as f32 - 1000.0) / 3000.0;
-            let lm = lorag::llm::lora::LoraMat {
-                rank: 3,
-                rows: base.rows,
-                cols: base.cols,
-                a: (0..3 * base.cols).map(|_| r()).collect(),
-                bt: (0..3 * base.rows).map(|_| r()).collect(),
-                scale: 0.7,
-            };
-            a.set(&m.weights, "t", l, t, lm).unwrap();
-        }
-    }
+    let all = lorag::llm::Target::ALL;
+    let a = common::tiny::random_adapter(&m.weights, &all, 3, 5, 1.0 / 3.0, 0.7);
     m.add_adapter("all", a).unwrap();
     let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 256) as u32).collect();
     let configs = [vec![], vec![("all", 1.0f32)]];
@@ -1752,23 +1737,8 @@ async fn greedy_session() {
         let Some(mut m) = on_gpu(bytes).await else {
             return;
         };
-        let mut rng = common::Rng(9);
-        let mut a = lorag::llm::Adapter::empty(2, lorag::llm::AdapterFormat::Memory);
-        for l in 0..2 {
-            for t in [lorag::llm::Target::Q, lorag::llm::Target::Down] {
-                let base = t.mat(&m.weights.layers[l]);
-                let mut r = || (rng.below(2001) as f32 - 1000.0) / 300.0;
-                let lm = lorag::llm::lora::LoraMat {
-                    rank: 2,
-                    rows: base.rows,
-                    cols: base.cols,
-                    a: (0..2 * base.cols).map(|_| r()).collect(),
-                    bt: (0..2 * base.rows).map(|_| r()).collect(),
-                    scale: 0.9,
-                };
-                a.set(&m.weights, "t", l, t, lm).unwrap();
-            }
-        }
+        let targets = [lorag::llm::Target::Q, lorag::llm::Target::Down];
+        let a = common::tiny::random_adapter(&m.weights, &targets, 2, 9, 10.0 / 3.0, 0.9);
         m.add_adapter("a", a).unwrap();
         let lora = m
             .active_adapters(&[lorag::llm::AdapterUse {

@@ -11,13 +11,12 @@ use crate::common;
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 use common::reference::{case, ids};
-use common::tiny::{rewrite, tiny, tiny_as_qwen2};
+use common::tiny::{random_adapter, rewrite, tiny, tiny_as_qwen2};
 use lorag::llm::gguf::GgufWriter;
-use lorag::llm::lora::LoraMat;
 use lorag::llm::quant::GgmlType;
 use lorag::llm::safetensors::{self as st, SafeTensors};
 use lorag::llm::{
-    Adapter, AdapterFormat, AdapterUse, GenerateOptions, Model, SamplerConfig, Target, Weights,
+    Adapter, AdapterFormat, AdapterUse, GenerateOptions, Model, SamplerConfig, Target,
 };
 use lorag::Error;
 
@@ -118,35 +117,13 @@ fn the_synthetic_adapter_in_both_formats_gives_the_reference_logits() {
     assert!((out.top_logits[0].1 - top).abs() <= 0.05);
 }
 
-/// A random rank-`rank` adapter on `targets` of every layer (values in ±amp, scale 1).
-fn random_adapter(w: &Weights, targets: &[Target], rank: usize, seed: u64, amp: f32) -> Adapter {
-    let mut rng = common::Rng(seed);
-    let mut r = move || (rng.below(2001) as f32 - 1000.0) / 1000.0 * amp;
-    let mut a = Adapter::empty(w.cfg.n_layer, AdapterFormat::Memory);
-    for l in 0..w.cfg.n_layer {
-        for &t in targets {
-            let m = t.mat(&w.layers[l]);
-            let lm = LoraMat {
-                rank,
-                rows: m.rows,
-                cols: m.cols,
-                a: (0..rank * m.cols).map(|_| r()).collect(),
-                bt: (0..rank * m.rows).map(|_| r()).collect(),
-                scale: 1.0,
-            };
-            a.set(w, &format!("blk.{l}"), l, t, lm).unwrap();
-        }
-    }
-    a
-}
-
 #[test]
 fn switching_adapters_per_request_equals_a_fresh_generator_with_only_that_adapter() {
     let prompt = ids(&case("raw_base")["prompt_ids"]);
     let load = |m: &mut Model, name: &str| {
         let a = match name {
             "ref" => m.adapter_from_peft(PEFT_CONFIG, PEFT_WEIGHTS).unwrap(),
-            _ => random_adapter(&m.weights, &[Target::O, Target::Down], 4, 11, 0.05),
+            _ => random_adapter(&m.weights, &[Target::O, Target::Down], 4, 11, 0.05, 1.0),
         };
         m.add_adapter(name, a).unwrap();
     };
@@ -637,7 +614,7 @@ fn hostile_adapters_are_refused_and_nothing_is_lost() {
     );
     let tiny_lora = tiny_gguf_lora(&tiny_adapter());
     adapter_err(m.adapter_from_gguf(&tiny_lora), "another model");
-    let foreign = random_adapter(&tiny_m.weights, &[Target::Q], 2, 5, 0.1);
+    let foreign = random_adapter(&tiny_m.weights, &[Target::Q], 2, 5, 0.1, 1.0);
     tiny_m.add_adapter("ok", foreign.clone()).unwrap();
     let e = m.add_adapter("ref", foreign).unwrap_err();
     assert!(matches!(e, Error::Adapter { .. }), "{e}");

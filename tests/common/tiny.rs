@@ -162,3 +162,34 @@ pub fn rewrite(
     }
     w
 }
+
+/// A random rank-`rank` adapter on `targets` of every layer of `w` (values in ±amp, drawn from `seed`; the
+/// adapter's scale `scale`).
+pub fn random_adapter(
+    w: &lorag::llm::Weights,
+    targets: &[lorag::llm::Target],
+    rank: usize,
+    seed: u64,
+    amp: f32,
+    scale: f32,
+) -> lorag::llm::Adapter {
+    let mut rng = Rng(seed);
+    let mut r = move || (rng.below(2001) as f32 - 1000.0) / 1000.0 * amp;
+    let n_layer = w.cfg.n_layer;
+    let mut a = lorag::llm::Adapter::empty(n_layer, lorag::llm::AdapterFormat::Memory);
+    for l in 0..n_layer {
+        for &t in targets {
+            let m = t.mat(&w.layers[l]);
+            let lm = lorag::llm::lora::LoraMat {
+                rank,
+                rows: m.rows,
+                cols: m.cols,
+                a: (0..rank * m.cols).map(|_| r()).collect(),
+                bt: (0..rank * m.rows).map(|_| r()).collect(),
+                scale,
+            };
+            a.set(w, &format!("blk.{l}"), l, t, lm).unwrap();
+        }
+    }
+    a
+}
