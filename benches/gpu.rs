@@ -168,9 +168,15 @@ fn main() {
         .unwrap_or(3);
     let (mut cp, mut cd, mut gp, mut gd) = (vec![], vec![], vec![], vec![]);
     let mut ids = vec![];
+    let (mut host_us, mut subs, mut tokens) = (0, 0, 0);
     for _ in 0..reps {
         let c = cpu.generate(&prompt, &opts, &mut |_| true).unwrap();
+        let before = gpu.device();
         let o = block_on(gpu.generate_async(&prompt, &opts, &mut |_| true)).unwrap();
+        let after = gpu.device();
+        host_us += after.submit_us - before.submit_us;
+        subs += after.submissions - before.submissions;
+        tokens += o.ids.len() as u64;
         assert_eq!(c.ids, o.ids, "GPU and CPU greedy tokens differ");
         ids.clone_from(&c.ids);
         cp.push(c.prefill_tok_s());
@@ -189,9 +195,12 @@ fn main() {
         med(&mut cd)
     );
     println!(
-        "  GPU: prefill {:.1} tok/s, decode {:.1} tok/s",
+        "  GPU: prefill {:.1} tok/s, decode {:.1} tok/s; the host recording and submitting: {:.1} µs a token \
+         ({} submissions a request, the prompt's included)",
         med(&mut gp),
-        med(&mut gd)
+        med(&mut gd),
+        host_us as f64 / tokens as f64,
+        subs / reps as u64
     );
     // What a decoding change saves: the same requests with it undone (same tokens asserted), median decode tok/s.
     let backend = gpu.gpu().unwrap().gpu.clone();

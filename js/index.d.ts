@@ -26,7 +26,7 @@ export type AdapterSpec = Source | { safetensors: Source; config: Source } | { u
 export type ProgressEvent =
   | { stage: "download"; url: string; loaded: number; total?: number; cached?: boolean }
   | { stage: "cache"; url: string; error: string }
-  | { stage: "device"; kind: "cpu" | "gpu"; name?: string; backend?: string; software?: boolean; subgroups?: boolean; notice?: string }
+  | { stage: "device"; kind: "cpu" | "gpu"; name?: string; backend?: string; software?: boolean; subgroups?: boolean; notice?: string; submissions?: number; submitUs?: number }
   | { stage: "index"; id: string; done: number; total: number }
   | { stage: "restarted"; cause: string };
 

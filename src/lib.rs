@@ -24,6 +24,7 @@
 //! [`Limits`] before work starts.
 
 pub mod chunk;
+mod clock;
 #[cfg(feature = "embed")]
 pub mod embed;
 mod error;

@@ -1831,10 +1831,28 @@ async fn greedy_session() {
             let mut runs = vec![];
             for batch in [None, Some(0)] {
                 m.gpu().unwrap().gpu.set_greedy_batch(batch);
+                let before = m.device();
                 let out = m
                     .generate_async(&prompt, &opts, &mut |_| true)
                     .await
                     .unwrap();
+                // The device report counts the request's submissions: the prompt's, then one per token fed
+                // back with the host choosing, or one per 8 (and a queued one) on the GPU.
+                let after = m.device();
+                let subs = after.submissions - before.submissions;
+                let fed = out.ids.len() as u64 - 1;
+                if batch.is_some() {
+                    assert_eq!(subs, 1 + fed, "{variant}: host choosing");
+                } else {
+                    assert!(
+                        subs <= 1 + fed.div_ceil(8) + 1,
+                        "{variant}: {subs} submissions"
+                    );
+                }
+                // ... and the host's time recording them (natively a clock of nanoseconds; a browser's
+                // performance.now() may round a short recording down to 0).
+                #[cfg(not(target_arch = "wasm32"))]
+                assert!(after.submit_us > before.submit_us, "{variant}: {after:?}");
                 runs.push((out.ids, out.text, out.stop_reason));
             }
             m.gpu().unwrap().gpu.set_greedy_batch(None);

@@ -16,15 +16,13 @@ pub(crate) mod pb;
 #[cfg(feature = "onnx")]
 use std::sync::Arc;
 
+use crate::clock::now_ms;
+use crate::{Error, Limits, Result};
 use serde::{Deserialize, Serialize};
 #[cfg(feature = "onnx")]
 use tract_onnx::prelude::*;
 #[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::DimLike;
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen::JsCast;
-
-use crate::{Error, Limits, Result};
 
 /// The files of a sentence-transformers model folder, as bytes.
 #[derive(Clone, Copy, Default)]
@@ -743,33 +741,5 @@ impl IdType {
             IdType::I64 => i64::datum_type(),
             IdType::I32 => i32::datum_type(),
         }
-    }
-}
-
-/// Milliseconds from a monotonic clock (performance.now() in wasm, where `Instant` is unavailable).
-fn now_ms() -> f64 {
-    #[cfg(target_arch = "wasm32")]
-    {
-        let perf = js_sys::Reflect::get(&js_sys::global(), &"performance".into()).ok();
-        let now = perf
-            .as_ref()
-            .and_then(|p| js_sys::Reflect::get(p, &"now".into()).ok());
-        match (
-            perf,
-            now.and_then(|f| f.dyn_into::<js_sys::Function>().ok()),
-        ) {
-            (Some(p), Some(f)) => f.call0(&p).ok().and_then(|v| v.as_f64()).unwrap_or(0.0),
-            _ => js_sys::Date::now(),
-        }
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-            * 1000.0
     }
 }

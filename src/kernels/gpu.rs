@@ -8,7 +8,7 @@ use crate::llm::quant::GgmlType;
 use crate::{Error, Result};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use wgpu::util::DeviceExt;
@@ -47,6 +47,10 @@ pub struct Counters {
     pub submissions: AtomicUsize,
     /// Buffers created.
     pub buffers: AtomicUsize,
+    /// The host's time in [`Gpu::submit`], in microseconds: recording the launches (in a browser each one a
+    /// call into the page's WebGPU), finishing the command buffer and submitting it. Decoding cannot go faster
+    /// than this per step, however fast the GPU.
+    pub submit_us: AtomicU64,
 }
 
 /// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, the input transform
@@ -1599,6 +1603,7 @@ impl Gpu {
         build: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<wgpu::SubmissionIndex> {
         self.check()?;
+        let t0 = crate::clock::now_ms();
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -1609,6 +1614,8 @@ impl Gpu {
         let timed = self.profile_resolve(&mut enc);
         let index = self.queue.submit([enc.finish()]);
         self.counters.submissions.fetch_add(1, Ordering::Relaxed);
+        let us = ((crate::clock::now_ms() - t0) * 1e3).max(0.0) as u64;
+        self.counters.submit_us.fetch_add(us, Ordering::Relaxed);
         #[cfg(not(target_arch = "wasm32"))]
         if timed {
             self.profile_collect()?;

@@ -124,6 +124,13 @@ pub struct DeviceReport {
     pub subgroups: bool,
     /// Why `auto` chose the CPU, when it did.
     pub notice: Option<String>,
+    /// On the GPU: command submissions since it was attached (a decoding step is one; greedy decoding runs
+    /// several steps in one).
+    pub submissions: u64,
+    /// On the GPU: the host's time recording and submitting them, in microseconds (`Gpu::submit`: in a browser
+    /// every launch is a call into the page's WebGPU). Divided by the tokens of a request, the host's share of
+    /// a step, which decoding cannot go below however fast the GPU.
+    pub submit_us: u64,
 }
 
 impl DeviceReport {

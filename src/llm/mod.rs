@@ -197,22 +197,7 @@ impl Generation {
     }
 }
 
-/// Milliseconds from an arbitrary origin (wasm has no `Instant`).
-pub fn now_ms() -> f64 {
-    #[cfg(target_arch = "wasm32")]
-    {
-        js_sys::Date::now()
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static T0: OnceLock<std::time::Instant> = OnceLock::new();
-        T0.get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-            * 1e3
-    }
-}
+pub use crate::clock::now_ms;
 
 impl Model {
     /// Load from the GGUF file's bytes, with the default [`Limits`].
@@ -534,6 +519,16 @@ impl Model {
                 software: b.gpu.info.software,
                 subgroups: b.gpu.subgroups(),
                 notice: None,
+                submissions: b
+                    .gpu
+                    .counters
+                    .submissions
+                    .load(std::sync::atomic::Ordering::Relaxed) as u64,
+                submit_us: b
+                    .gpu
+                    .counters
+                    .submit_us
+                    .load(std::sync::atomic::Ordering::Relaxed),
             };
         }
         crate::kernels::DeviceReport::cpu(None)
