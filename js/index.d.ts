@@ -148,7 +148,7 @@ export declare class Lorag {
   train(examples: string | TrainExample[], options?: TrainOptions): AsyncGenerator<TrainEvent>;
   removeAdapter(name: string): boolean;
   readonly adapters: Record<string, unknown>[];
-  readonly device: { kind: "cpu" | "gpu"; name?: string; notice?: string };
+  readonly device: { kind: "cpu" | "gpu"; name?: string; notice?: string; submissions?: number; submitUs?: number };
   documents(): { id: string; title: string | null; metadata: Record<string, string> }[];
   readonly stats: { documents: number; chunks: number; memory: Record<string, number> };
   toBytes(): Uint8Array;

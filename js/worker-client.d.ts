@@ -18,6 +18,6 @@ export declare class LoragWorker {
   stats(): Promise<{ documents: number; chunks: number; memory: Record<string, number> }>;
   adapters(): Promise<Record<string, unknown>[]>;
   documents(): Promise<{ id: string; title: string | null; metadata: Record<string, string> }[]>;
-  device(): Promise<{ kind: "cpu" | "gpu"; name?: string; notice?: string }>;
+  device(): Promise<{ kind: "cpu" | "gpu"; name?: string; notice?: string; submissions?: number; submitUs?: number }>;
   dispose(): Promise<void>;
 }

@@ -808,7 +808,8 @@ impl JsGenerator {
         }))
     }
 
-    /// Where the model runs now: `{kind, name, backend, software, subgroups, notice}`.
+    /// Where the model runs now: `{kind, name, backend, software, subgroups, notice, submissions, submitUs}`
+    /// (on WebGPU, the submissions since it was chosen and the host's microseconds recording them).
     #[wasm_bindgen(getter)]
     pub fn device(&self) -> Result<JsValue, JsValue> {
         let m = self.inner.try_borrow().map_err(|_| busy())?;
