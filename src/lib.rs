@@ -24,6 +24,7 @@
 //! [`Limits`] before work starts.
 
 pub mod chunk;
+#[cfg(any(feature = "embed", feature = "llm"))]
 mod clock;
 #[cfg(feature = "embed")]
 pub mod embed;
