@@ -128,8 +128,9 @@ pub struct DeviceReport {
     /// several steps in one).
     pub submissions: u64,
     /// On the GPU: the host's time recording and submitting them, in microseconds (`Gpu::submit`: in a browser
-    /// every launch is a call into the page's WebGPU). Divided by the tokens of a request, the host's share of
-    /// a step, which decoding cannot go below however fast the GPU.
+    /// every launch is a call into the page's WebGPU). A request's difference, less a prompt-only request's, over
+    /// the tokens it fed back: the host's share of a decoding step, which decoding cannot go below however fast
+    /// the GPU (what `cargo bench --bench gpu` and bench/generate-browser.mjs print).
     pub submit_us: u64,
 }
 
