@@ -1680,6 +1680,79 @@ async_test! {
     }
 }
 
+/// topk.wgsl against a full sort of the values by `f32::total_cmp` (descending, ties to the lower index: the
+/// order the sampler's candidates take): the first k ids and the values' bits, exactly (the kernel compares and
+/// moves values, it computes none). Awkward sizes around its chunks (256 · E values, E from 4 to 32, at most 128
+/// chunks): fewer values than k, one chunk, SmolLM2's and Gemma's vocabularies (Gemma's plus 7: 9 values an
+/// invocation, its last chunk part-filled), the largest it takes; ties by the thousand (2,001 distinct values),
+/// NaN of both signs, ±∞, −0 and +0; k of 1, 40 (the default sampler's) and 64.
+async fn top_k_kernel() {
+    use lorag::kernels::gpu::{TopK, MAX_TOP_K, MAX_TOP_K_INPUT};
+    let Some(g) = gpu().await else { return };
+    let mut rng = common::Rng(0x70b);
+    let mut cases: Vec<(&str, Vec<f32>)> = vec![
+        ("one value", vec![-3.0]),
+        ("five values", vec![1.0, -0.0, 0.0, 1.0, f32::NEG_INFINITY]),
+    ];
+    let mut r = rand_vec(&mut rng, 261, 10.0);
+    r[7] = f32::NAN;
+    r[8] = -f32::NAN;
+    r[100] = f32::INFINITY;
+    r[101] = f32::NEG_INFINITY;
+    r[102] = -0.0;
+    r[103] = 0.0;
+    cases.push(("the tiny model's vocabulary, NaNs, infinities, zeros", r));
+    cases.push((
+        "1,025: a second chunk of one value",
+        rand_vec(&mut rng, 1025, 1.0),
+    ));
+    cases.push(("SmolLM2's vocabulary", rand_vec(&mut rng, 49152, 20.0)));
+    let mut r = rand_vec(&mut rng, 262144 + 7, 20.0);
+    r[262150] = 25.0;
+    cases.push(("Gemma's vocabulary + 7, the max last", r));
+    cases.push((
+        "the most it takes",
+        rand_vec(&mut rng, MAX_TOP_K_INPUT, 5.0),
+    ));
+    for (what, v) in &cases {
+        let mut order: Vec<u32> = (0..v.len() as u32).collect();
+        order.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+        let buf = g.f32_buffer("values", v);
+        for k in [1, 40, MAX_TOP_K] {
+            let t = g.top_k(&buf, v.len(), k).unwrap();
+            let out = g
+                .run_and_read(&t.dispatches, 1, &t.out, 2 * k)
+                .await
+                .unwrap();
+            let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let got: Vec<(u32, u32)> = TopK::decode(&bytes, k)
+                .into_iter()
+                .map(|(i, x)| (i, x.to_bits()))
+                .collect();
+            let want: Vec<(u32, u32)> = order
+                .iter()
+                .take(k)
+                .map(|&i| (i, v[i as usize].to_bits()))
+                .collect();
+            assert_eq!(got, want, "{what}, k {k}");
+            // The sampler's own helper agrees (it is what the host path sorts with).
+            let host = lorag::llm::sampler::top_k(v, k);
+            let host: Vec<(u32, u32)> = host.into_iter().map(|(i, x)| (i, x.to_bits())).collect();
+            assert_eq!(host, want, "{what}, k {k}: sampler::top_k");
+        }
+    }
+    let buf = g.f32_buffer("values", &[1.0; 8]);
+    for (n, k) in [(8, 0), (8, MAX_TOP_K + 1), (0, 4), (MAX_TOP_K_INPUT + 1, 4)] {
+        let e = g.top_k(&buf, n, k).err().expect("refused");
+        assert!(matches!(e, Error::InvalidQuery(_)), "{n}, {k}: {e}");
+    }
+}
+async_test! {
+    fn the_top_k_kernel_finds_the_samplers_candidates() {
+        top_k_kernel().await
+    }
+}
+
 /// embed.wgsl: every format's rows (in several chunks, so that only the chunk holding the token writes) decoded
 /// into x bit for bit as the CPU decodes them (`dequantize_row`, and its scalar reference), for the first row,
 /// a row inside a later chunk and the last.
@@ -1875,5 +1948,141 @@ async fn greedy_session() {
 async_test! {
     fn greedy_decoding_on_the_gpu_matches_the_host_choosing() {
         greedy_session().await
+    }
+}
+
+/// Sampling on the GPU: a step's candidates found there ([`GpuSession::forward_top`]) are the host's top-k of the
+/// same step's logits (`sampler::top_k` of `forward`'s), bit for bit; and whole sampled requests give the same
+/// tokens with the candidates found on the GPU and with every step's logits read back (the same logits, the same
+/// draws), reading back 8 bytes a candidate instead of the vocabulary's logits. Penalties and a top-k beyond
+/// the kernel's read the logits, as before. The tiny llama with an adapter, tied and untied (in the browser,
+/// where SwiftShader takes 20 s a variant, tied only: the sampling path is the same for both).
+async fn sampled_session() {
+    use lorag::kernels::gpu::MAX_TOP_K;
+    let untie = |_: &mut _, t: &mut common::tiny::Tensors| {
+        t.push(("output.weight", vec![32, 261], GgmlType::F32));
+    };
+    let mut variants = vec![("tied", common::tiny::tiny(|_, _| {}))];
+    if !cfg!(target_arch = "wasm32") {
+        variants.push(("untied", common::tiny::tiny(untie)));
+    }
+    for (variant, bytes) in variants {
+        let Some(mut m) = on_gpu(bytes).await else {
+            return;
+        };
+        let targets = [lorag::llm::Target::Q, lorag::llm::Target::Down];
+        let a = common::tiny::random_adapter(&m.weights, &targets, 2, 9, 10.0 / 3.0, 0.9);
+        m.add_adapter("a", a).unwrap();
+        let adapters = vec![lorag::llm::AdapterUse {
+            name: "a".into(),
+            weight: 1.0,
+        }];
+        let lora = m.active_adapters(&adapters).unwrap();
+        let b = m.gpu().unwrap();
+        let n_vocab = m.weights.cfg.n_vocab;
+        let prompt = [5u32, 99, 257, 12, 33, 7, 200];
+        let session =
+            || GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 40, 8, &lora).unwrap();
+        let (mut full, mut top) = (session(), session());
+        let mut seq = prompt.to_vec();
+        for k in [40, 1, MAX_TOP_K, 40] {
+            let logits = full.forward(&seq).await.unwrap();
+            let want: Vec<(u32, u32)> = lorag::llm::sampler::top_k(&logits, k)
+                .into_iter()
+                .map(|(i, x)| (i, x.to_bits()))
+                .collect();
+            let got: Vec<(u32, u32)> = top
+                .forward_top(&seq, k)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(i, x)| (i, x.to_bits()))
+                .collect();
+            assert_eq!(got, want, "{variant}: k {k} at {}", full.len);
+            seq = vec![want[0].0];
+        }
+        drop(lora);
+        let base = SamplerConfig::default();
+        let configs = [
+            ("the default sampler", base, true),
+            (
+                "k 64, hot, no top-p or min-p",
+                SamplerConfig {
+                    top_k: MAX_TOP_K,
+                    temperature: 1.7,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                    seed: 3,
+                    ..base
+                },
+                true,
+            ),
+            ("k 1", SamplerConfig { top_k: 1, ..base }, true),
+            (
+                "a repeat penalty",
+                SamplerConfig {
+                    repeat_penalty: 1.3,
+                    ..base
+                },
+                false,
+            ),
+            (
+                "k beyond the kernel's",
+                SamplerConfig { top_k: 65, ..base },
+                false,
+            ),
+        ];
+        for (what, sampler, candidates) in configs {
+            let opts = GenerateOptions {
+                max_tokens: 24,
+                sampler,
+                adapters: adapters.clone(),
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let mut runs = vec![];
+            for on in [true, false] {
+                let g = &m.gpu().unwrap().gpu;
+                g.set_sample_on_gpu(on);
+                let (subs, read) = (
+                    g.counters.submissions.load(Ordering::Relaxed),
+                    g.counters.read_bytes.load(Ordering::Relaxed),
+                );
+                let out = m
+                    .generate_async(&prompt, &opts, &mut |_| true)
+                    .await
+                    .unwrap();
+                let g = &m.gpu().unwrap().gpu;
+                let fed = out.ids.len() - 1;
+                let subs = g.counters.submissions.load(Ordering::Relaxed) - subs;
+                assert_eq!(subs, 1 + fed, "{variant}, {what}: one submission a step");
+                let read = g.counters.read_bytes.load(Ordering::Relaxed) - read;
+                let per_step = if on && candidates {
+                    8 * sampler.top_k
+                } else {
+                    4 * n_vocab
+                };
+                assert_eq!(
+                    read as usize,
+                    4 * n_vocab + fed * per_step,
+                    "{variant}, {what}, on the GPU {on}: bytes read back"
+                );
+                runs.push(out.ids);
+            }
+            m.gpu().unwrap().gpu.set_sample_on_gpu(true);
+            assert_eq!(runs[0], runs[1], "{variant}, {what}");
+            let distinct = runs[0]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            if sampler.top_k > 1 {
+                assert!(distinct > 4, "{variant}, {what}: varied ({:?})", runs[0]);
+            }
+        }
+    }
+}
+async_test! {
+    fn sampling_on_the_gpu_reads_back_only_the_candidates() {
+        sampled_session().await
     }
 }

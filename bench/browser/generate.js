@@ -1,9 +1,10 @@
 // The generator benchmark inside a page: the same measurement as bench/generate-wasm.mjs (Node), run by
 // bench/generate-browser.mjs in headless Chromium. Main thread, one thread. `device`: "cpu" (the synchronous
 // CPU path, `generate`) or "gpu" (WebGPU through `useDevice("gpu")` and `generateAsync`), in the same page.
+// `sample`: the default sampler (seeded) instead of greedy decoding for the measured requests.
 import init, { Generator } from "/pkg/web/lorag.js";
 
-window.bench = async (prompt, reps, decode, device = "cpu") => {
+window.bench = async (prompt, reps, decode, device = "cpu", sample = false) => {
   await init();
   const t0 = performance.now();
   const bytes = new Uint8Array(await (await fetch("/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")).arrayBuffer());
@@ -13,6 +14,7 @@ window.bench = async (prompt, reps, decode, device = "cpu") => {
   if (device !== "cpu") report = await gen.useDevice(device);
   const run = (ids, opts) => (device === "cpu" ? gen.generate(ids, opts) : gen.generateAsync(ids, opts));
   const greedy = { sampler: { greedy: true }, ignoreEos: true };
+  const measured = sample ? { sampler: {}, ignoreEos: true } : greedy;
   const check = (await run(gen.encode("The capital of France is"), { ...greedy, maxTokens: 1 })).text;
   const ids = gen.encode(prompt);
   const runs = [];
@@ -21,12 +23,12 @@ window.bench = async (prompt, reps, decode, device = "cpu") => {
   let prefillHost = 0;
   if (report.kind === "gpu") {
     const before = gen.device;
-    await run(ids, { ...greedy, maxTokens: 1 });
+    await run(ids, { ...measured, maxTokens: 1 });
     prefillHost = gen.device.submitUs - before.submitUs;
   }
   for (let r = 0; r < reps; r++) {
     const before = gen.device;
-    const out = await run(ids, { ...greedy, maxTokens: decode });
+    const out = await run(ids, { ...measured, maxTokens: decode });
     const after = gen.device;
     firstIds ??= Array.from(out.ids);
     runs.push({

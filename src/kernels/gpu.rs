@@ -51,6 +51,8 @@ pub struct Counters {
     /// call into the page's WebGPU), finishing the command buffer and submitting it. Decoding cannot go faster
     /// than this per step, however fast the GPU.
     pub submit_us: AtomicU64,
+    /// Bytes read back from the GPU (mapped staging buffers: logits, tokens, candidates, timestamps).
+    pub read_bytes: AtomicU64,
 }
 
 /// A product pipeline's specialization: (GGUF type id, tokens per workgroup or `MATMUL`, the input transform
@@ -103,6 +105,8 @@ pub struct Gpu {
     embed: Mutex<Vec<(u32, wgpu::ComputePipeline)>>,
     /// Tokens a greedy decoding submission runs ([`Gpu::set_greedy_batch`]; 0: greedy decoding reads logits).
     greedy_batch: AtomicU32,
+    /// Sampling reads back its candidates only ([`Gpu::set_sample_on_gpu`]).
+    sample_on_gpu: AtomicBool,
     kernels: Vec<wgpu::ComputePipeline>,
     /// attention.wgsl's pipelines by (workgroup size, head size bound HD): the adapter's default workgroup with
     /// heads of `ATTENTION_HD` built with the device, others on request (each costs a software adapter seconds
@@ -484,6 +488,48 @@ impl Steps {
 /// the GPU, the tokens read back once per submission, the next submission queued before they are read.
 pub const GREEDY_BATCH: u32 = 8;
 
+/// The most candidates [`Gpu::top_k`] finds: sampling with a top-k up to this reads back only its candidates
+/// (the default sampler's 40 among them); a larger top-k, or none, reads all the logits.
+pub const MAX_TOP_K: usize = 64;
+
+/// The most values [`Gpu::top_k`] takes: 128 workgroups of 256 invocations holding 32 values each (every
+/// vocabulary in use is smaller: Gemma's 262,144 the largest here).
+pub const MAX_TOP_K_INPUT: usize = 128 * 256 * 32;
+
+/// Sampling's candidates found on the GPU (topk.wgsl): the launches, and the buffer they leave the result in.
+pub struct TopK {
+    /// Two launches of the top-k kernel: per chunk of the values, then over the chunks' candidates. One token.
+    pub dispatches: Vec<Dispatch>,
+    /// The result: `k` (key, id) pairs, best first ([`TopK::decode`] reads them); `8 · k` bytes.
+    pub out: wgpu::Buffer,
+    /// Candidates asked for.
+    pub k: usize,
+    // The per-chunk candidates and the parameters, kept alive for the bind groups.
+    _keep: Vec<wgpu::Buffer>,
+}
+
+impl TopK {
+    /// The candidates in `out`'s bytes as (id, value), best first: `k` of them, fewer where the input had
+    /// fewer values. The key is the value's bits mapped to total_cmp's order; this maps it back.
+    pub fn decode(bytes: &[u8], k: usize) -> Vec<(u32, f32)> {
+        bytes
+            .chunks_exact(8)
+            .take(k)
+            .map(|p| {
+                let key = u32::from_le_bytes(p[..4].try_into().unwrap());
+                let id = u32::from_le_bytes(p[4..].try_into().unwrap());
+                let bits = if key & 0x8000_0000 != 0 {
+                    key & 0x7fff_ffff
+                } else {
+                    !key
+                };
+                (id, f32::from_bits(bits))
+            })
+            .take_while(|&(id, _)| id != u32::MAX)
+            .collect()
+    }
+}
+
 /// The most tokens [`Gpu::set_greedy_batch`] lets a submission run.
 pub const MAX_GREEDY_BATCH: u32 = 64;
 
@@ -565,15 +611,18 @@ pub enum Kernel {
     SwiGlu,
     /// argmax.wgsl: greedy decoding's choice of the next token, on the GPU.
     Argmax,
+    /// topk.wgsl: sampling's candidates (the largest logits, in the sampler's order), on the GPU.
+    TopK,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 5] = [
+    const ALL: [Kernel; 6] = [
         Kernel::RmsNorm,
         Kernel::Attention,
         Kernel::AttentionCombine,
         Kernel::SwiGlu,
         Kernel::Argmax,
+        Kernel::TopK,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -582,6 +631,7 @@ impl Kernel {
             Kernel::AttentionCombine => "attention combine",
             Kernel::SwiGlu => "swiglu",
             Kernel::Argmax => "argmax",
+            Kernel::TopK => "top-k",
         }
     }
     /// The WGSL source; attention's workgroup size `wg` (64 or 256) and bound on its heads' size `hd` (the
@@ -596,6 +646,7 @@ impl Kernel {
             Kernel::AttentionCombine => include_str!("wgsl/attention_combine.wgsl").into(),
             Kernel::SwiGlu => include_str!("wgsl/swiglu.wgsl").into(),
             Kernel::Argmax => include_str!("wgsl/argmax.wgsl").into(),
+            Kernel::TopK => include_str!("wgsl/topk.wgsl").into(),
         }
     }
 }
@@ -853,6 +904,7 @@ impl Gpu {
             embed_module,
             embed: Mutex::new(Vec::new()),
             greedy_batch: AtomicU32::new(GREEDY_BATCH),
+            sample_on_gpu: AtomicBool::new(true),
             activation_cap: AtomicUsize::new(0),
             kernels,
             attention: Mutex::new(attention),
@@ -1524,6 +1576,18 @@ impl Gpu {
             .collect()
     }
 
+    /// Whether sampling with a top-k of at most [`MAX_TOP_K`] and no penalties finds its candidates on the GPU
+    /// and reads back only those (on by default).
+    pub fn sample_on_gpu(&self) -> bool {
+        self.sample_on_gpu.load(Ordering::SeqCst)
+    }
+
+    /// Turn candidates on the GPU on or off (off: every sampled step reads all the logits back, as tests and
+    /// benchmarks compare).
+    pub fn set_sample_on_gpu(&self, on: bool) {
+        self.sample_on_gpu.store(on, Ordering::SeqCst);
+    }
+
     /// Tokens per submission when a session decodes greedily on the GPU (`llm::gpu::GpuSession::greedy`), for
     /// requests from now on.
     pub fn greedy_batch(&self) -> u32 {
@@ -1573,6 +1637,40 @@ impl Gpu {
             subgroups: false,
             steps: Steps::All,
         }
+    }
+
+    /// Launches finding the `k` largest of the `n` f32 values in `values`, in the order the sampler sorts
+    /// them (descending by `f32::total_cmp`, ties to the lower index), as topk.wgsl describes: per chunk of
+    /// 256 · E values (E from 4 to 32, at most 128 chunks) its `k` best, then the `k` best of those. `Err` for
+    /// `k` outside 1..=[`MAX_TOP_K`] or `n` outside 1..=[`MAX_TOP_K_INPUT`].
+    pub fn top_k(&self, values: &wgpu::Buffer, n: usize, k: usize) -> Result<TopK> {
+        if !(1..=MAX_TOP_K).contains(&k) || !(1..=MAX_TOP_K_INPUT).contains(&n) {
+            return Err(Error::InvalidQuery(format!(
+                "top-k on the GPU: {k} of {n} values (k up to {MAX_TOP_K}, values up to {MAX_TOP_K_INPUT})"
+            )));
+        }
+        let e = n.div_ceil(256 * 128).max(4);
+        let groups = n.div_ceil(256 * e);
+        let merged = groups * k;
+        let rw = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let partial = self.buffer("top-k chunks", (merged * 8) as u64, rw);
+        let out = self.buffer("top-k", (k * 8) as u64, rw);
+        let p1 = self.uniform(&[n as u32, e as u32, 0, k as u32]);
+        let p2 = self.uniform(&[merged as u32, merged.div_ceil(256) as u32, 1, k as u32]);
+        let dispatches = vec![
+            self.dispatch(
+                Kernel::TopK,
+                &[values, &partial, &p1],
+                Grid::TokensZ(groups as u32, 1),
+            ),
+            self.dispatch(Kernel::TopK, &[&partial, &out, &p2], Grid::One),
+        ];
+        Ok(TopK {
+            dispatches,
+            out,
+            k,
+            _keep: vec![partial, p1, p2],
+        })
     }
 
     /// Record `dispatches` for a step of `n` tokens in one compute pass, let `then` add copies, and submit
@@ -1767,7 +1865,7 @@ impl Gpu {
 
     /// Map `staging` once its copy has run, hand its bytes to `read`, unmap: the read-back sequence the values
     /// (`read_mapped`) and the profile's timestamps share.
-    async fn read_mapped_with<T>(
+    pub async fn read_mapped_with<T>(
         &self,
         staging: &wgpu::Buffer,
         read: impl FnOnce(&[u8]) -> T,
@@ -1816,6 +1914,9 @@ impl Gpu {
                 .slice(..)
                 .get_mapped_range()
                 .map_err(|e| dev_err(format!("reading back from the GPU: {e}")))?;
+            self.counters
+                .read_bytes
+                .fetch_add(view.len() as u64, Ordering::Relaxed);
             read(&view)
         };
         staging.unmap();

@@ -22,7 +22,7 @@ use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
     attention_partials, combine_fits, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams,
-    Steps, MAX_GREEDY_BATCH, MAX_HEAD_DIM, TILE,
+    Steps, TopK, MAX_GREEDY_BATCH, MAX_HEAD_DIM, MAX_TOP_K, MAX_TOP_K_INPUT, TILE,
 };
 use crate::{Error, Result};
 
@@ -198,6 +198,9 @@ pub struct GpuSession<'a> {
     output: Vec<Dispatch>,
     /// Greedy decoding on the GPU, set up by its first [`GpuSession::greedy`].
     greedy: Option<Greedy>,
+    /// Sampling's candidates on the GPU and their read-back buffer, set up by the first
+    /// [`GpuSession::forward_top`] (again if it asks for another k).
+    top: Option<(TopK, wgpu::Buffer)>,
     // Kept alive for the bind groups that use them.
     _keep: Vec<wgpu::Buffer>,
     _adapters: Vec<GpuMatrix>,
@@ -269,6 +272,12 @@ struct Greedy {
     pending: std::collections::VecDeque<Pending>,
     /// The token at position `len` from which `pending` continues (the last one the caller got).
     from: Option<u32>,
+}
+
+/// What a step reads back: the logits, or the sampling candidates found on the GPU.
+enum Read {
+    Logits(Vec<f32>),
+    Top(Vec<(u32, f32)>),
 }
 
 /// A greedy submission: `k` steps from position `pos0`, its tokens going to `staging`.
@@ -558,6 +567,7 @@ impl<'a> GpuSession<'a> {
             dispatches: ds,
             output: out_ds,
             greedy: None,
+            top: None,
             _keep: keep,
             _adapters: adapters,
         })
@@ -579,6 +589,26 @@ impl GpuSession<'_> {
     /// Run `tokens` (at positions `len..`) through the model, in steps of at most the session's batch; returns
     /// the last token's logits. One submission per step.
     pub async fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self.run(tokens, None).await? {
+            Read::Logits(l) => Ok(l),
+            Read::Top(_) => unreachable!("logits were asked for"),
+        }
+    }
+
+    /// As [`GpuSession::forward`], but only the last token's `k` largest logits come back, found on the GPU
+    /// ([`Gpu::top_k`]) as (id, logit), in the order the sampler sorts them (descending by `f32::total_cmp`,
+    /// ties to the lower id): what [`Sampler::sample_top`](super::sampler::Sampler::sample_top) takes. `8 · k`
+    /// bytes read back instead of the vocabulary's logits.
+    pub async fn forward_top(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
+        match self.run(tokens, Some(k)).await? {
+            Read::Top(t) => Ok(t),
+            Read::Logits(_) => unreachable!("candidates were asked for"),
+        }
+    }
+
+    /// [`GpuSession::forward`], or with `top` [`GpuSession::forward_top`]: the steps, then the output projection
+    /// and one read-back after the last (the steps before it run for the cache only).
+    async fn run(&mut self, tokens: &[u32], top: Option<usize>) -> Result<Read> {
         let c = &self.cpu.cfg;
         if tokens.is_empty() {
             return Err(Error::InvalidQuery("no tokens to run".into()));
@@ -595,13 +625,24 @@ impl GpuSession<'_> {
                 c.n_vocab
             )));
         }
+        if let Some(k) = top {
+            if self.top.as_ref().is_none_or(|t| t.0.k != k) {
+                let t = self.gpu.top_k(&self.logits, c.n_vocab, k)?;
+                let staging = self.gpu.buffer(
+                    "top-k staging",
+                    (k * 8) as u64,
+                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                );
+                self.top = Some((t, staging));
+            }
+        }
         // The positions greedy submissions ran ahead are run again from `len`.
         self.discard_pending().await?;
         let d = c.n_embd;
         let emb = self.cpu.tok_embd.bytes(self.data);
         let emb_row = self.cpu.tok_embd.ty.row_bytes(d).unwrap();
-        let mut logits = Vec::new();
-        for part in tokens.chunks(self.batch) {
+        let parts = tokens.len().div_ceil(self.batch);
+        for (i, part) in tokens.chunks(self.batch).enumerate() {
             let mut x = vec![0.0f32; part.len() * d];
             for (i, &t) in part.iter().enumerate() {
                 let row = &emb[t as usize * emb_row..(t as usize + 1) * emb_row];
@@ -615,23 +656,57 @@ impl GpuSession<'_> {
                 .collect();
             self.gpu.queue.write_buffer(&self.step, 0, &step);
             let n = part.len() as u32;
-            let size = (c.n_vocab * 4) as u64;
-            let (logits_buf, staging, output) = (&self.logits, &self.staging, &self.output);
+            let last = i + 1 == parts;
+            let (logits, staging, output) = (&self.logits, &self.staging, &self.output);
+            let cands = self.top.as_ref().filter(|_| top.is_some() && last);
             let gpu = self.gpu;
+            // Only the last step's logits are computed and read; the steps before it run for the cache.
             gpu.run(&self.dispatches, n, |enc| {
-                {
+                if last {
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("output"),
                         timestamp_writes: None,
                     });
                     gpu.record(&mut pass, output, 1);
+                    if let Some((t, _)) = cands {
+                        gpu.record(&mut pass, &t.dispatches, 1);
+                    }
                 }
-                enc.copy_buffer_to_buffer(logits_buf, 0, staging, 0, size);
+                match cands {
+                    Some((t, staging)) => {
+                        enc.copy_buffer_to_buffer(&t.out, 0, staging, 0, (t.k * 8) as u64)
+                    }
+                    None if last => {
+                        enc.copy_buffer_to_buffer(logits, 0, staging, 0, (c.n_vocab * 4) as u64)
+                    }
+                    None => {}
+                }
             })?;
             self.len += part.len();
-            logits = gpu.read_mapped(&self.staging, c.n_vocab).await?;
         }
-        Ok(logits)
+        Ok(match top.and(self.top.as_ref()) {
+            Some((t, staging)) => {
+                let k = t.k;
+                let top = self
+                    .gpu
+                    .read_mapped_with(staging, |b| TopK::decode(b, k))
+                    .await?;
+                self.gpu.check()?;
+                Read::Top(top)
+            }
+            None => Read::Logits(self.gpu.read_mapped(&self.staging, c.n_vocab).await?),
+        })
+    }
+
+    /// The largest k [`GpuSession::forward_top`] finds: [`MAX_TOP_K`] where [`Gpu::sample_on_gpu`] (and the
+    /// vocabulary fits the kernel), else 0.
+    pub fn top_max(&self) -> usize {
+        let fits = self.cpu.cfg.n_vocab <= MAX_TOP_K_INPUT;
+        if self.gpu.sample_on_gpu() && fits {
+            MAX_TOP_K
+        } else {
+            0
+        }
     }
 
     /// Whether [`GpuSession::greedy`] runs here: turned on ([`Gpu::set_greedy_batch`]) and the token embeddings

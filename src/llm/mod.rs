@@ -646,13 +646,19 @@ impl Model {
         let mut fed = prompt.len();
         let mut queued = std::collections::VecDeque::new();
         let device_greedy = opts.sampler.plain_greedy();
+        // Sampling whose draw depends only on the largest logits: the device finds them and the rest stay there.
+        let device_top = sampler
+            .top_k_suffices(stepper.top_max())
+            .then_some(opts.sampler.top_k);
+        let mut top: Option<Vec<(u32, f32)>> = None;
         let stop_reason = loop {
             if opts.max_tokens == 0 {
                 break StopReason::MaxTokens;
             }
-            let id = match queued.pop_front() {
-                Some(id) => id,
-                None => sampler.sample(&mut logits, &history),
+            let id = match (queued.pop_front(), top.take()) {
+                (Some(id), _) => id,
+                (None, Some(top)) => sampler.sample_top(&top),
+                (None, None) => sampler.sample(&mut logits, &history),
             };
             ids.push(id);
             history.push(id);
@@ -716,12 +722,18 @@ impl Model {
             // run); otherwise one step, and the next token sampled from its logits.
             if queued.is_empty() {
                 let want = opts.max_tokens - ids.len();
-                match device_greedy {
-                    true => match stepper.greedy(id, want).await? {
+                if device_greedy {
+                    match stepper.greedy(id, want).await? {
                         Some(next) => queued.extend(next),
                         None => logits = stepper.step(&[id]).await?,
-                    },
-                    false => logits = stepper.step(&[id]).await?,
+                    }
+                } else if let Some(k) = device_top {
+                    match stepper.step_top(&[id], k).await? {
+                        Some(t) => top = Some(t),
+                        None => logits = stepper.step(&[id]).await?,
+                    }
+                } else {
+                    logits = stepper.step(&[id]).await?;
                 }
             }
             fed += 1;
@@ -755,6 +767,15 @@ trait Stepper {
     /// Greedy decoding on the device, where it has it: the tokens that follow `last` (at most `want`, at least
     /// one), each the argmax of the logits after the one before; `None`: use `step` and the sampler.
     async fn greedy(&mut self, _last: u32, _want: usize) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+    /// The largest `k` [`Stepper::step_top`] takes (0: none).
+    fn top_max(&self) -> usize {
+        0
+    }
+    /// Run `tokens` and return the last one's `k` largest logits in the sampler's order, found by the device
+    /// ([`Sampler::sample_top`] draws from them); `None`: use `step`.
+    async fn step_top(&mut self, _tokens: &[u32], _k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         Ok(None)
     }
     fn n_ctx(&self) -> usize;
@@ -813,6 +834,12 @@ impl Stepper for GpuStepper<'_> {
             return Ok(None);
         }
         Ok(Some(self.0.greedy(last, want).await?))
+    }
+    fn top_max(&self) -> usize {
+        self.0.top_max()
+    }
+    async fn step_top(&mut self, tokens: &[u32], k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        Ok(Some(self.0.forward_top(tokens, k).await?))
     }
     fn n_ctx(&self) -> usize {
         self.0.n_ctx()

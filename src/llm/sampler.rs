@@ -193,41 +193,67 @@ impl Sampler {
             self.idx.truncate(k);
         }
         self.idx.sort_unstable_by_key(key);
-        let max = logits[self.idx[0] as usize];
-        let mut p: Vec<f64> = self
-            .idx
-            .iter()
-            .map(|&i| (((logits[i as usize] - max) / c.temperature) as f64).exp())
-            .collect();
-        let total: f64 = p.iter().sum();
-        p.iter_mut().for_each(|x| *x /= total);
-        // top-p: the smallest prefix reaching p.
-        let mut keep = p.len();
-        if c.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (j, &x) in p.iter().enumerate() {
-                acc += x;
-                if acc >= c.top_p as f64 {
-                    keep = j + 1;
-                    break;
-                }
-            }
-        }
-        // min-p: relative to the most likely token.
-        if c.min_p > 0.0 {
-            let floor = p[0] * c.min_p as f64;
-            keep = keep.min(p.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
-        let total: f64 = p[..keep].iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (j, &pj) in p[..keep].iter().enumerate() {
-            r -= pj;
-            if r < 0.0 {
-                return self.idx[j];
-            }
-        }
-        self.idx[keep - 1]
+        let vals: Vec<f32> = self.idx.iter().map(|&i| logits[i as usize]).collect();
+        self.idx[draw(&c, &mut self.rng, &vals)]
     }
+
+    /// Whether [`Sampler::sample_top`] can stand in for [`Sampler::sample`] given the `k` largest logits: not
+    /// greedy, no penalty (they change logits outside the candidates), and a top-k of 1..=k.
+    pub fn top_k_suffices(&self, k: usize) -> bool {
+        let c = &self.cfg;
+        !c.greedy
+            && (1..=k).contains(&c.top_k)
+            && c.repeat_penalty == 1.0
+            && c.presence_penalty == 0.0
+            && c.frequency_penalty == 0.0
+    }
+
+    /// The next token from the candidates only: `top` holds the largest min(top_k, vocabulary) logits as (id,
+    /// logit), in [`Sampler::sample`]'s order (descending by `f32::total_cmp`, ties to the lower id). The same
+    /// token, and the same random state after, as `sample` on all the logits, where
+    /// [`Sampler::top_k_suffices`] says so (and `top` is not empty).
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> u32 {
+        let vals: Vec<f32> = top.iter().map(|t| t.1).collect();
+        top[draw(&self.cfg, &mut self.rng, &vals)].0
+    }
+}
+
+/// Sampling's draw among the candidates `vals` (sorted, the largest first): softmax at the temperature, top-p,
+/// min-p, one random number; the chosen candidate's index.
+fn draw(c: &SamplerConfig, rng: &mut Rng, vals: &[f32]) -> usize {
+    let max = vals[0];
+    let mut p: Vec<f64> = vals
+        .iter()
+        .map(|&l| (((l - max) / c.temperature) as f64).exp())
+        .collect();
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+    // top-p: the smallest prefix reaching p.
+    let mut keep = p.len();
+    if c.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (j, &x) in p.iter().enumerate() {
+            acc += x;
+            if acc >= c.top_p as f64 {
+                keep = j + 1;
+                break;
+            }
+        }
+    }
+    // min-p: relative to the most likely token.
+    if c.min_p > 0.0 {
+        let floor = p[0] * c.min_p as f64;
+        keep = keep.min(p.iter().take_while(|&&x| x >= floor).count().max(1));
+    }
+    let total: f64 = p[..keep].iter().sum();
+    let mut r = rng.next_f64() * total;
+    for (j, &pj) in p[..keep].iter().enumerate() {
+        r -= pj;
+        if r < 0.0 {
+            return j;
+        }
+    }
+    keep - 1
 }
 
 /// Total order on f32 (`total_cmp`) for sorting logits.
@@ -345,6 +371,76 @@ mod tests {
         assert_eq!(only(SamplerConfig { top_p: 0.9, ..base }), vec![0, 1, 2]);
         // min_p 0.3: e^-1 = 0.37 stays, e^-2 = 0.135 goes.
         assert_eq!(only(SamplerConfig { min_p: 0.3, ..base }), vec![0, 1]);
+    }
+
+    /// `sample_top` on the top-k candidates (what a device hands back) against `sample` on all the logits:
+    /// the same token at every step of a long run, so the same random state too; ties by the hundred (logits
+    /// on a grid of 0.25), a NaN and ±∞ among them, k from 1 to beyond the vocabulary.
+    #[test]
+    fn candidates_alone_draw_as_all_the_logits() {
+        let mut state = 0x1234_5678u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for (k, temperature, top_p, min_p) in [
+            (40, 0.8, 0.95, 0.05),
+            (1, 1.0, 1.0, 0.0),
+            (64, 2.5, 1.0, 0.0),
+            (7, 0.3, 0.5, 0.2),
+            (600, 1.0, 0.9, 0.0),
+        ] {
+            let cfg = SamplerConfig {
+                top_k: k,
+                temperature,
+                top_p,
+                min_p,
+                seed: k as u64,
+                ..Default::default()
+            };
+            let (mut all, mut top) = (Sampler::new(cfg).unwrap(), Sampler::new(cfg).unwrap());
+            assert!(all.top_k_suffices(k) && !all.top_k_suffices(k - 1));
+            let mut tokens = std::collections::HashSet::new();
+            for step in 0..300 {
+                let mut logits: Vec<f32> = (0..500).map(|_| (next() % 40) as f32 * 0.25).collect();
+                if step % 50 == 7 {
+                    logits[10] = f32::NAN;
+                }
+                if step % 50 == 8 {
+                    logits[3] = f32::INFINITY;
+                    logits[499] = f32::NEG_INFINITY;
+                }
+                let cands = top_k(&logits, k);
+                let want = all.sample(&mut logits, &[]);
+                assert_eq!(top.sample_top(&cands), want, "k {k}, step {step}");
+                tokens.insert(want);
+            }
+            assert!(
+                tokens.len() > if k == 1 { 0 } else { 5 },
+                "k {k}: {tokens:?}"
+            );
+        }
+        // What they cannot stand in for: greedy, penalties, no top-k.
+        let no = |cfg: SamplerConfig| !Sampler::new(cfg).unwrap().top_k_suffices(64);
+        assert!(no(SamplerConfig::greedy()));
+        assert!(no(SamplerConfig {
+            repeat_penalty: 1.1,
+            ..Default::default()
+        }));
+        assert!(no(SamplerConfig {
+            presence_penalty: 0.5,
+            ..Default::default()
+        }));
+        assert!(no(SamplerConfig {
+            frequency_penalty: -0.5,
+            ..Default::default()
+        }));
+        assert!(no(SamplerConfig {
+            top_k: 0,
+            ..Default::default()
+        }));
     }
 
     #[test]
