@@ -234,15 +234,16 @@ fn main() {
         }
     }
     // Sampling (the default sampler: top-k 40, seeded): the candidates found on the GPU and 320 bytes read back
-    // a step, against all the logits read back and sorted on the host; the same tokens asserted (the same
-    // logits, the same draws).
+    // a step, each step recorded while the GPU runs the one before (the default), recorded after it, and all the
+    // logits read back and sorted on the host; the same tokens asserted (the same logits, the same draws).
     let sampled = GenerateOptions {
         sampler: SamplerConfig::default(),
         ..opts.clone()
     };
     let mut runs = vec![];
-    for on in [true, false] {
+    for (on, ahead) in [(true, true), (true, false), (false, true)] {
         backend.set_sample_on_gpu(on);
+        backend.set_record_ahead(ahead);
         let mut v = vec![];
         let mut got = vec![];
         for _ in 0..reps {
@@ -253,13 +254,15 @@ fn main() {
         runs.push((med(&mut v), got));
     }
     backend.set_sample_on_gpu(true);
-    assert_eq!(
-        runs[0].1, runs[1].1,
-        "sampled tokens differ with the candidates found on the GPU"
+    backend.set_record_ahead(true);
+    assert!(
+        runs.iter().all(|r| r.1 == runs[0].1),
+        "sampled tokens differ between the paths"
     );
     println!(
-        "  GPU sampling (top-k 40): candidates found on the GPU: decode {:.1} tok/s; all the logits read back: {:.1} tok/s",
-        runs[0].0, runs[1].0
+        "  GPU sampling (top-k 40): candidates found on the GPU, steps recorded ahead: decode {:.1} tok/s; recorded \
+         after the step before: {:.1} tok/s; all the logits read back: {:.1} tok/s",
+        runs[0].0, runs[1].0, runs[2].0
     );
     // Gate and up as one launch, against two.
     backend.set_row_pairs(false);

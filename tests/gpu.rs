@@ -1952,9 +1952,11 @@ async_test! {
 }
 
 /// Sampling on the GPU: a step's candidates found there ([`GpuSession::forward_top`]) are the host's top-k of the
-/// same step's logits (`sampler::top_k` of `forward`'s), bit for bit; and whole sampled requests give the same
-/// tokens with the candidates found on the GPU and with every step's logits read back (the same logits, the same
-/// draws), reading back 8 bytes a candidate instead of the vocabulary's logits. Penalties and a top-k beyond
+/// same step's logits (`sampler::top_k` of `forward`'s), bit for bit, also for steps run from commands recorded
+/// while the GPU ran the step before (their token written into a GPU buffer, the embedding decoded there); and
+/// whole sampled requests give the same tokens with the candidates found on the GPU, recorded ahead or not, and
+/// with every step's logits read back (the same logits, the same draws), reading back 8 bytes a candidate
+/// instead of the vocabulary's logits. Penalties and a top-k beyond
 /// the kernel's read the logits, as before. The tiny llama with an adapter, tied and untied (in the browser,
 /// where SwiftShader takes 20 s a variant, tied only: the sampling path is the same for both).
 async fn sampled_session() {
@@ -1985,7 +1987,13 @@ async fn sampled_session() {
             || GpuSession::new(&b.gpu, b.weights(), &m.weights, m.bytes(), 40, 8, &lora).unwrap();
         let (mut full, mut top) = (session(), session());
         let mut seq = prompt.to_vec();
-        for k in [40, 1, MAX_TOP_K, 40] {
+        // The prompt, steps changing k (each change drops the step recorded ahead for the old launches), then
+        // steps run from commands recorded ahead, creating no buffer.
+        for (step, k) in [40, 1, MAX_TOP_K, 40, 40, 40, 40, 40, 40]
+            .into_iter()
+            .enumerate()
+        {
+            let buffers = b.gpu.counters.buffers.load(Ordering::Relaxed);
             let logits = full.forward(&seq).await.unwrap();
             let want: Vec<(u32, u32)> = lorag::llm::sampler::top_k(&logits, k)
                 .into_iter()
@@ -2000,7 +2008,15 @@ async fn sampled_session() {
                 .collect();
             assert_eq!(got, want, "{variant}: k {k} at {}", full.len);
             seq = vec![want[0].0];
+            if step > 4 {
+                let made = b.gpu.counters.buffers.load(Ordering::Relaxed) - buffers;
+                assert_eq!(made, 0, "{variant}: buffers created in step {step}");
+            }
         }
+        assert_eq!(
+            top.recorded_ahead, 5,
+            "{variant}: steps run from commands recorded ahead"
+        );
         drop(lora);
         let base = SamplerConfig::default();
         let configs = [
@@ -2041,9 +2057,11 @@ async fn sampled_session() {
                 ..Default::default()
             };
             let mut runs = vec![];
-            for on in [true, false] {
+            // Candidates on the GPU with the steps recorded ahead (the default), without, and all the logits.
+            for (on, ahead) in [(true, true), (true, false), (false, true)] {
                 let g = &m.gpu().unwrap().gpu;
                 g.set_sample_on_gpu(on);
+                g.set_record_ahead(ahead);
                 let (subs, read) = (
                     g.counters.submissions.load(Ordering::Relaxed),
                     g.counters.read_bytes.load(Ordering::Relaxed),
@@ -2070,7 +2088,12 @@ async fn sampled_session() {
                 runs.push(out.ids);
             }
             m.gpu().unwrap().gpu.set_sample_on_gpu(true);
-            assert_eq!(runs[0], runs[1], "{variant}, {what}");
+            m.gpu().unwrap().gpu.set_record_ahead(true);
+            assert_eq!(runs[0], runs[1], "{variant}, {what}: recorded ahead or not");
+            assert_eq!(
+                runs[0], runs[2],
+                "{variant}, {what}: candidates or all the logits"
+            );
             let distinct = runs[0]
                 .iter()
                 .collect::<std::collections::HashSet<_>>()

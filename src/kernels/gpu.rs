@@ -107,6 +107,8 @@ pub struct Gpu {
     greedy_batch: AtomicU32,
     /// Sampling reads back its candidates only ([`Gpu::set_sample_on_gpu`]).
     sample_on_gpu: AtomicBool,
+    /// A sampled step's commands are recorded while the GPU runs the step before ([`Gpu::set_record_ahead`]).
+    record_ahead: AtomicBool,
     kernels: Vec<wgpu::ComputePipeline>,
     /// attention.wgsl's pipelines by (workgroup size, head size bound HD): the adapter's default workgroup with
     /// heads of `ATTENTION_HD` built with the device, others on request (each costs a software adapter seconds
@@ -530,6 +532,12 @@ impl TopK {
     }
 }
 
+/// Commands recorded ahead ([`Gpu::encode`]), and the host's time recording them.
+pub struct Recorded {
+    commands: wgpu::CommandBuffer,
+    ms: f64,
+}
+
 /// The most tokens [`Gpu::set_greedy_batch`] lets a submission run.
 pub const MAX_GREEDY_BATCH: u32 = 64;
 
@@ -905,6 +913,7 @@ impl Gpu {
             embed: Mutex::new(Vec::new()),
             greedy_batch: AtomicU32::new(GREEDY_BATCH),
             sample_on_gpu: AtomicBool::new(true),
+            record_ahead: AtomicBool::new(true),
             activation_cap: AtomicUsize::new(0),
             kernels,
             attention: Mutex::new(attention),
@@ -1588,6 +1597,18 @@ impl Gpu {
         self.sample_on_gpu.store(on, Ordering::SeqCst);
     }
 
+    /// Whether a sampled decoding step (candidates found on the GPU) is recorded while the GPU runs the step
+    /// before, its token then written into a GPU buffer and its embedding decoded there (on by default).
+    pub fn record_ahead(&self) -> bool {
+        self.record_ahead.load(Ordering::SeqCst)
+    }
+
+    /// Turn recording ahead on or off (off: each sampled step is recorded after the one before has come back,
+    /// as benchmarks compare).
+    pub fn set_record_ahead(&self, on: bool) {
+        self.record_ahead.store(on, Ordering::SeqCst);
+    }
+
     /// Tokens per submission when a session decodes greedily on the GPU (`llm::gpu::GpuSession::greedy`), for
     /// requests from now on.
     pub fn greedy_batch(&self) -> u32 {
@@ -1719,6 +1740,49 @@ impl Gpu {
             self.profile_collect()?;
         }
         Ok(index)
+    }
+
+    /// Let `build` record into a command encoder and finish it, to submit later ([`Gpu::submit_recorded`]): a
+    /// step recorded while the GPU runs the one before. Not with profiling on (its timestamps belong to one
+    /// submission: [`Gpu::profiling`]).
+    pub fn encode(&self, build: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<Recorded> {
+        self.check()?;
+        let t0 = crate::clock::now_ms();
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("lorag"),
+            });
+        build(&mut enc);
+        let commands = enc.finish();
+        Ok(Recorded {
+            commands,
+            ms: crate::clock::now_ms() - t0,
+        })
+    }
+
+    /// Submit commands [`Gpu::encode`] recorded (one submission, counted; their recording time counted in
+    /// `submit_us` with the submission's); the submission's index.
+    pub fn submit_recorded(&self, r: Recorded) -> Result<wgpu::SubmissionIndex> {
+        self.check()?;
+        let t0 = crate::clock::now_ms();
+        let index = self.queue.submit([r.commands]);
+        self.counters.submissions.fetch_add(1, Ordering::Relaxed);
+        let us = ((crate::clock::now_ms() - t0 + r.ms) * 1e3).max(0.0) as u64;
+        self.counters.submit_us.fetch_add(us, Ordering::Relaxed);
+        Ok(index)
+    }
+
+    /// Whether launches are being timed ([`Gpu::set_profiling`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profiling(&self) -> bool {
+        self.profiler.lock().unwrap().is_some()
+    }
+
+    /// Whether launches are being timed: never in wasm.
+    #[cfg(target_arch = "wasm32")]
+    pub fn profiling(&self) -> bool {
+        false
     }
 
     /// Record `dispatches` for a step of `n` tokens into `pass` (what [`Gpu::run`] does; for callers adding a pass

@@ -22,7 +22,7 @@ use super::model::{Mat, Weights};
 use super::quant::{self, GgmlType};
 use crate::kernels::gpu::{
     attention_partials, combine_fits, Dispatch, Gpu, GpuMatrix, Grid, Input, Kernel, MatvecParams,
-    Steps, TopK, MAX_GREEDY_BATCH, MAX_HEAD_DIM, MAX_TOP_K, MAX_TOP_K_INPUT, TILE,
+    Recorded, Steps, TopK, MAX_GREEDY_BATCH, MAX_HEAD_DIM, MAX_TOP_K, MAX_TOP_K_INPUT, TILE,
 };
 use crate::{Error, Result};
 
@@ -201,6 +201,10 @@ pub struct GpuSession<'a> {
     /// Sampling's candidates on the GPU and their read-back buffer, set up by the first
     /// [`GpuSession::forward_top`] (again if it asks for another k).
     top: Option<(TopK, wgpu::Buffer)>,
+    /// The next sampled step's commands, recorded while the GPU ran the one before, and the position they run.
+    ahead: Option<(usize, Recorded)>,
+    /// Sampled steps submitted from commands recorded ahead (for tests).
+    pub recorded_ahead: usize,
     // Kept alive for the bind groups that use them.
     _keep: Vec<wgpu::Buffer>,
     _adapters: Vec<GpuMatrix>,
@@ -568,6 +572,8 @@ impl<'a> GpuSession<'a> {
             output: out_ds,
             greedy: None,
             top: None,
+            ahead: None,
+            recorded_ahead: 0,
             _keep: keep,
             _adapters: adapters,
         })
@@ -598,8 +604,16 @@ impl GpuSession<'_> {
     /// As [`GpuSession::forward`], but only the last token's `k` largest logits come back, found on the GPU
     /// ([`Gpu::top_k`]) as (id, logit), in the order the sampler sorts them (descending by `f32::total_cmp`,
     /// ties to the lower id): what [`Sampler::sample_top`](super::sampler::Sampler::sample_top) takes. `8 · k`
-    /// bytes read back instead of the vocabulary's logits.
+    /// bytes read back instead of the vocabulary's logits. One token (a decoding step) runs from commands recorded
+    /// while the GPU ran the step before, where [`Gpu::record_ahead`] and the GPU decodes the embeddings; the
+    /// next step's are recorded before this one's candidates are awaited.
     pub async fn forward_top(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
+        let ahead = self.gpu.record_ahead()
+            && !self.gpu.profiling()
+            && crate::kernels::gpu::matvec_supports(self.cpu.tok_embd.ty);
+        if let ([t], true) = (tokens, ahead) {
+            return self.next_top(*t, k).await;
+        }
         match self.run(tokens, Some(k)).await? {
             Read::Top(t) => Ok(t),
             Read::Logits(_) => unreachable!("candidates were asked for"),
@@ -626,15 +640,7 @@ impl GpuSession<'_> {
             )));
         }
         if let Some(k) = top {
-            if self.top.as_ref().is_none_or(|t| t.0.k != k) {
-                let t = self.gpu.top_k(&self.logits, c.n_vocab, k)?;
-                let staging = self.gpu.buffer(
-                    "top-k staging",
-                    (k * 8) as u64,
-                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                );
-                self.top = Some((t, staging));
-            }
+            self.top_setup(k)?;
         }
         // The positions greedy submissions ran ahead are run again from `len`.
         self.discard_pending().await?;
@@ -695,6 +701,96 @@ impl GpuSession<'_> {
                 Read::Top(top)
             }
             None => Read::Logits(self.gpu.read_mapped(&self.staging, c.n_vocab).await?),
+        })
+    }
+
+    /// The top-k launches and read-back buffer for `k` candidates (built on first use, again for another k,
+    /// which drops a step recorded ahead for the old ones).
+    fn top_setup(&mut self, k: usize) -> Result<()> {
+        if self.top.as_ref().is_none_or(|t| t.0.k != k) {
+            self.ahead = None;
+            let t = self.gpu.top_k(&self.logits, self.cpu.cfg.n_vocab, k)?;
+            let staging = self.gpu.buffer(
+                "top-k staging",
+                (k * 8) as u64,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
+            self.top = Some((t, staging));
+        }
+        Ok(())
+    }
+
+    /// One decoding step, `token` at position `len`, its `k` candidates back (as [`GpuSession::forward_top`]):
+    /// the token written into the GPU's token buffer, its embedding decoded there (embed.wgsl, as greedy decoding
+    /// does), the step submitted from the commands recorded ahead (or recorded now), and the next position's
+    /// commands recorded before this step's candidates are awaited, so that the host's recording overlaps the
+    /// GPU's work.
+    async fn next_top(&mut self, token: u32, k: usize) -> Result<Vec<(u32, f32)>> {
+        let n_vocab = self.cpu.cfg.n_vocab;
+        if self.len >= self.n_ctx {
+            return Err(Error::ContextOverflow {
+                tokens: self.len + 1,
+                context: self.n_ctx,
+            });
+        }
+        if token as usize >= n_vocab {
+            return Err(Error::InvalidQuery(format!(
+                "token id {token} is outside the vocabulary of {n_vocab}"
+            )));
+        }
+        self.top_setup(k)?;
+        if self.greedy.is_none() {
+            self.greedy = Some(self.greedy_setup()?);
+        }
+        self.discard_pending().await?;
+        let pos = self.len;
+        let commands = match self.ahead.take() {
+            Some((p, r)) if p == pos => {
+                self.recorded_ahead += 1;
+                r
+            }
+            _ => self.record_top(pos)?,
+        };
+        let tokens = &self.greedy.as_ref().unwrap().tokens;
+        self.gpu
+            .queue
+            .write_buffer(tokens, (pos * 4) as u64, &token.to_le_bytes());
+        let index = self.gpu.submit_recorded(commands)?;
+        let map = self
+            .gpu
+            .map_request(&self.top.as_ref().unwrap().1, Some(index));
+        self.len += 1;
+        if self.len < self.n_ctx {
+            self.ahead = Some((self.len, self.record_top(self.len)?));
+        }
+        let (t, staging) = self.top.as_ref().unwrap();
+        let k = t.k;
+        let top = self
+            .gpu
+            .map_finish(staging, map, |b| TopK::decode(b, k))
+            .await?;
+        self.gpu.check()?;
+        Ok(top)
+    }
+
+    /// A sampled decoding step at `pos` (its token read from the GPU's token buffer), recorded to submit later.
+    fn record_top(&self, pos: usize) -> Result<Recorded> {
+        let g = self.greedy.as_ref().unwrap();
+        let (t, staging) = self.top.as_ref().unwrap();
+        let gpu = self.gpu;
+        gpu.encode(|enc| {
+            enc.copy_buffer_to_buffer(&g.plan, (pos * 16) as u64, &self.step, 0, 16);
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("sampled step"),
+                    timestamp_writes: None,
+                });
+                gpu.record(&mut pass, &g.embed, 1);
+                gpu.record(&mut pass, &self.dispatches, 1);
+                gpu.record(&mut pass, &self.output, 1);
+                gpu.record(&mut pass, &t.dispatches, 1);
+            }
+            enc.copy_buffer_to_buffer(&t.out, 0, staging, 0, (t.k * 8) as u64);
         })
     }
 
